@@ -1,0 +1,48 @@
+# Two commands for a newcomer:  `make demo`  (set up + run the whole pipeline)  and  `make test`.
+# Both create or refresh the virtual environment first; that step is a no-op when nothing changed.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kgrec-installed
+# Where no GPU is present we install the CPU build of torch first, so that no dependency pulls
+# the multi-GB CUDA build. Elsewhere set e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+DATASET ?= music
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all bench serve lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "kgrec needs $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "setup: no GPU found, installing the CPU build of torch"; \
+		$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"; \
+	fi
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kgrec pipeline --dataset $(DATASET)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/speed.py
+
+serve: setup
+	$(VENV)/bin/kgrec serve
+
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) kgrec-work

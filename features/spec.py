@@ -1,0 +1,218 @@
+"""Declarative description of one dataset's raw files (``DatasetSpec``) and how to load it.
+
+A spec is YAML validated by pydantic (``extra="forbid"``, so a misspelt key is an error, not a
+silently ignored setting). Bundled specs live in ``features/specs/<name>.yaml``.
+
+Columns are referenced by header name, or by 0-based position when the file has no header.
+Relative data paths resolve against the data directory (see :func:`data_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: The repository root is the parent of the ``features/`` folder that holds this module.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+
+Column = str | int
+FileFormat = Literal["csv", "tsv", "parquet", "jsonl"]
+_DEFAULT_SEPARATOR = {"csv": ",", "tsv": "\t"}
+
+
+class SpecError(ValueError):
+    """A dataset spec is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSpec(_Strict):
+    """One raw input file and how to split it into fields."""
+
+    path: str = Field(min_length=1)
+    format: FileFormat = "tsv"
+    #: Field separator for csv/tsv; defaults to "," (csv) or a tab (tsv).
+    separator: str | None = None
+    has_header: bool = True
+    #: Expected number of fields per row in a headerless text file. Defaults to the most common
+    #: count in the file (a header, when present, always defines it).
+    n_fields: int | None = Field(default=None, ge=1)
+
+    @field_validator("separator")
+    @classmethod
+    def _separator_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and (value == "" or "\n" in value):
+            raise ValueError("separator must be a non-empty string without newlines")
+        return value
+
+    @property
+    def sep(self) -> str:
+        """The effective field separator (text formats only)."""
+        return self.separator or _DEFAULT_SEPARATOR.get(self.format, "\t")
+
+    @property
+    def is_text(self) -> bool:
+        return self.format in ("csv", "tsv")
+
+    def columns(self) -> dict[str, Column]:
+        """Role -> column reference, for every mapped column (subclasses define the roles)."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_column_refs(self) -> FileSpec:
+        refs = self.columns()
+        for role, ref in refs.items():
+            if isinstance(ref, int):
+                if ref < 0:
+                    raise ValueError(f"column '{role}' position must be >= 0, got {ref}")
+                if self.has_header or not self.is_text:
+                    raise ValueError(
+                        f"column '{role}' is given by position ({ref}) but {self.path!r} has a "
+                        "header or is not a text file: reference columns by name"
+                    )
+            elif not self.has_header and self.is_text:
+                raise ValueError(
+                    f"column '{role}' is given by name ({ref!r}) but {self.path!r} has no header: "
+                    "reference columns by 0-based position"
+                )
+        if len(set(refs.values())) != len(refs):
+            raise ValueError(f"two roles map to the same column in {self.path!r}: {refs}")
+        return self
+
+
+class InteractionsSpec(FileSpec):
+    user: Column
+    item: Column
+    timestamp: Column | None = None
+    #: Weight or rating column (optional).
+    weight: Column | None = None
+
+    def columns(self) -> dict[str, Column]:
+        refs = {"user": self.user, "item": self.item}
+        if self.timestamp is not None:
+            refs["timestamp"] = self.timestamp
+        if self.weight is not None:
+            refs["weight"] = self.weight
+        return refs
+
+
+class ItemLinksSpec(FileSpec):
+    item: Column
+    entity: Column
+
+    def columns(self) -> dict[str, Column]:
+        return {"item": self.item, "entity": self.entity}
+
+
+class KGSpec(FileSpec):
+    head: Column
+    relation: Column
+    tail: Column
+
+    def columns(self) -> dict[str, Column]:
+        return {"head": self.head, "relation": self.relation, "tail": self.tail}
+
+
+class ItemNamesSpec(FileSpec):
+    item: Column
+    name: Column
+
+    def columns(self) -> dict[str, Column]:
+        return {"item": self.item, "name": self.name}
+
+
+class MinWeight(_Strict):
+    """An interaction is a positive when its weight is at least ``min_weight``."""
+
+    min_weight: float
+
+
+class DatasetSpec(_Strict):
+    """Everything ingestion needs to know about one dataset."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    interactions: InteractionsSpec
+    #: "any": every interaction is a positive; or ``{min_weight: x}``.
+    positive: Literal["any"] | MinWeight = "any"
+    item_links: ItemLinksSpec
+    kg: KGSpec
+    item_names: ItemNamesSpec | None = None
+    #: Benchmark protocol: keep only items linked to the knowledge graph.
+    restrict_to_linked_items: bool = True
+
+    @model_validator(mode="after")
+    def _positive_needs_weight(self) -> DatasetSpec:
+        if isinstance(self.positive, MinWeight) and self.interactions.weight is None:
+            raise ValueError("positive.min_weight needs a weight column in 'interactions'")
+        return self
+
+    def resolve(self, path: str, data_root: Path | None = None) -> Path:
+        """Absolute path of a data file: absolute paths as given, else under the data directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (data_root or data_dir()) / p
+
+
+def data_dir() -> Path:
+    """The data directory: ``$KGREC_DATA_DIR``, else the first existing of
+    ``<repo>/../shared/data``, ``<cwd>/../shared/data``, ``<cwd>/shared/data``."""
+    env = os.environ.get("KGREC_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    cwd = Path.cwd()
+    candidates = [REPO_ROOT.parent / "shared" / "data", cwd.parent / "shared" / "data", cwd / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "no data directory: set KGREC_DATA_DIR or create one of "
+        + ", ".join(str(c) for c in candidates)
+    )
+
+
+def bundled_specs() -> list[str]:
+    """Names of the specs shipped in ``features/specs/``."""
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str | os.PathLike[str]) -> DatasetSpec:
+    """Load a spec by bundled name (``music``) or from a YAML file path.
+
+    Raises :class:`SpecError` with a readable message listing every problem.
+    """
+    text = str(name_or_path)
+    bundled = SPECS_DIR / f"{text}.yaml"
+    if bundled.is_file() and os.sep not in text and "/" not in text:
+        path = bundled
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise SpecError(
+                f"no dataset spec {text!r}: not a bundled spec ({', '.join(bundled_specs())}) "
+                "and not an existing file"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a dataset spec must be a YAML mapping, got {type(raw).__name__}")
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict, source: str = "<dict>") -> DatasetSpec:
+    """Validate a spec given as a mapping; errors name the offending key."""
+    try:
+        return DatasetSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  - {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SpecError(f"invalid dataset spec {source}:\n{problems}") from exc

@@ -1,0 +1,121 @@
+"""Prefect flows: ingest → build graph → train → evaluate → register → publish index → promote.
+
+Only wiring lives here; every step is a library function that works (and is tested) without Prefect.
+I/O steps retry; a version whose index could not be published is rolled back, and the run that
+produced it is marked FAILED, so a failed flow leaves no half-published model behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from kgrec.config import PipelineConfig, registered_model_name
+from kgrec.features.dataset import InteractionData
+from kgrec.features.ingest import IngestReport, ingest
+from kgrec.features.snapshot import load_snapshot
+from kgrec.features.spec import load_spec
+from kgrec.features.split import random_split, temporal_leave_last_out
+from kgrec.models import registry
+from kgrec.models.config import TrainConfig
+from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundle, train_and_log
+from kgrec.serving.publish import publish_index
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+
+
+@task(name="ingest", cache_policy=NO_CACHE, **IO_RETRIES)
+def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
+    return ingest(load_spec(dataset), out_dir, progress=progress)
+
+
+@task(name="build-graph", cache_policy=NO_CACHE)
+def build_graph_task(snapshot_dir: Path, split: str, seed: int) -> InteractionData:
+    snapshot = load_snapshot(snapshot_dir)
+    parts = (
+        random_split(snapshot.interactions, seed=seed)
+        if split == "random"
+        else temporal_leave_last_out(snapshot.interactions)
+    )
+    data = InteractionData.from_snapshot(snapshot, parts)
+    get_run_logger().info(
+        "graph: %d nodes, %d CKG edges, %d relation types",
+        data.ckg.num_nodes, data.ckg.edge_index.shape[1], data.ckg.num_relations,
+    )
+    return data
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(data: InteractionData, config: TrainConfig, progress: bool) -> TrainedModel:
+    return train_and_log(data, config, progress=progress)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(trained: TrainedModel, data: InteractionData) -> dict[str, float]:
+    return evaluate_and_log(trained, data)
+
+
+@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_task(trained: TrainedModel, data: InteractionData, bundle_root: Path, name: str):
+    bundle_dir = export_bundle(trained, data, bundle_root)
+    tags = {"kgrec.model": trained.name, "kgrec.snapshot_hash": data.snapshot.hash}
+    return registry.register_bundle(trained.run_id, bundle_dir, name, tags), bundle_dir
+
+
+@task(name="publish-index", cache_policy=NO_CACHE, **IO_RETRIES)
+def publish_index_task(version, bundle_dir: Path) -> dict[str, Any]:
+    return publish_index(version, bundle_dir)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(name: str, version) -> registry.Promotion:
+    return registry.promote(name, version)
+
+
+def train_one(
+    data: InteractionData, config: TrainConfig, name: str, bundle_root: Path, progress: bool = False
+) -> dict[str, Any]:
+    """Train, evaluate, register, publish and promote one model (tasks of the calling flow)."""
+    trained = train_task(data, config, progress)
+    try:
+        evaluate_task(trained, data)
+        version, bundle_dir = register_task(trained, data, bundle_root, name)
+        with registry.pending_version(name, version):
+            index = publish_index_task(version, bundle_dir)
+            promotion = promote_task(name, version)
+    except BaseException as exc:
+        registry.mark_failed(trained.run_id, exc)
+        raise
+    return trained.summary() | {"registered": promotion.to_dict(), "index": index}
+
+
+@flow(name="kgrec-pipeline")
+def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
+    """The whole pipeline on one dataset; returns the figures the CLI prints."""
+    logger = get_run_logger()
+    tracking = config.tracking
+    registry.configure_tracking(tracking)
+    report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
+    data = build_graph_task(report.snapshot_dir, config.split, config.seed)
+    name = config.registered_model or registered_model_name(data.snapshot.name)
+    results = []
+    for model_name in config.models:
+        overrides = {"epochs": config.epochs} if config.epochs else {}
+        train_config = TrainConfig(model=model_name, seed=config.seed, **overrides)
+        logger.info("training %s on %s", model_name, data.snapshot.name)
+        results.append(
+            train_one(data, train_config, name, tracking.workdir / "bundles", config.progress)
+        )
+    champion = registry.resolve_alias(name, registry.CHAMPION)
+    return {
+        "dataset": data.snapshot.name,
+        "snapshot_hash": data.snapshot.hash,
+        "ingest": report.to_dict(),
+        "registered_model": name,
+        "champion_version": str(champion.version),
+        "tracking_uri": tracking.resolved_tracking_uri,
+        "models": results,
+    }

@@ -1,0 +1,194 @@
+"""``kgrec`` command line: pipeline, ingest, serve, deploy.
+
+Every command that does work accepts ``--json`` and then prints one JSON object with its figures on
+its last stdout line; human-readable output and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+DEFAULT_SERVE_MODEL = os.environ.get("KGREC_MODEL_NAME", "kgrec-music")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "mlflow.store", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _tracking(args: argparse.Namespace):
+    from kgrec.config import TrackingSettings, default_workdir
+
+    return TrackingSettings(
+        workdir=Path(args.workdir).resolve() if args.workdir else default_workdir(),
+        tracking_uri=args.tracking_uri,
+    )
+
+
+def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        sys.stdout.write(human + "\n")
+    sys.stdout.flush()
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from kgrec.config import PipelineConfig
+
+    config = PipelineConfig(
+        dataset=args.dataset,
+        models=args.models.split(","),
+        epochs=args.epochs,
+        split=args.split,
+        seed=args.seed,
+        registered_model=args.registered_model,
+        tracking=_tracking(args),
+        progress=sys.stderr.isatty() and not args.json,
+    )
+    from kgrec.flows.pipeline import pipeline_flow
+
+    result = pipeline_flow(config)
+    _emit(result, args.json, format_pipeline_summary(result))
+    return 0
+
+
+def format_pipeline_summary(result: dict[str, Any]) -> str:
+    ingest = result["ingest"]
+    lines = [
+        "",
+        f"kgrec pipeline on {result['dataset']} (snapshot {result['snapshot_hash'][:12]})",
+        f"  ingest: {ingest.get('rows_accepted')} interactions accepted, "
+        f"quarantined {ingest.get('quarantined')}, excluded {ingest.get('excluded')}",
+        "",
+        f"  {'model':<10} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid R@20':>11} "
+        f"{'test R@20':>10} {'test N@20':>10} {'version':>8}  alias",
+    ]
+    for m in result["models"]:
+        reg = m["registered"]
+        lines.append(
+            f"  {m['model']:<10} {m['epochs_run']:>6} {m['best_epoch']:>5} "
+            f"{m['seconds_per_epoch']:>8.3f} {m['valid'].get('recall@20', float('nan')):>11.4f} "
+            f"{m['test'].get('recall@20', float('nan')):>10.4f} "
+            f"{m['test'].get('ndcg@20', float('nan')):>10.4f} {reg['version']:>8}  {reg['alias']}"
+        )
+    lines += [
+        "",
+        f"  champion: {result['registered_model']} version {result['champion_version']}",
+        f"  tracking: {result['tracking_uri']}",
+        f"  MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}",
+        f"  start the service: .venv/bin/kgrec serve --model-name {result['registered_model']}"
+        " --host 127.0.0.1 --port 8000",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from kgrec.features.ingest import ingest
+    from kgrec.features.spec import load_spec
+
+    report = ingest(load_spec(args.spec), Path(args.out), progress=sys.stderr.isatty() and not args.json)
+    result = report.to_dict()
+    human = "\n".join(f"{k}: {v}" for k, v in result.items())
+    _emit(result, args.json, human)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from kgrec.serving.champion import load_registered
+    from kgrec.serving.service import run
+
+    loader = partial(load_registered, _tracking(args), args.model_name, args.alias)
+    run(args.host, args.port, loader)
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from kgrec.config import PipelineConfig
+    from kgrec.flows.pipeline import pipeline_flow
+
+    config = PipelineConfig(
+        dataset=args.dataset,
+        models=args.models.split(","),
+        epochs=args.epochs,
+        tracking=_tracking(args),
+    )
+    # Prefect runs the deployment's schedule from this long-lived process (`flow.serve`).
+    pipeline_flow.serve(
+        name=args.name, cron=args.cron, parameters={"config": config.model_dump(mode="json")}
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kgrec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def tracking_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the workdir)")
+        p.add_argument("--workdir", help="working directory (default: $KGREC_HOME or ./kgrec-work)")
+
+    p = sub.add_parser("pipeline", help="ingest → graph → train → evaluate → register → publish")
+    p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
+    p.add_argument("--models", default="bprmf,lightgcn", help="comma-separated model names")
+    p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
+    p.add_argument("--split", choices=["random", "temporal"], default="random")
+    p.add_argument("--seed", type=int, default=2020)
+    p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    tracking_args(p)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("ingest", help="validate and snapshot a dataset")
+    p.add_argument("--spec", required=True, help="bundled spec name or path to a spec YAML")
+    p.add_argument("--out", default="kgrec-work/snapshots", help="snapshot directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("serve", help="candidate-retrieval service for a registered model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=DEFAULT_SERVE_MODEL)
+    p.add_argument("--alias", default="champion")
+    tracking_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("deploy", help="serve the pipeline flow as a Prefect deployment on a cron")
+    p.add_argument("--cron", default="0 3 * * *")
+    p.add_argument("--name", default="kgrec-nightly")
+    p.add_argument("--dataset", default="music")
+    p.add_argument("--models", default="bprmf,lightgcn")
+    p.add_argument("--epochs", type=int)
+    tracking_args(p)
+    p.set_defaults(func=_cmd_deploy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValidationError, ValueError, FileNotFoundError, LookupError) as exc:
+        print(f"kgrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

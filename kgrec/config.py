@@ -1,0 +1,97 @@
+"""Typed configuration of a pipeline run, validated at the edge (CLI, flow parameters).
+
+Every field is logged to MLflow with each training run, so a run can be reproduced from its params.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_WORKDIR = "kgrec-work"
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("KGREC_HOME", DEFAULT_WORKDIR)).resolve()
+
+
+class TrackingSettings(BaseModel):
+    """Where runs, models and artefacts go.
+
+    The embedded default is a SQLite tracking store and a local artefact folder inside the working
+    directory; ``KGREC_TRACKING_URI`` (or MLflow's own ``MLFLOW_TRACKING_URI``) points at a tracking
+    server instead, e.g. ``http://mlflow:5000`` backed by Postgres and object storage (infra/).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workdir: Path = Field(default_factory=default_workdir)
+    tracking_uri: str | None = None
+    experiment: str = "kgrec"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        uri = (
+            self.tracking_uri
+            or os.environ.get("KGREC_TRACKING_URI")
+            or os.environ.get("MLFLOW_TRACKING_URI")
+        )
+        return uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.resolved_tracking_uri.startswith("sqlite:///")
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Artefact root for new experiments; a tracking server decides its own."""
+        return (self.workdir / "mlartifacts").as_uri() if self.is_embedded else None
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.workdir / "snapshots"
+
+
+def registered_model_name(dataset: str) -> str:
+    """One registered retrieval model per dataset: champions on different data are not comparable."""
+    return f"kgrec-{dataset}"
+
+
+class PipelineConfig(BaseModel):
+    """Parameters of ``kgrec pipeline`` / the Prefect ``pipeline`` flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "music"
+    models: list[str] = Field(default_factory=lambda: ["bprmf", "lightgcn"], min_length=1)
+    epochs: int | None = Field(default=None, ge=1, le=10_000)
+    split: Literal["random", "temporal"] = "random"
+    seed: int = 2020
+    registered_model: str | None = None
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    progress: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: list[str]) -> list[str]:
+        from kgrec.models.zoo import MODEL_NAMES
+
+        cleaned = [m.strip().lower() for m in models if m.strip()]
+        unknown = sorted(set(cleaned) - set(MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODEL_NAMES)}")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"a model is listed twice: {cleaned}")
+        return cleaned
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or registered_model_name(self.dataset_name)
+
+    @property
+    def dataset_name(self) -> str:
+        """Name of a bundled spec, or the stem of a spec file path."""
+        return Path(self.dataset).stem if self.dataset.endswith((".yaml", ".yml")) else self.dataset

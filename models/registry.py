@@ -1,0 +1,220 @@
+"""MLflow tracking, model registration and the champion/challenger promotion gate.
+
+A registered model (one per dataset, e.g. ``kgrec-music``) holds one version per training run. A new
+version takes the alias ``champion`` only if it beats the current champion on the selection metric
+(validation Recall@20); otherwise it is tagged ``challenger``. Registration is transactional: a
+version whose index could not be published is deleted again (see :func:`pending_version`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from kgrec.config import TrackingSettings
+
+logger = logging.getLogger("kgrec.models")
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SELECTION_METRIC = "best_valid_recall_at_20"
+MODEL_ARTIFACT = "model"
+INDEX_ARTIFACT = "index"
+INDEX_TAG = "kgrec.index_artifact"
+
+
+def metric_key(prefix: str, name: str) -> str:
+    """MLflow-safe metric name: ``("valid", "recall@20") -> "valid_recall_at_20"``."""
+    return f"{prefix}_{name.replace('@', '_at_')}"
+
+
+def prefixed_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    return {
+        metric_key(prefix, k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(v)
+    }
+
+
+def configure_tracking(settings: TrackingSettings) -> MlflowClient:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    client = MlflowClient(settings.resolved_tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    mlflow.set_experiment(settings.experiment)
+    return client
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
+    """An MLflow run that ends FAILED, with the error as a tag, when the body raises."""
+    with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        try:
+            yield run.info.run_id
+        except BaseException as exc:
+            mlflow.set_tag("kgrec.error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+def _param_value(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return value
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    alias: str
+    metric: float
+    previous_champion: str | None
+    previous_metric: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def register_bundle(run_id: str, bundle_dir: Path, name: str, tags: Mapping[str, str]) -> ModelVersion:
+    """Log the bundle as an MLflow pyfunc model inside ``run_id`` and register it under ``name``."""
+    from kgrec.serving.pyfunc import TopKRecommender, signature
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=TopKRecommender(),
+            artifacts={"bundle": str(bundle_dir)},
+            signature=signature(),
+            # Explicit requirements: MLflow's inference would re-import the model in a subprocess.
+            pip_requirements=serving_requirements(),
+        )
+    client = MlflowClient()
+    with contextlib.suppress(MlflowException):
+        client.create_registered_model(name, description="kgrec candidate-retrieval models")
+    version = client.create_model_version(
+        name=name, source=info.model_uri, run_id=run_id, tags=dict(tags)
+    )
+    logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    return version
+
+
+def serving_requirements() -> list[str]:
+    """The installed versions of what the pyfunc model needs at load time."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("kgrec", "numpy", "scipy", "polars", "pyarrow", "faiss-cpu", "pandas"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+@contextlib.contextmanager
+def pending_version(name: str, version: ModelVersion) -> Iterator[ModelVersion]:
+    """Delete the version again if anything inside the block fails (no half-published versions)."""
+    try:
+        yield version
+    except BaseException:
+        logger.error("rolling back %s version %s", name, version.version)
+        MlflowClient().delete_model_version(name, version.version)
+        raise
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def selection_metric(client: MlflowClient, version: ModelVersion) -> float:
+    value = client.get_run(version.run_id).data.metrics.get(SELECTION_METRIC)
+    if value is None:
+        raise ValueError(f"run {version.run_id} has no metric {SELECTION_METRIC!r}")
+    return float(value)
+
+
+def promote(name: str, version: ModelVersion) -> Promotion:
+    """Give ``version`` the alias ``champion`` if it beats the current one, else ``challenger``.
+
+    Ties keep the incumbent: a new version must be strictly better to take over.
+    """
+    client = MlflowClient()
+    candidate = selection_metric(client, version)
+    incumbent = current_champion(client, name)
+    incumbent_metric = selection_metric(client, incumbent) if incumbent is not None else None
+    wins = incumbent is None or candidate > incumbent_metric
+    alias = CHAMPION if wins else CHALLENGER
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "kgrec.alias_at_registration", alias)
+    logger.info(
+        "%s v%s %s=%.4f vs champion %s (%s) -> %s",
+        name, version.version, SELECTION_METRIC, candidate,
+        incumbent.version if incumbent else None, incumbent_metric, alias,
+    )
+    return Promotion(
+        version=str(version.version),
+        alias=alias,
+        metric=candidate,
+        previous_champion=str(incumbent.version) if incumbent else None,
+        previous_metric=incumbent_metric,
+    )
+
+
+def resolve_alias(name: str, alias: str = CHAMPION) -> ModelVersion:
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise LookupError(
+            f"no version of registered model {name!r} has the alias {alias!r}; "
+            "run `kgrec pipeline` first"
+        ) from exc
+
+
+def download_version(version: ModelVersion, destination: Path) -> tuple[Path, Path | None]:
+    """Fetch a version's bundle and its published index; returns (bundle_dir, index_dir or None)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=str(destination / "model")
+        )
+    )
+    bundle_dir = model_dir / "artifacts" / "bundle"
+    if not bundle_dir.is_dir():
+        candidates = [p for p in (model_dir / "artifacts").iterdir() if p.is_dir()]
+        if len(candidates) != 1:
+            raise FileNotFoundError(f"no bundle in model artefacts at {model_dir}")
+        bundle_dir = candidates[0]
+    index_path = version.tags.get(INDEX_TAG)
+    index_dir = None
+    if index_path:
+        index_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path=index_path, dst_path=str(destination)
+            )
+        )
+    return bundle_dir, index_dir
+
+
+def mark_failed(run_id: str, error: BaseException) -> None:
+    """Record that a run's later steps (evaluation, registration, publishing) failed."""
+    client = MlflowClient()
+    client.set_tag(run_id, "kgrec.error", f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, status="FAILED")

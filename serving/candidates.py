@@ -1,0 +1,291 @@
+"""Candidate retrieval over a :class:`RetrievalBundle` and a faiss inner-product index.
+
+Two entry points:
+
+* ``for_user(user_id, k)`` — a user the model was trained on: query the index with the user's
+  embedding for ``k + |seen|`` items (bounded by the catalogue), drop every seen item, and widen the
+  search (then fall back to an exact scan) if the filter left fewer than ``k``.
+* ``for_history(item_ids, k)`` — a user the model has not seen, described by raw item ids.
+  The query vector is the mean of the history's item embeddings. For factorisation / LightGCN-style
+  models, where score(u, i) = <e_u, e_i>, ranking by <mean(e_h), e_i> is the item-based fold-in
+  (equivalently: the sum of item-item inner-product similarities to the history). History items are
+  excluded from the result; unknown ids are reported back and ignored if at least one is known.
+
+Per-request work is one index search plus O(k + |seen|) Python/numpy work: ids are resolved through
+dicts and lists built once at construction, never through polars.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import faiss
+import numpy as np
+
+from kgrec.serving.bundle import RetrievalBundle
+from kgrec.serving.index import IndexConfig, build_index, index_kind
+
+# Larger searches than this go straight to an exact numpy scan (cheaper than a huge ANN k).
+_MAX_INDEX_K = 4096
+
+
+class CandidateError(Exception):
+    """Base class of request errors; ``status_code`` is the HTTP status the service answers."""
+
+    status_code = 422
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(CandidateError):
+    status_code = 422
+
+
+class UnknownUserError(CandidateError):
+    status_code = 404
+
+    def __init__(self, user_id: str):
+        super().__init__(f"unknown user {user_id!r}")
+        self.user_id = user_id
+
+
+class UnknownItemsError(CandidateError):
+    """None of the posted item ids is in the catalogue."""
+
+    status_code = 422
+
+    def __init__(self, item_ids: Sequence[str]):
+        shown = ", ".join(repr(i) for i in list(item_ids)[:10])
+        more = f" (+{len(item_ids) - 10} more)" if len(item_ids) > 10 else ""
+        super().__init__(f"none of the item ids is known: {shown}{more}")
+        self.item_ids = list(item_ids)
+
+
+class Candidate(NamedTuple):
+    item_id: str
+    item_idx: int
+    score: float
+    name: str | None
+
+
+@dataclass(slots=True)
+class CandidateResult:
+    item_idx: np.ndarray  # int64 [n], best first
+    scores: np.ndarray  # float32 [n], non-increasing
+    item_ids: list[str]
+    names: list[str | None]
+    user_id: str | None = None
+    unknown_item_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.item_idx.shape[0])
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [
+            Candidate(iid, int(i), float(s), name)
+            for iid, i, s, name in zip(self.item_ids, self.item_idx.tolist(), self.scores.tolist(), self.names)
+        ]
+
+    def records(self) -> list[dict[str, Any]]:
+        """``[{"item_id", "score", "name"}]`` — the HTTP payload, built without numpy scalars."""
+        return [
+            {"item_id": iid, "score": s, "name": name}
+            for iid, s, name in zip(self.item_ids, self.scores.tolist(), self.names)
+        ]
+
+
+class CandidateService:
+    def __init__(
+        self,
+        bundle: RetrievalBundle,
+        index: faiss.Index | None = None,
+        search_threads: int = 1,
+    ):
+        self.bundle = bundle
+        if index is None:
+            index = build_index(bundle.item_embeddings, IndexConfig())
+        if index.ntotal != bundle.n_items or index.d != bundle.dim:
+            raise ValueError(
+                f"index ({index.ntotal} x {index.d}) does not match the bundle's items "
+                f"({bundle.n_items} x {bundle.dim})"
+            )
+        self.index = index
+        self.index_kind = index_kind(index)
+        self.search_threads = int(search_threads)
+        self._tls = threading.local()
+
+        self._user_emb = bundle.user_embeddings
+        self._item_emb = bundle.item_embeddings
+        seen = bundle.seen.tocsr()
+        seen.sort_indices()
+        self._seen_indptr = seen.indptr.astype(np.int64)
+        self._seen_indices = seen.indices.astype(np.int64)
+
+        users = bundle.users
+        self._user_index: dict[str, int] = dict(
+            zip(users["user_id"].to_list(), users["user_idx"].to_list())
+        )
+        items = bundle.items.sort("item_idx")
+        self._item_ids: list[str] = items["item_id"].to_list()
+        self._item_names: list[str | None] = items["name"].to_list()
+        self._item_index: dict[str, int] = dict(zip(self._item_ids, range(len(self._item_ids))))
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def n_items(self) -> int:
+        return self.bundle.n_items
+
+    @property
+    def n_users(self) -> int:
+        return self.bundle.n_users
+
+    def has_user(self, user_id: str) -> bool:
+        return user_id in self._user_index
+
+    def seen_items(self, user_id: str) -> np.ndarray:
+        u = self._resolve_user(user_id)
+        return self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
+
+    # ------------------------------------------------------------------ public API
+    def for_user(self, user_id: str, k: int = 100) -> CandidateResult:
+        """Top-``k`` unseen items for a known user (raw id)."""
+        k = self._check_k(k)
+        u = self._resolve_user(user_id)
+        seen = self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
+        idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
+        return self._result(idx, scores, user_id=user_id)
+
+    def for_history(self, item_ids: Iterable[str | int], k: int = 100) -> CandidateResult:
+        """Top-``k`` items for an unseen user given raw item ids (mean-vector fold-in)."""
+        k = self._check_k(k)
+        ids = [str(i) for i in item_ids]
+        if not ids:
+            raise InvalidRequestError("item_ids must contain at least one item id")
+        known: list[int] = []
+        unknown: list[str] = []
+        lookup = self._item_index
+        for iid in ids:
+            j = lookup.get(iid)
+            if j is None:
+                unknown.append(iid)
+            else:
+                known.append(j)
+        if not known:
+            raise UnknownItemsError(unknown)
+        history = np.unique(np.asarray(known, dtype=np.int64))
+        query = self._item_emb[history].mean(axis=0, keepdims=True)
+        idx, scores = self._top_k(query, k, history)
+        return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)))
+
+    def for_users(self, user_ids: Sequence[str], k: int = 20) -> list[CandidateResult | None]:
+        """Batched ``for_user``; unknown users give ``None`` (used by the pyfunc model)."""
+        k = self._check_k(k)
+        rows = [self._user_index.get(str(u)) for u in user_ids]
+        known = [i for i, r in enumerate(rows) if r is not None]
+        out: list[CandidateResult | None] = [None] * len(rows)
+        if not known:
+            return out
+        us = np.asarray([rows[i] for i in known], dtype=np.int64)
+        n_seen = self._seen_indptr[us + 1] - self._seen_indptr[us]
+        k_search = int(min(self.n_items, k + int(n_seen.max())))
+        batch_ok = k_search <= _MAX_INDEX_K
+        if batch_ok:
+            self._ensure_threads(None)  # batch: let faiss use its threads
+            D, I = self.index.search(self._user_emb[us], k_search)
+        for pos, (i, u) in enumerate(zip(known, us.tolist())):
+            seen = self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
+            if batch_ok:
+                idx, scores = self._filter(I[pos], D[pos], seen, k)
+                if idx.shape[0] < min(k, self.n_items - seen.shape[0]):
+                    idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
+            else:
+                idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
+            out[i] = self._result(idx, scores, user_id=str(user_ids[i]))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InvalidRequestError(f"k must be an integer, got {k!r}")
+        k = int(k)
+        if k < 1 or k > self.n_items:
+            raise InvalidRequestError(f"k must be between 1 and the catalogue size {self.n_items}, got {k}")
+        return k
+
+    def _resolve_user(self, user_id: str) -> int:
+        u = self._user_index.get(str(user_id))
+        if u is None:
+            raise UnknownUserError(str(user_id))
+        return u
+
+    def _ensure_threads(self, n: int | None) -> None:
+        # OpenMP thread counts are per calling thread (libgomp keeps an ICV per thread), and web
+        # servers search from worker threads, so set it in the thread that searches
+        # (one thread for single queries, all cores for batches).
+        want = int(n or os.cpu_count() or 1)
+        if getattr(self._tls, "threads", None) != want:
+            faiss.omp_set_num_threads(want)
+            self._tls.threads = want
+
+    def _top_k(self, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = self.n_items
+        target = min(k, n - exclude.shape[0])
+        if target <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        k_search = min(n, k + exclude.shape[0])
+        if k_search <= _MAX_INDEX_K and k_search < n:
+            self._ensure_threads(self.search_threads)
+            while True:
+                D, I = self.index.search(query, k_search)
+                idx, scores = self._filter(I[0], D[0], exclude, k)
+                if idx.shape[0] >= target:
+                    return idx, scores
+                if k_search >= min(n, _MAX_INDEX_K):
+                    break
+                k_search = min(n, _MAX_INDEX_K, k_search * 2)  # widen the search
+        return self._exact(query[0], k, exclude)
+
+    @staticmethod
+    def _filter(I: np.ndarray, D: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        valid = I >= 0
+        if exclude.shape[0]:
+            valid &= ~np.isin(I, exclude, assume_unique=False)
+        idx = I[valid][:k].astype(np.int64, copy=False)
+        return idx, D[valid][:k]
+
+    def _exact(self, q: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = self._item_emb @ q
+        if exclude.shape[0]:
+            scores[exclude] = -np.inf
+        n_ok = self.n_items - exclude.shape[0]
+        k = min(k, n_ok)
+        if k < scores.shape[0]:
+            top = np.argpartition(-scores, k - 1)[:k]
+        else:
+            top = np.arange(scores.shape[0])
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return top.astype(np.int64), scores[top].astype(np.float32)
+
+    def _result(
+        self,
+        idx: np.ndarray,
+        scores: np.ndarray,
+        user_id: str | None = None,
+        unknown_item_ids: list[str] | None = None,
+    ) -> CandidateResult:
+        ids, names = self._item_ids, self._item_names
+        il = idx.tolist()
+        return CandidateResult(
+            item_idx=idx,
+            scores=scores,
+            item_ids=[ids[i] for i in il],
+            names=[names[i] for i in il],
+            user_id=user_id,
+            unknown_item_ids=unknown_item_ids or [],
+        )

@@ -1,0 +1,79 @@
+"""MLflow pyfunc wrapper: top-k unseen items for known users.
+
+Log with::
+
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=TopKRecommender(),
+        artifacts={"bundle": str(bundle_dir)},          # + optional "index": str(index_dir)
+        signature=signature(),
+    )
+
+``predict(model_input, params={"k": 20})``: ``model_input`` is a DataFrame with a ``user_id`` column
+(raw ids); the output has one row per input row with columns ``user_id``, ``item_ids`` (raw item ids,
+best first, seen items excluded), ``scores`` and ``known`` (False -> empty lists).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+DEFAULT_K = 20
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "user_id")]),
+        params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]),
+    )
+
+
+class TopKRecommender(mlflow.pyfunc.PythonModel):
+    def __init__(self) -> None:
+        self.service = None
+
+    def load_context(self, context: Any) -> None:
+        from pathlib import Path
+
+        from kgrec.serving.bundle import INDEX_DIRNAME, RetrievalBundle
+        from kgrec.serving.candidates import CandidateService
+        from kgrec.serving.index import load_index
+
+        artifacts = context.artifacts
+        bundle_dir = Path(artifacts["bundle"])
+        bundle = RetrievalBundle.load(bundle_dir)
+        index_dir = artifacts.get("index")
+        if index_dir is None and (bundle_dir / INDEX_DIRNAME).is_dir():
+            index_dir = bundle_dir / INDEX_DIRNAME
+        index = load_index(index_dir)[0] if index_dir is not None else None
+        self.service = CandidateService(bundle, index)
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if self.service is None:
+            self.load_context(context)
+        service = self.service
+        k = int((params or {}).get("k", DEFAULT_K) or DEFAULT_K)
+        k = max(1, min(k, service.n_items))
+        if isinstance(model_input, pd.DataFrame):
+            if "user_id" not in model_input.columns:
+                raise ValueError("model_input needs a 'user_id' column")
+            raw = model_input["user_id"].tolist()
+        elif isinstance(model_input, dict):
+            raw = list(model_input["user_id"])
+        else:
+            raw = list(model_input)
+        user_ids = ["" if u is None else str(u) for u in raw]
+        results = service.for_users(user_ids, k)
+        return pd.DataFrame(
+            {
+                "user_id": user_ids,
+                "item_ids": [r.item_ids if r is not None else [] for r in results],
+                "scores": [r.scores.tolist() if r is not None else [] for r in results],
+                "known": [r is not None for r in results],
+            }
+        )

@@ -1,0 +1,99 @@
+"""MLflow registration: the promotion gate, rollback of half-published versions, failed runs."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from mlflow import MlflowClient
+
+from kgrec.config import TrackingSettings
+from kgrec.models import registry
+from kgrec.serving.bundle import RetrievalBundle
+
+NAME = "kgrec-test"
+
+
+@pytest.fixture()
+def tracking(tmp_path):
+    settings = TrackingSettings(workdir=tmp_path / "work", tracking_uri=None)
+    registry.configure_tracking(settings)
+    return settings
+
+
+def _bundle(tmp_path, seed: int):
+    rng = np.random.default_rng(seed)
+    users, items = 5, 12
+    bundle = RetrievalBundle(
+        user_embeddings=rng.normal(size=(users, 4)).astype(np.float32),
+        item_embeddings=rng.normal(size=(items, 4)).astype(np.float32),
+        seen=sp.csr_matrix(np.eye(users, items, dtype=np.float32)),
+        users=pl.DataFrame({"user_id": [f"u{i}" for i in range(users)],
+                            "user_idx": pl.Series(range(users), dtype=pl.Int32)}),
+        items=pl.DataFrame({"item_id": [f"i{i}" for i in range(items)],
+                            "item_idx": pl.Series(range(items), dtype=pl.Int32),
+                            "name": [None] * items}, schema_overrides={"name": pl.String}),
+        meta={"model": "test", "dataset": "synthetic", "snapshot_hash": "0" * 64, "dim": 4},
+    )
+    path = tmp_path / f"bundle-{seed}"
+    bundle.write(path)
+    return path
+
+
+def _trained_version(tmp_path, metric: float, seed: int):
+    with registry.tracked_run("m", {"seed": seed}, {}) as run_id:
+        mlflow.log_metric(registry.SELECTION_METRIC, metric)
+    return registry.register_bundle(run_id, _bundle(tmp_path, seed), NAME, {})
+
+
+def test_tracking_defaults_to_sqlite_inside_workdir(tracking, monkeypatch):
+    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolved_tracking_uri == f"sqlite:///{tracking.workdir / 'mlflow.db'}"
+    experiment = MlflowClient().get_experiment_by_name("kgrec")
+    assert experiment.artifact_location == (tracking.workdir / "mlartifacts").as_uri()
+
+
+def test_promotion_gate_keeps_the_better_model_as_champion(tracking, tmp_path):
+    first = _trained_version(tmp_path, 0.30, seed=1)
+    worse = _trained_version(tmp_path, 0.20, seed=2)
+    tie = _trained_version(tmp_path, 0.30, seed=3)
+    aliases = [registry.promote(NAME, v).alias for v in (first, worse, tie)]
+    assert aliases == ["champion", "challenger", "challenger"]
+    assert registry.resolve_alias(NAME).version == first.version
+
+    better = _trained_version(tmp_path, 0.35, seed=4)
+    promotion = registry.promote(NAME, better)
+    assert promotion.alias == "champion"
+    assert promotion.previous_champion == str(first.version)
+    assert promotion.previous_metric == pytest.approx(0.30)
+    assert registry.resolve_alias(NAME).version == better.version
+
+
+def test_failed_publication_rolls_the_version_back(tracking, tmp_path):
+    champion = _trained_version(tmp_path, 0.30, seed=1)
+    registry.promote(NAME, champion)
+    doomed = _trained_version(tmp_path, 0.50, seed=2)
+    with pytest.raises(RuntimeError, match="index build failed"):
+        with registry.pending_version(NAME, doomed):
+            raise RuntimeError("index build failed")
+    client = MlflowClient()
+    versions = {v.version for v in client.search_model_versions(f"name='{NAME}'")}
+    assert doomed.version not in versions
+    assert registry.resolve_alias(NAME).version == champion.version
+
+
+def test_a_run_that_raises_is_marked_failed_with_the_error(tracking):
+    with pytest.raises(ValueError, match="boom"):
+        with registry.tracked_run("m", {"a": 1}, {}) as run_id:
+            raise ValueError("boom")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kgrec.error"] == "ValueError: boom"
+
+
+def test_resolving_a_missing_alias_names_the_fix(tracking):
+    with pytest.raises(LookupError, match="kgrec pipeline"):
+        registry.resolve_alias("no-such-model")
