@@ -14,6 +14,7 @@ and validated with vectorised polars expressions; there is no Python loop per ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,8 @@ def ingest(
     has_ts = spec.interactions.timestamp is not None
     has_weight = spec.interactions.weight is not None
 
-    bar = tqdm(total=len(sources) + 3, desc=f"ingest {spec.name}", disable=not (progress and sys.stderr.isatty()))
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(total=len(sources) + 3, desc=f"ingest {spec.name}", disable=not show)
     raw = {}
     for kind, fs in sources.items():
         bar.set_postfix_str(kind)
@@ -495,6 +497,14 @@ def _build_tables(
     }
 
 
+def _audit_hash(quarantine: pl.DataFrame, excluded: pl.DataFrame) -> str:
+    """Hash of the rejected rows: same accepted content can come with different rejects."""
+    digest = hashlib.sha256()
+    for frame in (quarantine, excluded):
+        digest.update(frame.sort(["source", "line"]).write_csv().encode())
+    return digest.hexdigest()
+
+
 def _write_snapshot(
     out_dir: Path,
     name: str,
@@ -505,10 +515,15 @@ def _write_snapshot(
     manifest: dict[str, Any],
 ) -> tuple[Path, bool]:
     """Write into a temp dir inside ``out_dir`` then rename, so readers never see half a snapshot.
-    Returns (path, reused)."""
+
+    An existing directory with the same content hash and the same rejected rows is reused; one
+    with the same content but other rejected rows (or a broken one) is replaced. Returns
+    (path, reused).
+    """
     target = out_dir / f"{name}-{digest[:12]}"
-    if _manifest_hash(target) == digest:
-        LOG.info("snapshot %s already exists with the same content hash: reused", target)
+    manifest = {**manifest, "audit_hash": _audit_hash(quarantine, excluded)}
+    if _manifest_hashes(target) == (digest, manifest["audit_hash"]):
+        LOG.info("snapshot %s already exists with the same content: reused", target)
         return target, True
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
     try:
@@ -517,13 +532,16 @@ def _write_snapshot(
         quarantine.write_parquet(tmp / "quarantine.parquet")
         excluded.write_parquet(tmp / "excluded.parquet")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-        if target.exists():  # incomplete or corrupt leftover: same name, not the same content
-            LOG.warning("replacing invalid snapshot directory %s", target)
-            shutil.rmtree(target)
+        if target.exists():
+            # Move the stale directory aside first: rename cannot replace a non-empty directory.
+            LOG.warning("replacing snapshot directory %s (broken or other rejected rows)", target)
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=out_dir))
+            os.rename(target, aside / "old")
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if _manifest_hash(target) != digest:  # not a concurrent writer of the same content
+            if _manifest_hashes(target)[0] != digest:  # not a concurrent writer of the same content
                 raise
             shutil.rmtree(tmp)
             return target, True
@@ -533,11 +551,12 @@ def _write_snapshot(
     return target, False
 
 
-def _manifest_hash(directory: Path) -> str | None:
+def _manifest_hashes(directory: Path) -> tuple[str | None, str | None]:
     try:
-        return json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("hash")
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        return manifest.get("hash"), manifest.get("audit_hash")
     except (OSError, ValueError):
-        return None
+        return None, None
 
 
 def _version() -> str:
@@ -565,6 +584,9 @@ def _log(report: IngestReport) -> None:
         report.seconds,
     )
     for kind, n in report.rows_read.items():
-        LOG.info("  %s: read %d, accepted %d, quarantined %s", kind, n, report.rows_accepted[kind], report.quarantined[kind] or 0)
+        LOG.info(
+            "  %s: read %d, accepted %d, quarantined %s",
+            kind, n, report.rows_accepted[kind], report.quarantined[kind] or 0,
+        )
     if report.excluded:
         LOG.info("  excluded interactions: %s", report.excluded)

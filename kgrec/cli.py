@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,15 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "mlflow.store", "httpx", "urllib3"):
+    for noisy in ("alembic", "mlflow.store", "httpx", "urllib3", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow's advice on signatures and pickling does not apply to our bundle-backed pyfunc.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Prefect creates its home directory but not the parents of one set by PREFECT_HOME.
+    if home := os.environ.get("PREFECT_HOME"):
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def _tracking(args: argparse.Namespace):
@@ -71,7 +79,7 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
     lines = [
         "",
         f"kgrec pipeline on {result['dataset']} (snapshot {result['snapshot_hash'][:12]})",
-        f"  ingest: {ingest.get('rows_accepted')} interactions accepted, "
+        f"  ingest: {ingest['rows_accepted']['interactions']} interactions accepted, "
         f"quarantined {ingest.get('quarantined')}, excluded {ingest.get('excluded')}",
         "",
         f"  {'model':<10} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid R@20':>11} "

@@ -48,7 +48,10 @@ class TrainConfig(BaseModel):
     @classmethod
     def _check_device(cls, device: str) -> str:
         if device != "auto":
-            torch.device(device)  # raises on a malformed device string
+            try:
+                torch.device(device)
+            except RuntimeError as exc:  # pydantic only turns ValueError into a validation error
+                raise ValueError(str(exc)) from exc
         return device
 
     @model_validator(mode="after")

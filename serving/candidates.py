@@ -183,10 +183,19 @@ class CandidateService:
         idx, scores = self._top_k(query, k, history)
         return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)))
 
-    def for_users(self, user_ids: Sequence[str], k: int = 20) -> list[CandidateResult | None]:
+    def for_users(
+        self, user_ids: Sequence[str], k: int = 20, batch_size: int = 1024
+    ) -> list[CandidateResult | None]:
         """Batched ``for_user``; unknown users give ``None`` (used by the pyfunc model)."""
         k = self._check_k(k)
-        rows = [self._user_index.get(str(u)) for u in user_ids]
+        user_ids = [str(u) for u in user_ids]
+        out: list[CandidateResult | None] = []
+        for start in range(0, len(user_ids), batch_size):
+            out.extend(self._for_users_batch(user_ids[start : start + batch_size], k))
+        return out
+
+    def _for_users_batch(self, user_ids: list[str], k: int) -> list[CandidateResult | None]:
+        rows = [self._user_index.get(u) for u in user_ids]
         known = [i for i, r in enumerate(rows) if r is not None]
         out: list[CandidateResult | None] = [None] * len(rows)
         if not known:
@@ -206,7 +215,7 @@ class CandidateService:
                     idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
             else:
                 idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
-            out[i] = self._result(idx, scores, user_id=str(user_ids[i]))
+            out[i] = self._result(idx, scores, user_id=user_ids[i])
         return out
 
     # ------------------------------------------------------------------ internals

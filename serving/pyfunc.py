@@ -37,7 +37,7 @@ class TopKRecommender(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.service = None
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context) -> None:
         from pathlib import Path
 
         from kgrec.serving.bundle import INDEX_DIRNAME, RetrievalBundle
@@ -53,7 +53,7 @@ class TopKRecommender(mlflow.pyfunc.PythonModel):
         index = load_index(index_dir)[0] if index_dir is not None else None
         self.service = CandidateService(bundle, index)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # no type hints: mlflow would validate them
         if self.service is None:
             self.load_context(context)
         service = self.service

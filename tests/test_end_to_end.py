@@ -42,7 +42,7 @@ def pipeline_run(tmp_path_factory, shared_data):
 def test_pipeline_registers_a_champion_trained_on_the_real_snapshot(pipeline_run):
     result, env = pipeline_run
     assert result["dataset"] == "music"
-    assert result["ingest"]["rows_accepted"] == 21_173
+    assert result["ingest"]["rows_accepted"]["interactions"] == 21_173
     assert [m["model"] for m in result["models"]] == ["bprmf", "lightgcn"]
     aliases = [m["registered"]["alias"] for m in result["models"]]
     assert aliases[0] == "champion" and aliases[1] in {"champion", "challenger"}

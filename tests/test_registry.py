@@ -17,7 +17,10 @@ NAME = "kgrec-test"
 
 
 @pytest.fixture()
-def tracking(tmp_path):
+def tracking(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it after each test.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
     settings = TrackingSettings(workdir=tmp_path / "work", tracking_uri=None)
     registry.configure_tracking(settings)
     return settings
@@ -49,7 +52,6 @@ def _trained_version(tmp_path, metric: float, seed: int):
 
 
 def test_tracking_defaults_to_sqlite_inside_workdir(tracking, monkeypatch):
-    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.resolved_tracking_uri == f"sqlite:///{tracking.workdir / 'mlflow.db'}"
     experiment = MlflowClient().get_experiment_by_name("kgrec")

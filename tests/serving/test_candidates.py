@@ -99,7 +99,7 @@ def test_errors(service):
 
 
 def test_batch_matches_single(service):
-    out = service.for_users(["u1", "ghost", "u2"], 20)
+    out = service.for_users(["u1", "ghost", "u2"], 20, batch_size=2)
     assert out[1] is None
     for uid, r in zip(["u1", "u2"], [out[0], out[2]]):
         np.testing.assert_array_equal(r.item_idx, service.for_user(uid, 20).item_idx)
