@@ -76,11 +76,17 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def format_pipeline_summary(result: dict[str, Any]) -> str:
     ingest = result["ingest"]
+    quarantined = {
+        f"{source}:{reason}": n
+        for source, reasons in ingest["quarantined"].items()
+        for reason, n in reasons.items()
+    }
     lines = [
         "",
         f"kgrec pipeline on {result['dataset']} (snapshot {result['snapshot_hash'][:12]})",
-        f"  ingest: {ingest['rows_accepted']['interactions']} interactions accepted, "
-        f"quarantined {ingest.get('quarantined')}, excluded {ingest.get('excluded')}",
+        f"  ingest: {ingest['rows_accepted']['interactions']:,} interactions accepted; "
+        f"quarantined {sum(quarantined.values()):,} {quarantined or ''}; "
+        f"excluded by policy {ingest['excluded']}",
         "",
         f"  {'model':<10} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid R@20':>11} "
         f"{'test R@20':>10} {'test N@20':>10} {'version':>8}  alias",

@@ -32,7 +32,7 @@ def load_registered(
         logger.warning("%s v%s has no published index; building an exact one", model_name, version.version)
         index, index_info = build_index(bundle.item_embeddings, IndexConfig(kind="flat")), {"kind": "flat"}
     info = {
-        "registered_model": model_name,
+        "name": model_name,
         "version": str(version.version),
         "alias": alias,
         "run_id": version.run_id,
