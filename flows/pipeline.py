@@ -5,7 +5,8 @@ I/O steps retry; a version whose index could not be published is rolled back, an
 produced it is marked FAILED, so a failed flow leaves no half-published model behind.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: with it, runs of the served deployment failed
+# Prefect's parameter validation ("`Pipeline_FlowModel` is not fully defined").
 
 from pathlib import Path
 from typing import Any

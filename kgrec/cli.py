@@ -133,6 +133,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError(
+            "a schedule needs a Prefect server (the ephemeral one cannot schedule): run "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     from kgrec.config import PipelineConfig
     from kgrec.flows.pipeline import pipeline_flow
 
