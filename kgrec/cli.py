@@ -32,6 +32,8 @@ def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # No network beyond package registries: telemetry would only log connection errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect creates its home directory but not the parents of one set by PREFECT_HOME.
     if home := os.environ.get("PREFECT_HOME"):
         Path(home).expanduser().mkdir(parents=True, exist_ok=True)
