@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 DATASET ?= music
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench serve lock clean
+.PHONY: setup demo test test-all bench serve lint lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "kgrec needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -46,3 +46,6 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) kgrec-work
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from kgrec.features.dataset import InteractionData
 from kgrec.features.ingest import ingest
 from kgrec.features.snapshot import load_snapshot

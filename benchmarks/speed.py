@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from quality import machine  # noqa: E402  (sibling script)
 
 KGREC = str(Path(sys.executable).with_name("kgrec"))
@@ -46,7 +44,6 @@ def bench_pipeline(workdir: Path) -> dict:
 
 def bench_evaluation(workdir: Path, repeats: int = 5) -> dict:
     import torch
-
     from kgrec.features.dataset import InteractionData
     from kgrec.features.ingest import ingest
     from kgrec.features.snapshot import load_snapshot
@@ -90,57 +87,36 @@ def bench_evaluation(workdir: Path, repeats: int = 5) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_service(workdir: Path, model_name: str, requests: int, k: int = 100) -> dict:
-    from kgrec.config import TrackingSettings
     from kgrec.serving.champion import load_registered
+    from kgrec.serving.process import running_service
+
+    from kgrec.config import TrackingSettings
+
+    service, _ = load_registered(TrackingSettings(workdir=workdir), model_name)
+    user_ids = list(service.bundle.users["user_id"])
+    rng = np.random.default_rng(0)
+    picks = [user_ids[i] for i in rng.integers(0, len(user_ids), size=requests)]
+
+    in_process = []
+    for user_id in picks:
+        started = time.perf_counter()
+        service.for_user(user_id, k)
+        in_process.append(time.perf_counter() - started)
 
     env = os.environ | {"KGREC_HOME": str(workdir)}
-    port = _free_port()
-    server = subprocess.Popen(
-        [KGREC, "serve", "--port", str(port), "--model-name", model_name],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        service, _ = load_registered(TrackingSettings(workdir=workdir), model_name)
-        user_ids = list(service.bundle.users["user_id"])
-        rng = np.random.default_rng(0)
-        picks = [user_ids[i] for i in rng.integers(0, len(user_ids), size=requests)]
-
-        in_process = []
+    with running_service(model_name, env) as base_url, httpx.Client(
+        base_url=base_url, timeout=10
+    ) as client:
+        for user_id in picks[:200]:  # warm-up
+            client.get(f"/v1/users/{user_id}/candidates", params={"k": k})
+        latencies = []
         for user_id in picks:
             started = time.perf_counter()
-            service.for_user(user_id, k)
-            in_process.append(time.perf_counter() - started)
-
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("service did not become ready")
-                time.sleep(0.3)
-            for user_id in picks[:200]:  # warm-up
-                client.get(f"/v1/users/{user_id}/candidates", params={"k": k})
-            latencies = []
-            for user_id in picks:
-                started = time.perf_counter()
-                response = client.get(f"/v1/users/{user_id}/candidates", params={"k": k})
-                latencies.append(time.perf_counter() - started)
-                if response.status_code != 200 or len(response.json()["candidates"]) != k:
-                    raise SystemExit(f"bad answer for {user_id}: {response.text[:300]}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            response = client.get(f"/v1/users/{user_id}/candidates", params={"k": k})
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200 or len(response.json()["candidates"]) != k:
+                raise SystemExit(f"bad answer for {user_id}: {response.text[:300]}")
     ms = np.array(latencies) * 1000
     base = np.array(in_process) * 1000
     return {

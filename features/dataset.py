@@ -11,11 +11,10 @@ import polars as pl
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
-    from torch_geometric.data import HeteroData
-
     from kgrec.features.graph import CollaborativeKG
     from kgrec.features.snapshot import Snapshot
     from kgrec.features.split import Split
+    from torch_geometric.data import HeteroData
 
 
 def interaction_matrix(frame: pl.DataFrame, num_users: int, num_items: int) -> sp.csr_matrix:

@@ -15,9 +15,8 @@ import polars as pl
 import torch
 
 if TYPE_CHECKING:
-    from torch_geometric.data import HeteroData
-
     from kgrec.features.snapshot import Snapshot
+    from torch_geometric.data import HeteroData
 
 INTERACT = "interact"
 REV_PREFIX = "rev_"

@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
-
 from kgrec.features.snapshot import AUDIT_SCHEMA, MANIFEST, content_hash
 from kgrec.features.spec import DatasetSpec, FileSpec, MinWeight
+from scipy.sparse.csgraph import connected_components
+from tqdm.auto import tqdm
 
 LOG = logging.getLogger("kgrec.features")
 

@@ -77,13 +77,7 @@ def random_split(
     train_end = counts[:, 0][group]
     valid_end = train_end + counts[:, 1][group]
     part = np.where(position < train_end, 0, np.where(position < valid_end, 1, 2))
-    return Split(
-        train=_take(interactions, order[part == 0]),
-        valid=_take(interactions, order[part == 1]),
-        test=_take(interactions, order[part == 2]),
-        kind="random",
-        seed=seed,
-    )
+    return _by_part(interactions, order, part, kind="random", seed=seed)
 
 
 def temporal_leave_last_out(interactions: pl.DataFrame) -> Split:
@@ -101,11 +95,19 @@ def temporal_leave_last_out(interactions: pl.DataFrame) -> Split:
     from_end = sizes[group] - 1 - position  # 0 = the user's last interaction
     eligible = sizes[group] >= 3
     part = np.where(eligible & (from_end == 0), 2, np.where(eligible & (from_end == 1), 1, 0))
-    rows = np.arange(ordered.height)
+    return _by_part(
+        ordered, np.arange(ordered.height), part, kind="temporal_leave_last_out", seed=None
+    )
+
+
+def _by_part(
+    frame: pl.DataFrame, rows: np.ndarray, part: np.ndarray, kind: str, seed: int | None
+) -> Split:
+    """``rows[i]`` of ``frame`` goes to train, valid or test as ``part[i]`` is 0, 1 or 2."""
     return Split(
-        train=_take(ordered, rows[part == 0]),
-        valid=_take(ordered, rows[part == 1]),
-        test=_take(ordered, rows[part == 2]),
-        kind="temporal_leave_last_out",
-        seed=None,
+        train=_take(frame, rows[part == 0]),
+        valid=_take(frame, rows[part == 1]),
+        test=_take(frame, rows[part == 2]),
+        kind=kind,
+        seed=seed,
     )

@@ -11,10 +11,6 @@ produced it is marked FAILED, so a failed flow leaves no half-published model be
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
-from kgrec.config import PipelineConfig, registered_model_name
 from kgrec.features.dataset import InteractionData
 from kgrec.features.ingest import IngestReport, ingest
 from kgrec.features.snapshot import load_snapshot
@@ -24,6 +20,10 @@ from kgrec.models import registry
 from kgrec.models.config import TrainConfig
 from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundle, train_and_log
 from kgrec.serving.publish import publish_index
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from kgrec.config import PipelineConfig, registered_model_name
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 

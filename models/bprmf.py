@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from kgrec.models.base import Recommender
 from kgrec.models.losses import bpr_loss, l2_reg
+from torch import Tensor
 
 
 class BPRMF(Recommender):

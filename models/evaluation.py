@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import Tensor
-
 from kgrec.models.base import Recommender
+from torch import Tensor
 
 if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData

@@ -13,7 +13,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-
 from kgrec.features.dataset import InteractionData
 from kgrec.models.base import Recommender
 from kgrec.models.config import TrainConfig

@@ -7,10 +7,9 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import Tensor
-
 from kgrec.models.base import Recommender
 from kgrec.models.losses import bpr_loss, l2_reg
+from torch import Tensor
 
 
 class _SymmetricSpMM(torch.autograd.Function):

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-
 from kgrec.models.base import Recommender
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate

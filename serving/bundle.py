@@ -149,7 +149,7 @@ class RetrievalBundle:
         return target
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], mmap: bool = False) -> "RetrievalBundle":
+    def load(cls, directory: str | os.PathLike[str], mmap: bool = False) -> RetrievalBundle:
         src = Path(directory)
         if not src.is_dir():
             raise BundleError(f"bundle directory {src} does not exist")

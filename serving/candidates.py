@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
-
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.index import IndexConfig, build_index, index_kind
 

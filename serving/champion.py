@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-
-from kgrec.config import TrackingSettings
 from kgrec.models.registry import CHAMPION, download_version, resolve_alias
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.candidates import CandidateService
 from kgrec.serving.index import IndexConfig, build_index, load_index
+
+from kgrec.config import TrackingSettings
 
 logger = logging.getLogger("kgrec.serving")
 

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-
 from kgrec.models.registry import INDEX_ARTIFACT, INDEX_TAG
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger("kgrec.serving")
 

@@ -16,8 +16,6 @@ best first, seen items excluded), ``scores`` and ``known`` (False -> empty lists
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models.signature import ModelSignature

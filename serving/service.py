@@ -29,17 +29,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
-
 from kgrec.serving.candidates import CandidateError, CandidateService
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 

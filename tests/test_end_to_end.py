@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import polars as pl
 import pytest
+from kgrec.serving.process import running_service
 
 pytestmark = pytest.mark.e2e
 
 KGREC = str(Path(sys.executable).with_name("kgrec"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,55 +49,36 @@ def test_pipeline_registers_a_champion_trained_on_the_real_snapshot(pipeline_run
 
 def test_service_answers_candidates_over_loopback(pipeline_run):
     result, env = pipeline_run
-    port = _free_port()
-    server = subprocess.Popen(
-        [KGREC, "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--model-name", result["registered_model"]],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "service did not become ready"
-                time.sleep(0.5)
-            ready = client.get("/readyz").json()
-            assert str(ready["model"]["version"]) == result["champion_version"]
+    with running_service(result["registered_model"], env) as base_url, httpx.Client(
+        base_url=base_url, timeout=10
+    ) as client:
+        ready = client.get("/readyz").json()
+        assert str(ready["model"]["version"]) == result["champion_version"]
 
-            snapshot = Path(result["ingest"]["snapshot_dir"])
-            users = pl.read_parquet(snapshot / "users.parquet")
-            items = pl.read_parquet(snapshot / "items.parquet")
-            inter = pl.read_parquet(snapshot / "interactions.parquet")
-            user_idx, user_id = 0, users.filter(pl.col("user_idx") == 0)["user_id"][0]
-            seen = set(
-                items.join(inter.filter(pl.col("user_idx") == user_idx), on="item_idx")["item_id"]
-            )
+        snapshot = Path(result["ingest"]["snapshot_dir"])
+        users = pl.read_parquet(snapshot / "users.parquet")
+        items = pl.read_parquet(snapshot / "items.parquet")
+        inter = pl.read_parquet(snapshot / "interactions.parquet")
+        user_idx, user_id = 0, users.filter(pl.col("user_idx") == 0)["user_id"][0]
+        seen = set(
+            items.join(inter.filter(pl.col("user_idx") == user_idx), on="item_idx")["item_id"]
+        )
 
-            response = client.get(f"/v1/users/{user_id}/candidates", params={"k": 100})
-            assert response.status_code == 200, response.text
-            candidates = response.json()["candidates"]
-            ids = [c["item_id"] for c in candidates]
-            assert len(ids) == 100 and len(set(ids)) == 100
-            assert not seen & set(ids)
-            scores = [c["score"] for c in candidates]
-            assert scores == sorted(scores, reverse=True)
+        response = client.get(f"/v1/users/{user_id}/candidates", params={"k": 100})
+        assert response.status_code == 200, response.text
+        candidates = response.json()["candidates"]
+        ids = [c["item_id"] for c in candidates]
+        assert len(ids) == 100 and len(set(ids)) == 100
+        assert not seen & set(ids)
+        scores = [c["score"] for c in candidates]
+        assert scores == sorted(scores, reverse=True)
 
-            history = sorted(seen)[:5]
-            response = client.post("/v1/candidates", json={"item_ids": history, "k": 20})
-            assert response.status_code == 200, response.text
-            posted = [c["item_id"] for c in response.json()["candidates"]]
-            assert len(posted) == 20 and not set(history) & set(posted)
+        history = sorted(seen)[:5]
+        response = client.post("/v1/candidates", json={"item_ids": history, "k": 20})
+        assert response.status_code == 200, response.text
+        posted = [c["item_id"] for c in response.json()["candidates"]]
+        assert len(posted) == 20 and not set(history) & set(posted)
 
-            assert client.get("/v1/users/no-such-user/candidates").status_code == 404
-            assert client.get(f"/v1/users/{user_id}/candidates", params={"k": 0}).status_code == 422
-            assert client.post("/v1/candidates", content=b"{not json").status_code == 422
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        assert client.get("/v1/users/no-such-user/candidates").status_code == 404
+        assert client.get(f"/v1/users/{user_id}/candidates", params={"k": 0}).status_code == 422
+        assert client.post("/v1/candidates", content=b"{not json").status_code == 422

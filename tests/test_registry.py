@@ -7,11 +7,11 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
+from kgrec.models import registry
+from kgrec.serving.bundle import RetrievalBundle
 from mlflow import MlflowClient
 
 from kgrec.config import TrackingSettings
-from kgrec.models import registry
-from kgrec.serving.bundle import RetrievalBundle
 
 NAME = "kgrec-test"
 

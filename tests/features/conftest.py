@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from kgrec.features.ingest import IngestReport, ingest
 from kgrec.features.snapshot import Snapshot, load_snapshot
 from kgrec.features.spec import DatasetSpec, data_dir, load_spec, parse_spec

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-
 from kgrec.features.dataset import InteractionData
 from kgrec.features.graph import build_ckg, build_hetero_graph
 from kgrec.features.ingest import ingest

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from kgrec.features.ingest import ingest
 from kgrec.features.snapshot import SnapshotError, load_snapshot
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kgrec.features.spec import DatasetSpec, MinWeight, SpecError, data_dir, load_spec, parse_spec
 
 

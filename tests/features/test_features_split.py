@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from kgrec.features.split import random_split, split_counts, temporal_leave_last_out
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from kgrec.models.evaluation import evaluate, evaluate_split
 
 L3 = 1.0 / math.log2(3)  # discount of rank 2

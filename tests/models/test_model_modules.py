@@ -6,7 +6,6 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-
 from kgrec.models.base import Recommender
 from kgrec.models.bprmf import BPRMF
 from kgrec.models.config import TrainConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-
 from kgrec.models.sampling import NegativeSampler
 
 

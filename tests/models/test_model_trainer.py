@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import kgrec.models.trainer as trainer_mod
 import pytest
 import torch
-
-import kgrec.models.trainer as trainer_mod
 from kgrec.models.bprmf import BPRMF
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate

@@ -6,7 +6,6 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.candidates import CandidateService
 

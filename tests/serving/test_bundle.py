@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
 from kgrec.serving.bundle import BUNDLE_FILES, BundleError, RetrievalBundle
 
 

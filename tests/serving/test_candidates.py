@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from kgrec.serving.candidates import (
     CandidateService,
     InvalidRequestError,
@@ -77,7 +76,6 @@ def test_history(bundle, service):
 
 def test_history_integer_ids(bundle):
     import polars as pl
-
     from kgrec.serving.bundle import RetrievalBundle
 
     items = bundle.items.with_columns(item_id=pl.col("item_idx").cast(pl.Utf8))

@@ -3,7 +3,6 @@ import json
 import faiss
 import numpy as np
 import pytest
-
 from kgrec.serving.index import (
     IndexConfig,
     ann_recall,

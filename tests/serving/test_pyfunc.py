@@ -1,7 +1,6 @@
 import mlflow
 import pandas as pd
 import pytest
-
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
 from kgrec.serving.pyfunc import TopKRecommender, signature
 

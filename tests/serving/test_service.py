@@ -1,6 +1,5 @@
 import pytest
 from fastapi.testclient import TestClient
-
 from kgrec.serving.service import bundle_loader, create_app
 
 
@@ -127,7 +126,7 @@ def test_not_ready(broken_client):
 
 
 def test_bundle_loader(tmp_path, bundle):
-    from kgrec.serving.index import build_and_measure, IndexConfig, save_index
+    from kgrec.serving.index import IndexConfig, build_and_measure, save_index
 
     out = bundle.write(tmp_path / "bundle")
     index, info = build_and_measure(bundle.item_embeddings, IndexConfig(kind="hnsw"))

@@ -1,0 +1,63 @@
+"""Run ``kgrec serve`` as a child process and wait until it is ready (tests, benchmarks, load runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(
+    model_name: str,
+    env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = 120.0,
+) -> Iterator[str]:
+    """Start the service for ``model_name`` on a free loopback port; yields its base URL."""
+    port = free_port(host)
+    kgrec = str(Path(sys.executable).with_name("kgrec"))
+    with tempfile.TemporaryFile(mode="w+") as log:
+        server = subprocess.Popen(
+            [kgrec, "serve", "--host", host, "--port", str(port), "--model-name", model_name,
+             *extra_args],
+            env=dict(env or os.environ), stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
+        base_url = f"http://{host}:{port}"
+        try:
+            _wait_until_ready(base_url, server, log, ready_timeout)
+            yield base_url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _wait_until_ready(base_url: str, server: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base_url, timeout=5) as client:
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                state = "exited" if server.poll() is not None else "is not ready"
+                raise RuntimeError(f"kgrec serve {state} after start:\n{log.read()[-4000:]}")
+            time.sleep(0.3)
