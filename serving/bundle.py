@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from kgrec.models.explain import AttentionGraph
 
 BUNDLE_FILES = (
     "user_embeddings.npy",
@@ -36,6 +37,7 @@ BUNDLE_FILES = (
     "meta.json",
 )
 INDEX_DIRNAME = "index"
+EXPLAIN_DIRNAME = "explain"  # optional: attention-weighted CKG of models that can explain
 
 
 class BundleError(ValueError):
@@ -79,6 +81,7 @@ class RetrievalBundle:
     users: pl.DataFrame
     items: pl.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    attention_graph: AttentionGraph | None = None
 
     def __post_init__(self) -> None:
         self.user_embeddings = np.ascontiguousarray(self.user_embeddings, dtype=np.float32)
@@ -123,6 +126,12 @@ class RetrievalBundle:
                 raise BundleError(f"meta {key} {self.meta[key]} != {n}")
         _check_ids(self.users, "user_id", "user_idx", ue.shape[0], "users.parquet")
         _check_ids(self.items, "item_id", "item_idx", ie.shape[0], "items.parquet")
+        graph = self.attention_graph
+        if graph is not None and (graph.num_users, graph.num_items) != (ue.shape[0], ie.shape[0]):
+            raise BundleError(
+                f"attention graph covers {graph.num_users} users x {graph.num_items} items, "
+                f"embeddings {ue.shape[0]} x {ie.shape[0]}"
+            )
 
     # ------------------------------------------------------------------ io
     def write(self, directory: str | os.PathLike[str], overwrite: bool = True) -> Path:
@@ -142,6 +151,8 @@ class RetrievalBundle:
             self.users.write_parquet(tmp / "users.parquet")
             self.items.write_parquet(tmp / "items.parquet")
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+            if self.attention_graph is not None:
+                self.attention_graph.save(tmp / EXPLAIN_DIRNAME)
             _replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,10 +175,15 @@ class RetrievalBundle:
             users = pl.read_parquet(src / "users.parquet")
             items = pl.read_parquet(src / "items.parquet")
             meta = json.loads((src / "meta.json").read_text())
+            graph = (
+                AttentionGraph.load(src / EXPLAIN_DIRNAME)
+                if (src / EXPLAIN_DIRNAME).is_dir()
+                else None
+            )
         except Exception as exc:  # corrupt file
             raise BundleError(f"bundle {src}: cannot read files: {exc}") from exc
         try:
-            return cls(ue, ie, seen, users, items, meta)
+            return cls(ue, ie, seen, users, items, meta, attention_graph=graph)
         except BundleError as exc:
             raise BundleError(f"bundle {src}: {exc}") from exc
 

@@ -66,6 +66,20 @@ class UnknownItemsError(CandidateError):
         self.item_ids = list(item_ids)
 
 
+class UnknownItemError(CandidateError):
+    status_code = 404
+
+    def __init__(self, item_id: str):
+        super().__init__(f"unknown item {item_id!r}")
+        self.item_id = item_id
+
+
+class ExplanationUnavailableError(CandidateError):
+    """The served model has no attention graph (only KGAT-style models can explain)."""
+
+    status_code = 404
+
+
 class Candidate(NamedTuple):
     item_id: str
     item_idx: int
@@ -131,6 +145,7 @@ class CandidateService:
         self._user_index: dict[str, int] = dict(
             zip(users["user_id"].to_list(), users["user_idx"].to_list())
         )
+        self._user_ids: list[str] = users.sort("user_idx")["user_id"].to_list()
         items = bundle.items.sort("item_idx")
         self._item_ids: list[str] = items["item_id"].to_list()
         self._item_names: list[str | None] = items["name"].to_list()
@@ -217,6 +232,44 @@ class CandidateService:
                 idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
             out[i] = self._result(idx, scores, user_id=user_ids[i])
         return out
+
+    def explain(self, user_id: str, item_id: str, max_paths: int = 5) -> dict[str, Any]:
+        """The highest-attention CKG paths from a known user to an item, with readable names."""
+        graph = self.bundle.attention_graph
+        if graph is None:
+            raise ExplanationUnavailableError(
+                f"the served model ({self.bundle.meta.get('model')}) has no attention graph to "
+                "explain with; serve a KGAT model"
+            )
+        user = self._resolve_user(user_id)
+        item = self._item_index.get(str(item_id))
+        if item is None:
+            raise UnknownItemError(str(item_id))
+        paths = graph.explain(user, item, max_paths=max_paths)
+        return {
+            "user_id": str(user_id),
+            "item": self._describe("item", item),
+            "score": float(self._user_emb[user] @ self._item_emb[item]),
+            "already_seen": bool(item in self.seen_items(user_id)),
+            "paths": [
+                {
+                    "score": path.score,
+                    "steps": [
+                        {"relation": step.relation, "attention": step.attention,
+                         **self._describe(step.node_type, step.node)}
+                        for step in path.steps
+                    ],
+                }
+                for path in paths
+            ],
+        }
+
+    def _describe(self, node_type: str, index: int) -> dict[str, Any]:
+        if node_type == "item":
+            return {"type": "item", "id": self._item_ids[index], "name": self._item_names[index]}
+        if node_type == "user":
+            return {"type": "user", "id": self._user_ids[index]}
+        return {"type": "entity", "id": self.bundle.attention_graph.entity_ids[index]}
 
     # ------------------------------------------------------------------ internals
     def _check_k(self, k: int) -> int:

@@ -12,6 +12,8 @@ Endpoints::
     GET  /readyz                               200 + model info when loaded, else 503 + error
     GET  /v1/model                             model info (+ index kind, catalogue size)
     GET  /v1/users/{user_id}/candidates?k=100  known user, seen items excluded
+    GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
+                                               top attention paths user -> item (KGAT models)
     POST /v1/candidates {"item_ids": [...], "k": 100}
                                                unseen user from an item history (history excluded)
 
@@ -172,6 +174,16 @@ def create_app(load_service: Loader) -> FastAPI:
                 "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
             }
         )
+
+    @app.get("/v1/users/{user_id}/candidates/{item_id}/explain")
+    async def explain(
+        user_id: str, item_id: str, max_paths: int = Query(5, ge=1, le=50)
+    ) -> Response:
+        t0 = time.perf_counter()
+        payload = state.require().explain(user_id, item_id, max_paths)
+        payload["model"] = state.summary
+        payload["took_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        return _json(payload)
 
     @app.post("/v1/candidates")
     async def history_candidates(body: HistoryRequest) -> Response:
