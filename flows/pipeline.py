@@ -8,6 +8,7 @@ produced it is marked FAILED, so a failed flow leaves no half-published model be
 # No `from __future__ import annotations` here: with it, runs of the served deployment failed
 # Prefect's parameter validation ("`Pipeline_FlowModel` is not fully defined").
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundl
 from kgrec.serving.publish import publish_index
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from kgrec.config import PipelineConfig, registered_model_name
 
@@ -76,11 +78,10 @@ def promote_task(name: str, version) -> registry.Promotion:
     return registry.promote(name, version)
 
 
-def train_one(
-    data: InteractionData, config: TrainConfig, name: str, bundle_root: Path, progress: bool = False
+def finish_one(
+    trained: TrainedModel, data: InteractionData, name: str, bundle_root: Path
 ) -> dict[str, Any]:
-    """Train, evaluate, register, publish and promote one model (tasks of the calling flow)."""
-    trained = train_task(data, config, progress)
+    """Evaluate, register, publish and promote one trained model (tasks of the calling flow)."""
     try:
         evaluate_task(trained, data)
         version, bundle_dir = register_task(trained, data, bundle_root, name)
@@ -102,14 +103,16 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
     data = build_graph_task(report.snapshot_dir, config.split, config.seed)
     name = config.registered_model or registered_model_name(data.snapshot.name)
-    results = []
+    # Training runs as concurrent tasks on the flow's task runner (config.parallel_training
+    # workers); registration and promotion then go in the order the models were listed.
+    futures = []
     for model_name in config.models:
-        overrides = {"epochs": config.epochs} if config.epochs else {}
-        train_config = TrainConfig(model=model_name, seed=config.seed, **overrides)
+        train_config = TrainConfig.for_model(model_name, epochs=config.epochs, seed=config.seed)
         logger.info("training %s on %s", model_name, data.snapshot.name)
-        results.append(
-            train_one(data, train_config, name, tracking.workdir / "bundles", config.progress)
-        )
+        futures.append(train_task.submit(data, train_config, config.progress))
+    results = [
+        finish_one(future.result(), data, name, tracking.workdir / "bundles") for future in futures
+    ]
     champion = registry.resolve_alias(name, registry.CHAMPION)
     return {
         "dataset": data.snapshot.name,
@@ -120,3 +123,17 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         "tracking_uri": tracking.resolved_tracking_uri,
         "models": results,
     }
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the pipeline flow with ``config.parallel_training`` concurrent training tasks."""
+    return configured_flow(config)(config)
+
+
+def configured_flow(config: PipelineConfig):
+    workers = config.parallel_training
+    if workers > 1:  # share the cores between the concurrent trainings instead of oversubscribing
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return pipeline_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))

@@ -68,10 +68,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         registered_model=args.registered_model,
         tracking=_tracking(args),
         progress=sys.stderr.isatty() and not args.json,
+        **({"parallel_training": args.parallel} if args.parallel else {}),
     )
-    from kgrec.flows.pipeline import pipeline_flow
+    from kgrec.flows.pipeline import run_pipeline
 
-    result = pipeline_flow(config)
+    result = run_pipeline(config)
     _emit(result, args.json, format_pipeline_summary(result))
     return 0
 
@@ -141,7 +142,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     from kgrec.config import PipelineConfig
-    from kgrec.flows.pipeline import pipeline_flow
+    from kgrec.flows.pipeline import configured_flow
 
     config = PipelineConfig(
         dataset=args.dataset,
@@ -150,7 +151,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         tracking=_tracking(args),
     )
     # Prefect runs the deployment's schedule from this long-lived process (`flow.serve`).
-    pipeline_flow.serve(
+    configured_flow(config).serve(
         name=args.name, cron=args.cron, parameters={"config": config.model_dump(mode="json")}
     )
     return 0
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["random", "temporal"], default="random")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
+    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     tracking_args(p)
     p.set_defaults(func=_cmd_pipeline)

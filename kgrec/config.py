@@ -73,6 +73,9 @@ class PipelineConfig(BaseModel):
     registered_model: str | None = None
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     progress: bool = False
+    # Models trained at once. Two cores are best spent on one model at a time; parallel training
+    # is not bitwise reproducible (models draw their initial weights from torch's global RNG).
+    parallel_training: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1)
 
     @field_validator("models")
     @classmethod

@@ -114,6 +114,7 @@ def evaluate_and_log(trained: TrainedModel, data: InteractionData) -> dict[str, 
 
 def export_bundle(trained: TrainedModel, data: InteractionData, directory: Path) -> Path:
     """Write the model's serving bundle (embeddings, id maps, seen items); registration logs it."""
+    from kgrec.models.explain import attention_graph_of
     from kgrec.serving.bundle import RetrievalBundle
 
     if data.snapshot is None:
@@ -136,6 +137,7 @@ def export_bundle(trained: TrainedModel, data: InteractionData, directory: Path)
             "selection_metric": SELECTION_METRIC,
             "selection_value": trained.fit.best_valid.get("recall@20"),
         },
+        attention_graph=attention_graph_of(trained.model, data),
     )
     target = directory / trained.run_id
     bundle.write(target)

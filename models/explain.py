@@ -20,9 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:
+    from kgrec.features.dataset import InteractionData
 
 
 @dataclass(frozen=True)
@@ -173,3 +177,30 @@ class AttentionGraph:
             heads=arrays["heads"], tails=arrays["tails"], edge_type=arrays["edge_type"],
             attention=arrays["attention"], entity_ids=entity_ids, **info,
         )
+
+
+def attention_graph_of(model: object, data: InteractionData) -> AttentionGraph | None:
+    """The attention graph of a model that exposes CKG attention (KGAT), else None.
+
+    Such a model has ``attention() -> Tensor[E]`` aligned with its ``edge_index`` / ``edge_type``
+    (the CKG of ``data``).
+    """
+    if not callable(getattr(model, "attention", None)) or data.snapshot is None:
+        return None
+    import torch
+
+    with torch.no_grad():
+        attention = model.attention().detach().cpu().numpy()
+    edge_index = model.edge_index.detach().cpu().numpy()
+    ckg = data.ckg
+    return AttentionGraph(
+        heads=edge_index[0],
+        tails=edge_index[1],
+        edge_type=model.edge_type.detach().cpu().numpy(),
+        attention=attention,
+        num_users=ckg.num_users,
+        num_items=ckg.num_items,
+        num_entities=ckg.num_entities,
+        relation_names=list(ckg.relation_names),
+        entity_ids=data.snapshot.entities.sort("entity_idx")["entity_id"].to_list(),
+    )
