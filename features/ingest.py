@@ -452,10 +452,33 @@ def _build_tables(
         if names is not None
         else pl.DataFrame(schema={"item_id": pl.String, "name": pl.String})
     )
+    # Optional item categories: only when the spec declares them (older snapshots keep their layout
+    # and content hash).
+    with_categories = spec.item_names is not None and spec.item_names.categories is not None
+    if with_categories:
+        assert names is not None and spec.item_names is not None
+        name_map = name_map.join(
+            names.filter(pl.col("reason").is_null()).select(
+                pl.col("item").alias("item_id"),
+                _split_categories(pl.col("categories"), spec.item_names.category_separator),
+            ),
+            on="item_id",
+            how="left",
+        )
     items = (
         items.join(links.rename({"item": "item_id", "entity": "entity_id"}), on="item_id", how="left")
         .join(name_map, on="item_id", how="left")
-        .select("item_id", "item_idx", "entity_id", "name")
+        .select(
+            "item_id",
+            "item_idx",
+            "entity_id",
+            "name",
+            *(
+                [pl.col("categories").fill_null(pl.lit([], dtype=pl.List(pl.String)))]
+                if with_categories
+                else []
+            ),
+        )
         .sort("item_idx")
     )
 
@@ -494,6 +517,21 @@ def _build_tables(
         "entities": entities,
         "relations": relations,
     }
+
+
+def _split_categories(column: pl.Expr, separator: str | None) -> pl.Expr:
+    """``"a b  c"`` -> ``["a", "b", "c"]`` (whitespace runs by default); null or empty -> ``[]``;
+    repeated categories kept once, in first-seen order."""
+    text = column.fill_null("")
+    parts = (
+        text.str.strip_chars().str.replace_all(r"\s+", " ").str.split(" ")
+        if separator is None
+        else text.str.split(separator)
+    )
+    parts = parts.list.eval(pl.element().str.strip_chars()).list.eval(
+        pl.element().filter(pl.element() != "")
+    )
+    return parts.list.unique(maintain_order=True).alias("categories")
 
 
 def _audit_hash(quarantine: pl.DataFrame, excluded: pl.DataFrame) -> str:

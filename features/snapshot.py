@@ -5,7 +5,9 @@ CONTRACT (owned by features/): a snapshot directory holds
   kg.parquet            head:int32, relation:int32, tail:int32   in *KG node space*:
                         [0, n_items) are items, [n_items, n_items + n_entities) are non-item entities
   users.parquet         user_id:str, user_idx:int32
-  items.parquet         item_id:str, item_idx:int32, entity_id:str|null, name:str|null
+  items.parquet         item_id:str, item_idx:int32, entity_id:str|null, name:str|null,
+                        [categories:list[str]]  (only when the spec declares item categories;
+                        an item without categories has an empty list)
   entities.parquet      entity_id:str, entity_idx:int32   (non-item entities; KG node id = n_items + entity_idx)
   relations.parquet     relation:str, relation_idx:int32
   quarantine.parquet    rejected (malformed) rows: source:str, line:int64, raw:str, reason:str
@@ -49,7 +51,11 @@ def content_hash(tables: dict[str, pl.DataFrame]) -> str:
     """
     digest = hashlib.sha256()
     for name in HASHED_TABLES:
-        frame = tables[name]
+        # List columns (item categories) enter as their "\x1f"-joined text: CSV has no nested
+        # types. Tables without list columns hash exactly as before.
+        frame = tables[name].with_columns(
+            pl.col(c).list.join("\x1f") for c, t in tables[name].schema.items() if isinstance(t, pl.List)
+        )
         canonical = frame.sort(frame.columns, nulls_last=True, maintain_order=True)
         digest.update(f"\x00{name}\x00".encode())
         digest.update(canonical.write_csv(null_value="\\N").encode())
@@ -96,6 +102,18 @@ class Snapshot:
     def item_names(self) -> list[str | None]:
         """Item display names indexed by ``item_idx`` (None where unknown)."""
         return self.items.sort("item_idx")["name"].to_list()
+
+    @property
+    def has_categories(self) -> bool:
+        """Whether the snapshot carries item categories (``items.categories``)."""
+        return "categories" in self.items.columns
+
+    def item_categories(self) -> list[list[str]]:
+        """Item categories (e.g. genres) indexed by ``item_idx``; empty lists when the snapshot
+        has none (see :attr:`has_categories`)."""
+        if not self.has_categories:
+            return [[] for _ in range(self.n_items)]
+        return self.items.sort("item_idx")["categories"].to_list()
 
     def relation_names(self) -> list[str]:
         """KG relation names indexed by ``relation_idx``."""

@@ -121,11 +121,32 @@ class KGSpec(FileSpec):
 
 
 class ItemNamesSpec(FileSpec):
+    """Item metadata: a display name and, optionally, a list of categories (e.g. genres).
+
+    ``categories`` names a column holding the item's categories as one string split on
+    ``category_separator`` (default: any run of whitespace), e.g. RecBole's ``class:token_seq``
+    (``"Animation Children's Comedy"``). Without it snapshots have no ``categories`` column.
+    """
+
     item: Column
     name: Column
+    #: Optional column of separator-joined categories (e.g. genres); empty/missing -> no category.
+    categories: Column | None = None
+    #: Separator of the categories column; None splits on any run of whitespace.
+    category_separator: str | None = None
+
+    @field_validator("category_separator")
+    @classmethod
+    def _category_separator_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and (value == "" or "\n" in value):
+            raise ValueError("category_separator must be a non-empty string without newlines")
+        return value
 
     def columns(self) -> dict[str, Column]:
-        return {"item": self.item, "name": self.name}
+        refs = {"item": self.item, "name": self.name}
+        if self.categories is not None:
+            refs["categories"] = self.categories
+        return refs
 
 
 class MinWeight(_Strict):

@@ -1,0 +1,84 @@
+r"""ComiRec-SA: controllable multi-interest retrieval with self-attention."""
+
+from __future__ import annotations
+
+import torch
+from kgrec.models.multi_interest import MultiInterestModel, init_normal_
+from kgrec.serving.merge import MergeRule
+from torch import Tensor
+
+
+class ComiRecSA(MultiInterestModel):
+    r"""ComiRec-SA from `"Controllable Multi-Interest Framework for Recommendation"
+    <https://arxiv.org/abs/2005.09347>`_ (Cen et al., KDD 2020), Sec. 3.2.2.
+
+    With :math:`H \in \mathbb{R}^{d \times L}` the history embeddings (plus optional learned
+    positional embeddings, indexed by recency: 0 = most recent item),
+
+    .. math:: A = \mathrm{softmax}\big(W_2^\top \tanh(W_1 H)\big)^\top \in \mathbb{R}^{L \times K},
+              \qquad V_u = H A \in \mathbb{R}^{d \times K}
+
+    with :math:`W_1 \in \mathbb{R}^{d_a \times d}`, :math:`W_2 \in \mathbb{R}^{d_a \times K}` and the
+    softmax over the (non-padding) history positions, i.e. in row form ``A = softmax(W2 tanh(W1 H^T))``
+    and ``interests = A H``. The attention width is :math:`d_a = 4d` as in the paper. Training uses
+    the hard readout and sampled softmax.
+
+    Args:
+        num_items: item count.
+        embedding_dim: ``d``.
+        num_interests: ``K``.
+        max_length: history items used (also the number of positional embeddings).
+        attention_dim: :math:`d_a` (default ``4 d``).
+        positional: add learned positional embeddings to ``H`` before the attention.
+        temperature: sampled-softmax temperature.
+        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int = 64,
+        num_interests: int = 4,
+        max_length: int = 20,
+        attention_dim: int | None = None,
+        positional: bool = True,
+        temperature: float = 0.1,
+        merge_rule: MergeRule = "max",
+    ) -> None:
+        super().__init__(num_items, embedding_dim, num_interests, max_length, temperature, merge_rule)
+        attention_dim = attention_dim or 4 * embedding_dim
+        self.hparams = dict(
+            num_items=num_items, embedding_dim=embedding_dim, num_interests=num_interests,
+            max_length=max_length, attention_dim=attention_dim, positional=positional,
+            temperature=temperature, merge_rule=merge_rule,
+        )
+        self.attention_dim = attention_dim
+        self.item_embedding = torch.nn.Embedding(num_items, embedding_dim)
+        self.position_embedding = torch.nn.Embedding(max_length, embedding_dim) if positional else None
+        self.w1 = torch.nn.Linear(embedding_dim, attention_dim, bias=False)
+        self.w2 = torch.nn.Linear(attention_dim, num_interests, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_normal_(self.item_embedding.weight, self.embedding_dim)
+        if self.position_embedding is not None:
+            torch.nn.init.normal_(self.position_embedding.weight, std=0.01)
+        self.w1.reset_parameters()
+        self.w2.reset_parameters()
+
+    def interests(self, histories: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        batch, width = histories.shape
+        device = histories.device
+        positions = torch.arange(width, device=device)[None, :]
+        behaviour_mask = positions < lengths[:, None]
+        h = self.item_embedding(histories)  # [B, L, d]
+        keys = h
+        if self.position_embedding is not None:
+            recency = (lengths[:, None] - 1 - positions).clamp(min=0, max=self.max_length - 1)
+            keys = h + self.position_embedding(recency)
+        scores = self.w2(torch.tanh(self.w1(keys)))  # [B, L, K]
+        scores = scores.masked_fill(~behaviour_mask.unsqueeze(-1), float("-inf"))
+        a = torch.softmax(scores, dim=1)
+        a = torch.nan_to_num(a, nan=0.0)  # an empty history attends to nothing
+        v = torch.einsum("blk,bld->bkd", a, h)
+        return v, torch.ones(batch, self.num_interests, dtype=torch.bool, device=device)

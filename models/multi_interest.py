@@ -1,0 +1,345 @@
+r"""Shared pieces of the multi-interest candidate generators (MIND, ComiRec-DR/SA, YouTube-DNN,
+the interest mixture): the base class, the training loss, routing helpers, history padding,
+retrieval (interests -> search -> :mod:`kgrec.serving.merge`) and save/load.
+
+Conventions:
+
+* A *history* is a time-ordered list of ``item_idx`` (oldest first). Batches are left-aligned
+  ``histories [B, L]`` (int64, padding value 0, ignored) with ``lengths [B]``; only the last
+  ``max_length`` items of a longer history are used (:func:`pad_histories`).
+* ``interests(histories, lengths) -> (V [B, K, d], mask [B, K])``: ``mask[b, j]`` is False for an
+  interest user ``b`` does not have (e.g. MIND's dynamic interest count); masked rows are zero.
+* The score of item ``i`` under interest ``j`` is :math:`\langle v_j, e_i\rangle` with
+  ``e = item_embeddings()``; a user's candidates are the merge of the per-interest top lists
+  (:func:`recommend`, the same path in evaluation and serving).
+
+Training loss (:meth:`MultiInterestModel.loss`, as in ComiRec): for a (history, next item ``t``)
+sample the user vector is the *readout* of the interests for ``t`` -- by default the hard readout
+:math:`u = v_{j^*}`, :math:`j^* = \arg\max_j \langle v_j, e_t\rangle` over the active interests
+(MIND overrides it with label-aware attention) -- and the loss is the sampled softmax over ``t`` and
+``N`` uniformly sampled negatives shared by the batch, with temperature :math:`\tau`:
+
+.. math:: \mathcal{L} = -\log \frac{\exp(\langle u, e_t\rangle / \tau)}
+          {\exp(\langle u, e_t\rangle / \tau) + \sum_{n} \exp(\langle u, e_n\rangle / \tau)}
+
+(a negative equal to the target is dropped from the denominator).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kgrec.serving.merge import MergedCandidates, MergeRule, merge_interest_results, search_interests
+from torch import Tensor
+
+#: ``class name -> module`` of every savable model (for :func:`load_model`).
+MODEL_CLASSES: dict[str, str] = {
+    "YouTubeDNN": "kgrec.models.youtube_dnn",
+    "MIND": "kgrec.models.mind",
+    "ComiRecDR": "kgrec.models.comirec_dr",
+    "ComiRecSA": "kgrec.models.comirec_sa",
+    "InterestMixture": "kgrec.models.interest_mixture",
+    "Popularity": "kgrec.models.sequential_evaluation",
+}
+
+
+def squash(x: Tensor, dim: int = -1, eps: float = 1e-9) -> Tensor:
+    r"""Capsule squash (Sabour et al. 2017, MIND Eq. 5):
+    :math:`\mathrm{squash}(z) = \frac{\|z\|^2}{1 + \|z\|^2} \frac{z}{\|z\|}`."""
+    norm2 = (x * x).sum(dim, keepdim=True)
+    return norm2 / (1.0 + norm2) * x / torch.sqrt(norm2 + eps)
+
+
+def dynamic_interest_count(lengths: Tensor, max_interests: int) -> Tensor:
+    r"""MIND's per-user interest count (Li et al. 2019, Sec. 3.3, Eq. 9):
+    :math:`K'_u = \max(1, \min(K, \lfloor \log_2 |\mathcal{I}_u| \rfloor))`, ``|I_u|`` = history length
+    (the paper writes :math:`\log_2(|\mathcal{I}_u|)`; we take the floor to get an integer).
+    A zero-length history gets 1."""
+    logs = torch.floor(torch.log2(lengths.clamp(min=1).double())).long()
+    return logs.clamp(min=1, max=max_interests)
+
+
+def capsule_routing(
+    predictions: Tensor,
+    behaviour_mask: Tensor,
+    interest_mask: Tensor,
+    logits: Tensor,
+    iterations: int = 3,
+) -> Tensor:
+    r"""Dynamic routing (Sabour et al. 2017) from ``L`` behaviour capsules to ``K`` interest capsules.
+
+    Args:
+        predictions: ``[B, K, L, d]`` prediction vectors :math:`\hat e_{j|i}` (behaviour ``i``'s vote
+            for interest ``j``; MIND: :math:`S e_i` for every ``j``, ComiRec-DR: :math:`W_j e_i`).
+        behaviour_mask: ``[B, L]`` bool, real (non-padding) behaviours.
+        interest_mask: ``[B, K]`` bool, active interests.
+        logits: ``[B, K, L]`` initial routing logits :math:`b_{ji}` (random for MIND, zeros for
+            ComiRec-DR); never learned.
+        iterations: routing iterations ``r``.
+
+    Each iteration: :math:`w_{ji} = \mathrm{softmax}_j(b_{ji})` over the active interests,
+    :math:`z_j = \sum_i w_{ji} \hat e_{j|i}` over real behaviours, :math:`v_j = \mathrm{squash}(z_j)`,
+    :math:`b_{ji} \mathrel{+}= \langle v_j, \hat e_{j|i}\rangle`. As in the reference implementations,
+    the logit updates use detached predictions (gradients flow through the last iteration only).
+
+    Returns:
+        ``[B, K, d]`` interest capsules, zero where ``interest_mask`` is False.
+    """
+    neg = torch.finfo(predictions.dtype).min
+    detached = predictions.detach()
+    b = logits
+    for it in range(iterations):
+        w = torch.softmax(b.masked_fill(~interest_mask[:, :, None], neg), dim=1)
+        w = w * behaviour_mask[:, None, :] * interest_mask[:, :, None]
+        last = it == iterations - 1
+        votes = predictions if last else detached
+        v = squash((w.unsqueeze(-1) * votes).sum(2))  # [B, K, d]
+        if not last:
+            b = b + (detached * v.unsqueeze(2)).sum(-1)
+    return v * interest_mask[:, :, None]
+
+
+def pad_histories(
+    histories: Sequence[Sequence[int]], max_length: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Left-aligned ``[B, L]`` int64 batch of the last ``max_length`` items of each history, padded
+    with 0, and the ``[B]`` lengths (``L = max(1, longest kept history)``)."""
+    kept = [np.asarray(h, dtype=np.int64)[-max_length:] if len(h) else np.zeros(0, np.int64) for h in histories]
+    lengths = np.fromiter((len(h) for h in kept), dtype=np.int64, count=len(kept))
+    width = max(1, int(lengths.max(initial=0)))
+    out = np.zeros((len(kept), width), dtype=np.int64)
+    if len(kept):
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        out[mask] = np.concatenate(kept) if lengths.sum() else np.zeros(0, np.int64)
+    return torch.from_numpy(out).to(device), torch.from_numpy(lengths).to(device)
+
+
+class MultiInterestModel(torch.nn.Module, ABC):
+    """Base class of a candidate generator mapping an item history to ``K`` interest vectors.
+
+    Subclasses implement :meth:`interests` and :meth:`reset_parameters`, keep their constructor
+    arguments in ``self.hparams`` (JSON-serialisable; :func:`save_model` / :func:`load_model` rebuild
+    the model from them) and own ``self.item_embedding`` (``torch.nn.Embedding [I, d]``) unless
+    they override :meth:`item_embeddings`.
+
+    Args:
+        num_items: item count ``I``.
+        embedding_dim: ``d``.
+        num_interests: ``K`` (the maximum per user).
+        max_length: ``L``, the number of most recent history items used.
+        temperature: :math:`\\tau` of the sampled softmax.
+        merge_rule: how :func:`recommend` merges the interests' lists (``"max"`` or ``"weighted"``).
+    """
+
+    #: Whether :func:`kgrec.models.sequential_trainer.fit_sequential` trains it by gradient descent.
+    trainable: bool = True
+
+    def __init__(
+        self,
+        num_items: int,
+        embedding_dim: int,
+        num_interests: int,
+        max_length: int = 20,
+        temperature: float = 1.0,
+        merge_rule: MergeRule = "max",
+    ) -> None:
+        super().__init__()
+        if num_items < 1 or embedding_dim < 1 or num_interests < 1 or max_length < 1:
+            raise ValueError("num_items, embedding_dim, num_interests and max_length must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_items = int(num_items)
+        self.embedding_dim = int(embedding_dim)
+        self.num_interests = int(num_interests)
+        self.max_length = int(max_length)
+        self.temperature = float(temperature)
+        self.merge_rule: MergeRule = merge_rule
+        self.hparams: dict[str, Any] = {}
+        # Optional L2 pull of the item embeddings toward given prior vectors (KG-aware init).
+        self.prior_weight = 0.0
+        self.register_buffer("item_prior", None, persistent=False)
+        self.register_buffer("item_prior_mask", None, persistent=False)
+
+    # ------------------------------------------------------------------ the model contract
+    @abstractmethod
+    def reset_parameters(self) -> None:
+        """Re-initialise every learnable parameter (from the global torch RNG)."""
+
+    @abstractmethod
+    def interests(self, histories: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``(V [B, K, d], mask [B, K])`` for left-aligned ``histories [B, L]`` and ``lengths [B]``."""
+
+    def item_embeddings(self) -> Tensor:
+        """``[I, d]`` item vectors; score = inner product with an interest."""
+        return self.item_embedding.weight
+
+    def interest_weights(self, histories: Tensor, lengths: Tensor, mask: Tensor) -> Tensor:
+        """``[B, K]`` non-negative weights for the ``"weighted"`` merge (default: 1 per active
+        interest)."""
+        return mask.float()
+
+    def readout(self, interests: Tensor, mask: Tensor, target_emb: Tensor) -> Tensor:
+        """Training user vector ``[B, d]`` for the target items: hard readout (argmax of the inner
+        product over the active interests)."""
+        logits = (interests * target_emb[:, None, :]).sum(-1)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        best = logits.argmax(1)
+        return interests[torch.arange(len(best), device=best.device), best]
+
+    def loss(self, histories: Tensor, lengths: Tensor, targets: Tensor, negatives: Tensor) -> Tensor:
+        """Sampled-softmax loss (module docstring) of a batch; ``negatives [N]`` shared by the batch."""
+        v, mask = self.interests(histories, lengths)
+        items = self.item_embeddings()
+        target_emb = items[targets]
+        user = self.readout(v, mask, target_emb)
+        pos = (user * target_emb).sum(-1, keepdim=True)
+        neg = user @ items[negatives].t()
+        neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], 1) / self.temperature
+        loss = torch.nn.functional.cross_entropy(
+            logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device)
+        )
+        if self.prior_weight > 0 and self.item_prior is not None:
+            diff = (items - self.item_prior)[self.item_prior_mask]
+            loss = loss + self.prior_weight * (diff * diff).sum(-1).mean()
+        return loss
+
+    # ------------------------------------------------------------------ KG-aware initialisation
+    @torch.no_grad()
+    def set_item_prior(
+        self, vectors: Tensor | np.ndarray, present: Tensor | np.ndarray, reg_weight: float = 0.0,
+        rescale: bool = True,
+    ) -> int:
+        """Initialise item embeddings from given vectors (e.g. LightGCN/KGAT item embeddings).
+
+        Rows where ``present`` is True are copied into the item embedding table (others keep their
+        random init). With ``rescale`` the vectors are scaled by one factor so that their RMS equals
+        the RMS of the current random init (keeps the softmax temperature meaningful). With
+        ``reg_weight > 0`` the loss also gets ``reg_weight * mean_i ||e_i - prior_i||^2`` over the
+        present items (L2 pull toward the prior). Returns the number of items initialised.
+        """
+        vectors = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        present = torch.as_tensor(np.asarray(present), dtype=torch.bool)
+        weight = self.item_embedding.weight
+        if vectors.shape != weight.shape or present.shape != (weight.shape[0],):
+            raise ValueError(
+                f"prior must be [I, d] = {tuple(weight.shape)} with a [I] mask, got "
+                f"{tuple(vectors.shape)} / {tuple(present.shape)}"
+            )
+        vectors = vectors.to(weight.device)
+        present = present.to(weight.device)
+        if rescale and present.any():
+            scale = weight.pow(2).mean().sqrt() / vectors[present].pow(2).mean().sqrt().clamp(min=1e-12)
+            vectors = vectors * scale
+        weight[present] = vectors[present]
+        self.prior_weight = float(reg_weight)
+        self.item_prior = vectors if reg_weight > 0 else None
+        self.item_prior_mask = present if reg_weight > 0 else None
+        return int(present.sum())
+
+    # ------------------------------------------------------------------ convenience for serving
+    @torch.no_grad()
+    def interests_for(self, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Interests of one time-ordered ``item_idx`` history: ``(V [K, d] float32, mask [K] bool)``."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.buffers(), next(self.parameters(), torch.empty(0))).device
+            h, n = pad_histories([history], self.max_length, device)
+            v, m = self.interests(h, n)
+        finally:
+            self.train(was_training)
+        return v[0].float().cpu().numpy(), m[0].cpu().numpy()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_items={self.num_items}, embedding_dim={self.embedding_dim}, "
+            f"num_interests={self.num_interests}, max_length={self.max_length}"
+        )
+
+
+@torch.no_grad()
+def recommend(
+    model: MultiInterestModel,
+    histories: Sequence[Sequence[int]],
+    k: int,
+    *,
+    rule: MergeRule | None = None,
+    exclude: Sequence[Sequence[int]] | None = None,
+    batch_size: int = 1024,
+) -> MergedCandidates:
+    """Top-``k`` candidates for time-ordered ``item_idx`` histories -- the evaluation AND serving path.
+
+    Interests come from the last ``model.max_length`` items; every interest is searched exactly
+    (:func:`kgrec.serving.merge.search_interests`, ``k`` per interest after masking) and the lists
+    are merged with ``rule`` (default ``model.merge_rule``) by
+    :func:`kgrec.serving.merge.merge_interest_results`. ``exclude`` defaults to the FULL histories
+    (every history item is masked, not only the last ``max_length``).
+    """
+    rule = rule or model.merge_rule
+    exclude = histories if exclude is None else exclude
+    was_training = model.training
+    model.eval()
+    try:
+        item_emb = model.item_embeddings().float().cpu().numpy()
+        device = model.item_embeddings().device
+        parts = []
+        for start in range(0, len(histories), batch_size):
+            chunk = histories[start : start + batch_size]
+            excl = exclude[start : start + batch_size]
+            h, n = pad_histories(chunk, model.max_length, device)
+            v, mask = model.interests(h, n)
+            weights = model.interest_weights(h, n, mask)
+            v_np, mask_np = v.float().cpu().numpy(), mask.cpu().numpy()
+            ids, scores = search_interests(v_np, item_emb, k, exclude=excl, interest_mask=mask_np)
+            parts.append(
+                merge_interest_results(
+                    ids, scores, k, exclude=excl, interest_mask=mask_np,
+                    weights=weights.double().cpu().numpy(), rule=rule,
+                )
+            )
+    finally:
+        model.train(was_training)
+    if not parts:
+        empty = np.zeros((0, k))
+        return MergedCandidates(empty.astype(np.int64), empty.astype(np.float32), empty.astype(np.int64))
+    return MergedCandidates(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "interest")))
+
+
+def save_model(model: MultiInterestModel, directory: str | Path) -> Path:
+    """Write ``model.json`` (class, hyper-parameters, merge rule) and ``state.pt`` (state dict,
+    buffers included) into ``directory``; :func:`load_model` restores it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = type(model).__name__
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"{name} is not a registered multi-interest model ({sorted(MODEL_CLASSES)})")
+    meta = {"class": name, "hparams": model.hparams, "merge_rule": model.merge_rule}
+    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    torch.save(model.state_dict(), directory / "state.pt")
+    return directory
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> MultiInterestModel:
+    """Rebuild a model written by :func:`save_model` (in eval mode)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+    cls = getattr(importlib.import_module(MODEL_CLASSES[meta["class"]]), meta["class"])
+    model = cls(**meta["hparams"])
+    state = torch.load(directory / "state.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    model.merge_rule = meta.get("merge_rule", model.merge_rule)
+    return model.eval()
+
+
+def init_normal_(weight: Tensor, dim: int) -> None:
+    """``N(0, 1/d)`` init of an embedding table (unit expected squared norm per row)."""
+    torch.nn.init.normal_(weight, std=1.0 / math.sqrt(dim))

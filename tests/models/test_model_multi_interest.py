@@ -1,0 +1,193 @@
+"""Multi-interest models: interest counts, planted-interest recovery, metrics, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kgrec.features.sequences import SequenceSplit
+from kgrec.models.comirec_dr import ComiRecDR
+from kgrec.models.comirec_sa import ComiRecSA
+from kgrec.models.interest_mixture import InterestMixture
+from kgrec.models.mind import MIND
+from kgrec.models.multi_interest import (
+    dynamic_interest_count,
+    load_model,
+    pad_histories,
+    recommend,
+    save_model,
+    squash,
+)
+from kgrec.models.sequential_evaluation import (
+    Popularity,
+    category_matrix,
+    diversity,
+    evaluate_sequential,
+    interest_similarity,
+    ranking_metrics,
+)
+from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential, training_samples
+from kgrec.models.youtube_dnn import YouTubeDNN
+
+
+def test_dynamic_interest_count_and_mind_masks() -> None:
+    lengths = torch.tensor([1, 2, 3, 4, 7, 8, 15, 16, 20, 100])
+    # K' = max(1, min(K, floor(log2 n)))
+    assert dynamic_interest_count(lengths, 4).tolist() == [1, 1, 1, 2, 2, 3, 3, 4, 4, 4]
+    assert dynamic_interest_count(lengths, 2).tolist() == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
+    torch.manual_seed(0)
+    model = MIND(30, 8, num_interests=4, max_length=20).eval()
+    histories = [list(range(n)) for n in (1, 2, 4, 8, 16, 25)]
+    h, n = pad_histories(histories, model.max_length)
+    assert n.tolist() == [1, 2, 4, 8, 16, 20]
+    v, mask = model.interests(h, n)
+    assert mask.sum(1).tolist() == [1, 1, 2, 3, 4, 4]
+    assert torch.all(v[~mask] == 0) and torch.all(v[mask].norm(dim=-1) > 0)
+    # deterministic in eval mode
+    assert torch.equal(model.interests(h, n)[0], v)
+    for cls in (ComiRecDR, ComiRecSA):
+        v, mask = cls(30, 8, num_interests=3).interests(h, n)
+        assert v.shape == (6, 3, 8) and mask.all()
+
+
+def test_squash_norm_below_one() -> None:
+    x = torch.randn(10, 5) * torch.logspace(-2, 2, 10)[:, None]
+    norms = squash(x).norm(dim=-1)
+    expected = x.norm(dim=-1) ** 2 / (1 + x.norm(dim=-1) ** 2)
+    assert torch.allclose(norms, expected, atol=1e-5)
+
+
+def test_pad_histories_and_samples() -> None:
+    h, n = pad_histories([[5, 6, 7], [], [1, 2, 3, 4, 5]], 4)
+    assert h.tolist() == [[5, 6, 7, 0], [0, 0, 0, 0], [2, 3, 4, 5]] and n.tolist() == [3, 0, 4]
+    hist, lengths, targets = training_samples([np.array([1, 2, 3, 4]), np.array([9, 8])], max_length=2)
+    assert targets.tolist() == [2, 3, 4, 8]
+    assert lengths.tolist() == [1, 2, 2, 1]
+    assert hist.tolist() == [[1, 0], [1, 2], [2, 3], [9, 0]]
+
+
+def _planted_split(seed: int = 0) -> tuple[SequenceSplit, list[np.ndarray]]:
+    """Four item groups of five items; every user has two random groups and alternates between
+    them at random, so the history tells the two groups and one vector cannot sit close to both."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(5 * g, 5 * g + 5) for g in range(4)]
+
+    def seq(n: int) -> np.ndarray:
+        mine = rng.choice(4, 2, replace=False)
+        return np.array([rng.choice(groups[mine[int(rng.integers(2))]]) for _ in range(n)])
+
+    train = [seq(20) for _ in range(200)]
+    held = [seq(20) for _ in range(30)]
+    split = SequenceSplit(
+        num_users=230, num_items=20, train_users=np.arange(200), train_sequences=train,
+        valid_users=np.arange(200, 230), valid_inputs=[s[:16] for s in held], valid_targets=[s[16:] for s in held],
+        test_users=np.arange(0), test_inputs=[], test_targets=[], seed=seed,
+    )
+    return split, groups
+
+
+@pytest.mark.parametrize("cls", [ComiRecDR, ComiRecSA, MIND])
+def test_planted_interests_are_recovered(cls) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add contention on shared CPUs
+    try:
+        _check_planted(cls)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_planted(cls) -> None:
+    split, groups = _planted_split()
+    model = cls(20, embedding_dim=8, num_interests=2, max_length=20, temperature=0.1)
+    config = SequentialTrainConfig(epochs=10, patience=10, num_negatives=19, batch_size=128, learning_rate=1e-2,
+                                   ks=(5,), selection_metric="recall@5", seed=1)
+    fit_sequential(model, split, config)
+    items = model.item_embeddings().detach()
+    with torch.no_grad():
+        for a, b in [(0, 1), (2, 3), (1, 3)]:
+            history = np.concatenate([groups[a], groups[b]]).tolist()
+            v, mask = model.interests(*pad_histories([history], 20))
+            assert mask.all()
+            centroids = torch.stack([items[groups[a]].mean(0), items[groups[b]].mean(0)])
+            cos = torch.nn.functional.cosine_similarity(v[0][:, None, :], centroids[None], dim=-1)  # [K, 2]
+            closest = cos.argmax(0).tolist()  # the interest closest to each planted group
+            assert closest[0] != closest[1], f"groups {a} and {b} share interest {closest[0]}: {cos}"
+
+
+def test_diversity_hand_example() -> None:
+    cats, names = category_matrix([["A"], ["A", "B"], ["C"], []])
+    assert names == ["A", "B", "C"]
+    # pairs of [0, 1, 2]: (0,1) share A; (0,2) and (1,2) disjoint -> 2/3
+    assert diversity(np.array([[0, 1, 2]]), cats)[0] == pytest.approx(2 / 3)
+    # item 3 has no genre: disjoint from everything; padding (-1) ignored
+    assert diversity(np.array([[0, 3, -1]]), cats)[0] == pytest.approx(1.0)
+    assert diversity(np.array([[0, 1, -1]]), cats)[0] == pytest.approx(0.0)
+    assert np.isnan(diversity(np.array([[0, -1, -1]]), cats)[0])
+
+
+def test_ranking_metrics_and_interest_similarity() -> None:
+    m = ranking_metrics(np.array([[1, 2, 3, 4]]), [[2, 9]], ks=(2, 4))
+    assert m["recall@2"][0] == pytest.approx(0.5) and m["hit@2"][0] == 1.0
+    assert m["ndcg@2"][0] == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+    v = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    sim = interest_similarity(v, np.array([[True, True, False]]))
+    assert sim[0] == pytest.approx(0.0)
+    sim = interest_similarity(v, np.array([[True, False, True]]))
+    assert sim[0] == pytest.approx(np.sqrt(0.5))
+
+
+def test_recommend_masks_history_and_save_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MIND(40, 8, num_interests=3, max_length=5)
+    histories = [list(range(i, i + 12)) for i in range(0, 20, 4)]
+    out = recommend(model, histories, 10)
+    for row, hist in enumerate(histories):
+        items = out.row(row)[0]
+        assert len(items) == 10 and not set(items.tolist()) & set(hist)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    again = recommend(loaded, histories, 10)
+    assert np.array_equal(out.items, again.items) and np.array_equal(out.interest, again.interest)
+    v, mask = loaded.interests_for(histories[0])
+    assert v.shape == (3, 8) and mask.tolist() == [True, True, False]  # window 5: floor(log2 5) = 2
+
+
+def test_mixture_and_popularity_through_the_evaluator() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 6)).astype(np.float32)
+    mix = InterestMixture(30, 6, num_clusters=4, top_components=2, alpha=0.5, seed=1).fit(vectors)
+    h, n = pad_histories([[0, 1, 2, 3, 4]], 20)
+    pi = mix.mixture_weights(h, n)
+    assert pi.sum().item() == pytest.approx(1.0)
+    v, mask = mix.interests(h, n)
+    assert mask.sum().item() == 2
+    inputs = [np.arange(5), np.arange(10, 18)]
+    targets = [np.array([20, 21]), np.array([1])]
+    cats, _ = category_matrix([["x"] if i % 2 else ["y"] for i in range(30)])
+    res = evaluate_sequential(mix, inputs, targets, cats, ks=(5, 10), diversity_k=10)
+    assert res["num_users"] == 2 and 0 <= res["diversity@10"] <= 1
+    pop = Popularity.from_sequences([np.array([3, 3, 3, 4, 4, 5])], 30)
+    top = recommend(pop, [[4]], 3).items[0].tolist()
+    assert top[:2] == [3, 5]  # 4 is in the history
+    ydnn = YouTubeDNN(30, 6, hidden_dim=8)
+    assert evaluate_sequential(ydnn, inputs, targets, ks=(5,), diversity_k=5)["num_users"] == 2
+
+
+def test_item_prior_init_and_regularisation() -> None:
+    torch.manual_seed(0)
+    model = ComiRecSA(10, 4, num_interests=2)
+    prior = np.arange(40, dtype=np.float32).reshape(10, 4)
+    present = np.array([True] * 5 + [False] * 5)
+    before = model.item_embedding.weight.detach().clone()
+    assert model.set_item_prior(prior, present, reg_weight=0.5) == 5
+    after = model.item_embedding.weight.detach()
+    assert torch.equal(after[5:], before[5:])
+    cos = torch.nn.functional.cosine_similarity(after[:5], torch.from_numpy(prior[:5]), dim=-1)
+    assert torch.allclose(cos, torch.ones(5))
+    h, n = pad_histories([[1, 2, 3]], 5)
+    loss = model.loss(h, n, torch.tensor([4]), torch.tensor([0, 7]))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError):
+        model.set_item_prior(prior[:, :2], present)

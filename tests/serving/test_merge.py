@@ -1,0 +1,86 @@
+"""Merge of per-interest result lists: no duplicates, no history items, right source interest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kgrec.serving.merge import merge_interest_results, search_interests
+
+
+def _random_lists(rng, b, k_int, n, n_items):
+    ids = np.stack([np.stack([rng.choice(n_items, n, replace=False) for _ in range(k_int)]) for _ in range(b)])
+    ids[rng.random(ids.shape) < 0.05] = -1  # faiss "no result"
+    scores = rng.standard_normal(ids.shape).astype(np.float32)
+    scores = -np.sort(-scores, axis=-1)  # best first
+    return ids, scores
+
+
+@pytest.mark.parametrize("rule", ["max", "weighted"])
+def test_never_duplicates_or_history_items(rule: str) -> None:
+    rng = np.random.default_rng(0)
+    for _trial in range(30):
+        b, k_int, n, n_items = 5, int(rng.integers(1, 6)), int(rng.integers(1, 25)), int(rng.integers(10, 60))
+        ids, scores = _random_lists(rng, b, k_int, min(n, n_items), n_items)
+        history = [rng.choice(n_items, int(rng.integers(0, n_items // 2)), replace=False) for _ in range(b)]
+        mask = rng.random((b, k_int)) < 0.8
+        weights = rng.random((b, k_int))
+        k = int(rng.integers(1, 40))
+        out = merge_interest_results(ids, scores, k, exclude=history, interest_mask=mask, weights=weights, rule=rule)
+        assert out.items.shape == out.scores.shape == out.interest.shape == (b, k)
+        for row in range(b):
+            items, sc, src = out.row(row)
+            assert len(set(items.tolist())) == len(items), "duplicate item"
+            assert not set(items.tolist()) & set(history[row].tolist()), "history item returned"
+            # every candidate really is in the list of its source interest, with that score,
+            # and that interest is active
+            for item, s, j in zip(items, sc, src, strict=True):
+                assert mask[row, j]
+                pos = np.flatnonzero(ids[row, j] == item)
+                assert pos.size == 1 and scores[row, j, pos[0]] == pytest.approx(s)
+            # padding only at the end; returned as many as possible
+            eligible = {
+                int(i) for j in range(k_int) if mask[row, j] for i in ids[row, j] if i >= 0
+            } - set(history[row].tolist())
+            assert len(items) == min(k, len(eligible))
+            assert (out.items[row, len(items):] == -1).all()
+            if rule == "max":
+                assert (np.diff(sc) <= 1e-7).all()
+
+
+def test_max_rule_keeps_best_interest_and_equals_exact_topk() -> None:
+    ids = np.array([[[3, 1, 2], [1, 4, 3]]])
+    scores = np.array([[[0.9, 0.5, 0.1], [0.8, 0.7, 0.2]]], dtype=np.float32)
+    out = merge_interest_results(ids, scores, 4, exclude=[[2]])
+    assert out.items[0].tolist() == [3, 1, 4, -1]
+    assert out.interest[0].tolist() == [0, 1, 1, -1]  # item 1: 0.8 from interest 1 beats 0.5
+    assert out.scores[0, :3] == pytest.approx([0.9, 0.8, 0.7])
+
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((4, 3, 8)).astype(np.float32)
+    e = rng.standard_normal((50, 8)).astype(np.float32)
+    hist = [rng.choice(50, 7, replace=False) for _ in range(4)]
+    s_ids, s_sc = search_interests(v, e, 10, exclude=hist)
+    merged = merge_interest_results(s_ids, s_sc, 10, exclude=hist)
+    exact = (v @ e.T).max(1)
+    for row in range(4):
+        exact[row, hist[row]] = -np.inf
+        assert merged.items[row].tolist() == np.argsort(-exact[row], kind="stable")[:10].tolist()
+        assert merged.interest[row].tolist() == (v[row] @ e[merged.items[row]].T).argmax(0).tolist()
+
+
+def test_weighted_rule_follows_weights() -> None:
+    ids = np.array([[np.arange(0, 20), np.arange(100, 120)]])
+    scores = np.tile(-np.arange(20, dtype=np.float32), (1, 2, 1))
+    out = merge_interest_results(ids, scores, 12, weights=np.array([[3.0, 1.0]]), rule="weighted")
+    assert (out.interest[0] == 0).sum() == 9 and (out.interest[0] == 1).sum() == 3
+    assert out.items[0, :2].tolist() == [0, 1] or out.items[0, 0] == 0
+    # an exhausted interest hands its slots to the others
+    out = merge_interest_results(ids[:, :, :2], scores[:, :, :2], 4, weights=np.array([[1.0, 1.0]]), rule="weighted")
+    assert sorted(out.items[0].tolist()) == [0, 1, 100, 101]
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError):
+        merge_interest_results(np.zeros((1, 2)), np.zeros((1, 2)), 3)
+    with pytest.raises(ValueError):
+        merge_interest_results(np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), 3, rule="mmr")  # type: ignore[arg-type]
