@@ -1,5 +1,11 @@
 """Prefect flows: ingest → build graph → train → evaluate → register → publish index → promote.
 
+Two branches share the registration steps: embedding retrievers (bprmf, lightgcn, kgat) train on
+the random/temporal split's graph; sequential / multi-interest generators (youtube_dnn, mind,
+comirec_dr, comirec_sa, mixture) on the sequential split with the same seed. One run may list both;
+each model is one MLflow run in the same experiment and one version of the dataset's registered
+model, promoted on its own selection metric.
+
 Only wiring lives here; every step is a library function that works (and is tested) without Prefect.
 I/O steps retry; a version whose index could not be published is rolled back, and the run that
 produced it is marked FAILED, so a failed flow leaves no half-published model behind.
@@ -14,12 +20,20 @@ from typing import Any
 
 from kgrec.features.dataset import InteractionData
 from kgrec.features.ingest import IngestReport, ingest
-from kgrec.features.snapshot import load_snapshot
+from kgrec.features.sequences import SequenceSplit, sequential_split
+from kgrec.features.snapshot import Snapshot, load_snapshot
 from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split, temporal_leave_last_out
 from kgrec.models import registry
 from kgrec.models.config import TrainConfig
 from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundle, train_and_log
+from kgrec.models.sequential_experiment import (
+    TrainedSequentialModel,
+    evaluate_sequential_and_log,
+    export_multi_interest_bundle,
+    train_sequential_and_log,
+)
+from kgrec.models.sequential_zoo import SequentialModelConfig, is_sequential
 from kgrec.serving.publish import publish_index
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -68,6 +82,36 @@ def register_task(trained: TrainedModel, data: InteractionData, bundle_root: Pat
     return registry.register_bundle(trained.run_id, bundle_dir, name, tags), bundle_dir
 
 
+@task(name="sequential-split", cache_policy=NO_CACHE)
+def sequential_split_task(snapshot_dir: Path, seed: int) -> tuple[Snapshot, SequenceSplit]:
+    snapshot = load_snapshot(snapshot_dir)
+    split = sequential_split(snapshot, seed=seed)
+    get_run_logger().info("sequential split (seed %d): %s", seed, split.summary())
+    return snapshot, split
+
+
+@task(name="train-sequential", cache_policy=NO_CACHE)
+def train_sequential_task(
+    snapshot: Snapshot, split: SequenceSplit, config: SequentialModelConfig
+) -> TrainedSequentialModel:
+    return train_sequential_and_log(snapshot, split, config)
+
+
+@task(name="evaluate-sequential", cache_policy=NO_CACHE)
+def evaluate_sequential_task(trained: TrainedSequentialModel) -> dict[str, Any]:
+    return evaluate_sequential_and_log(trained)
+
+
+@task(name="register-sequential", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_sequential_task(trained: TrainedSequentialModel, bundle_root: Path, name: str):
+    bundle_dir = export_multi_interest_bundle(trained, bundle_root)
+    tags = {"kgrec.model": trained.name, "kgrec.snapshot_hash": trained.snapshot.hash}
+    version = registry.register_bundle(
+        trained.run_id, bundle_dir, name, tags, selection_metric=trained.selection_metric
+    )
+    return version, bundle_dir
+
+
 @task(name="publish-index", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish_index_task(version, bundle_dir: Path) -> dict[str, Any]:
     return publish_index(version, bundle_dir)
@@ -79,12 +123,19 @@ def promote_task(name: str, version) -> registry.Promotion:
 
 
 def finish_one(
-    trained: TrainedModel, data: InteractionData, name: str, bundle_root: Path
+    trained: TrainedModel | TrainedSequentialModel,
+    data: InteractionData | None,
+    name: str,
+    bundle_root: Path,
 ) -> dict[str, Any]:
     """Evaluate, register, publish and promote one trained model (tasks of the calling flow)."""
     try:
-        evaluate_task(trained, data)
-        version, bundle_dir = register_task(trained, data, bundle_root, name)
+        if isinstance(trained, TrainedSequentialModel):
+            evaluate_sequential_task(trained)
+            version, bundle_dir = register_sequential_task(trained, bundle_root, name)
+        else:
+            evaluate_task(trained, data)
+            version, bundle_dir = register_task(trained, data, bundle_root, name)
         with registry.pending_version(name, version):
             index = publish_index_task(version, bundle_dir)
             promotion = promote_task(name, version)
@@ -101,22 +152,36 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     tracking = config.tracking
     registry.configure_tracking(tracking)
     report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
-    data = build_graph_task(report.snapshot_dir, config.split, config.seed)
-    name = config.registered_model or registered_model_name(data.snapshot.name)
+    sequential = [m for m in config.models if is_sequential(m)]
+    data = (
+        build_graph_task(report.snapshot_dir, config.split, config.seed)
+        if len(sequential) < len(config.models)
+        else None
+    )
+    snapshot, split = (
+        sequential_split_task(report.snapshot_dir, config.seed) if sequential else (None, None)
+    )
+    snapshot = snapshot if snapshot is not None else data.snapshot
+    name = config.registered_model or registered_model_name(snapshot.name)
     # Training runs as concurrent tasks on the flow's task runner (config.parallel_training
     # workers); registration and promotion then go in the order the models were listed.
     futures = []
     for model_name in config.models:
-        train_config = TrainConfig.for_model(model_name, epochs=config.epochs, seed=config.seed)
-        logger.info("training %s on %s", model_name, data.snapshot.name)
-        futures.append(train_task.submit(data, train_config, config.progress))
+        logger.info("training %s on %s", model_name, snapshot.name)
+        if is_sequential(model_name):
+            seq_config = SequentialModelConfig.for_model(model_name, epochs=config.epochs, seed=config.seed)
+            futures.append(train_sequential_task.submit(snapshot, split, seq_config))
+        else:
+            train_config = TrainConfig.for_model(model_name, epochs=config.epochs, seed=config.seed)
+            futures.append(train_task.submit(data, train_config, config.progress))
     results = [
         finish_one(future.result(), data, name, tracking.workdir / "bundles") for future in futures
     ]
     champion = registry.resolve_alias(name, registry.CHAMPION)
     return {
-        "dataset": data.snapshot.name,
-        "snapshot_hash": data.snapshot.hash,
+        "dataset": snapshot.name,
+        "snapshot_hash": snapshot.hash,
+        **({"sequential_split": split.summary() | {"seed": split.seed}} if split is not None else {}),
         "ingest": report.to_dict(),
         "registered_model": name,
         "champion_version": str(champion.version),

@@ -91,17 +91,28 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         f"quarantined {sum(quarantined.values()):,} {quarantined or ''}; "
         f"excluded by policy {ingest['excluded']}",
         "",
-        f"  {'model':<10} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid R@20':>11} "
-        f"{'test R@20':>10} {'test N@20':>10} {'version':>8}  alias",
+        f"  {'model':<11} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid (selection)':>19} "
+        f"{'test R@20':>10} {'test R@50':>10} {'test N@20':>10} {'div@50':>7} {'version':>8}  alias",
     ]
     for m in result["models"]:
         reg = m["registered"]
+        selection = m.get("selection_metric", "recall@20")
+        valid = f"{_fmt(m['valid'].get(selection))} {selection.replace('recall', 'R')}"
         lines.append(
-            f"  {m['model']:<10} {m['epochs_run']:>6} {m['best_epoch']:>5} "
-            f"{m['seconds_per_epoch']:>8.3f} {m['valid'].get('recall@20', float('nan')):>11.4f} "
-            f"{m['test'].get('recall@20', float('nan')):>10.4f} "
-            f"{m['test'].get('ndcg@20', float('nan')):>10.4f} {reg['version']:>8}  {reg['alias']}"
+            f"  {m['model']:<11} {m['epochs_run']:>6} {m['best_epoch']:>5} "
+            f"{m['seconds_per_epoch']:>8.3f} {valid:>19} "
+            f"{_fmt(m['test'].get('recall@20')):>10} {_fmt(m['test'].get('recall@50')):>10} "
+            f"{_fmt(m['test'].get('ndcg@20')):>10} {_fmt(m['test'].get('diversity@50')):>7} "
+            f"{reg['version']:>8}  {reg['alias']}"
         )
+    if "sequential_split" in result:
+        split = result["sequential_split"]
+        lines += [
+            "",
+            f"  sequential models: split by user (seed {split['seed']}): {split['train_users']} train, "
+            f"{split['valid_users']} valid, {split['test_users']} test users; promoted on valid "
+            "Recall@50 (div@50: share of genre-disjoint pairs in the top 50)",
+        ]
     lines += [
         "",
         f"  champion: {result['registered_model']} version {result['champion_version']}",
@@ -111,6 +122,10 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         " --host 127.0.0.1 --port 8000",
     ]
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -168,9 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="ingest → graph → train → evaluate → register → publish")
     p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
-    p.add_argument("--models", default="bprmf,lightgcn", help="comma-separated model names")
+    p.add_argument(
+        "--models", default="bprmf,lightgcn",
+        help="comma-separated model names: bprmf, lightgcn, kgat (embedding retrievers); youtube_dnn, "
+        "mind, comirec_dr, comirec_sa, mixture (sequential / multi-interest, on the sequential split)",
+    )
     p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
-    p.add_argument("--split", choices=["random", "temporal"], default="random")
+    p.add_argument("--split", choices=["random", "temporal"], default="random",
+                   help="split of the embedding retrievers (sequential models: sequential split)")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
     p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")

@@ -68,6 +68,8 @@ class PipelineConfig(BaseModel):
     dataset: str = "music"
     models: list[str] = Field(default_factory=lambda: ["bprmf", "lightgcn"], min_length=1)
     epochs: int | None = Field(default=None, ge=1, le=10_000)
+    # The split of the embedding retrievers (bprmf, lightgcn, kgat); sequential models always use
+    # the sequential split (features.sequences) with ``seed``.
     split: Literal["random", "temporal"] = "random"
     seed: int = 2020
     registered_model: str | None = None
@@ -80,12 +82,14 @@ class PipelineConfig(BaseModel):
     @field_validator("models")
     @classmethod
     def _known_models(cls, models: list[str]) -> list[str]:
+        from kgrec.models.sequential_zoo import SEQUENTIAL_MODEL_NAMES
         from kgrec.models.zoo import MODEL_NAMES
 
+        known = set(MODEL_NAMES) | set(SEQUENTIAL_MODEL_NAMES)
         cleaned = [m.strip().lower() for m in models if m.strip()]
-        unknown = sorted(set(cleaned) - set(MODEL_NAMES))
+        unknown = sorted(set(cleaned) - known)
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODEL_NAMES)}")
+            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(known)}")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError(f"a model is listed twice: {cleaned}")
         return cleaned

@@ -1,6 +1,7 @@
 """Training, evaluation and export of one model as one tracked MLflow run.
 
 These are the library steps the Prefect flow wires together; each is usable without Prefect.
+Sequential / multi-interest generators: :mod:`kgrec.models.sequential_experiment`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ class TrainedModel:
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.name,
+            "kind": "embedding",
             "run_id": self.run_id,
             "best_epoch": self.fit.best_epoch,
             "epochs_run": len(self.fit.history),
             "seconds_per_epoch": round(self.fit.seconds_per_epoch, 4),
+            "selection_metric": self.config.selection_metric,
             "valid": {k: round(v, 5) for k, v in self.fit.best_valid.items() if "@" in k},
             "test": {k: round(v, 5) for k, v in self.test_metrics.items() if "@" in k},
         }

@@ -1,9 +1,16 @@
 """MLflow tracking, model registration and the champion/challenger promotion gate.
 
 A registered model (one per dataset, e.g. ``kgrec-music``) holds one version per training run. A new
-version takes the alias ``champion`` only if it beats the current champion on the selection metric
-(validation Recall@20); otherwise it is tagged ``challenger``. Registration is transactional: a
-version whose index could not be published is deleted again (see :func:`pending_version`).
+version takes the alias ``champion`` only if it beats the current champion on the selection metric;
+otherwise it is tagged ``challenger``. Registration is transactional: a version whose index could not
+be published is deleted again (see :func:`pending_version`).
+
+The selection metric belongs to the bundle kind and is stored as the version tag
+``kgrec.selection_metric`` (read by :func:`promote`): ``best_valid_recall_at_20`` for embedding
+retrievers (the default, also for versions without the tag), ``best_valid_recall_at_50`` for
+sequential / multi-interest retrievers. Versions selected on different metrics (or protocols) are
+not comparable: such a candidate never replaces the champion automatically (it becomes
+``challenger``; move the alias by hand).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ logger = logging.getLogger("kgrec.models")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-SELECTION_METRIC = "best_valid_recall_at_20"
+SELECTION_METRIC = "best_valid_recall_at_20"  # embedding retrievers (and untagged versions)
+SELECTION_METRIC_TAG = "kgrec.selection_metric"
+BUNDLE_KIND_TAG = "kgrec.bundle_kind"
 MODEL_ARTIFACT = "model"
 INDEX_ARTIFACT = "index"
 INDEX_TAG = "kgrec.index_artifact"
@@ -84,14 +93,29 @@ class Promotion:
     metric: float
     previous_champion: str | None
     previous_metric: float | None
+    selection_metric: str = SELECTION_METRIC
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def register_bundle(run_id: str, bundle_dir: Path, name: str, tags: Mapping[str, str]) -> ModelVersion:
-    """Log the bundle as an MLflow pyfunc model inside ``run_id`` and register it under ``name``."""
+def register_bundle(
+    run_id: str,
+    bundle_dir: Path,
+    name: str,
+    tags: Mapping[str, str],
+    selection_metric: str = SELECTION_METRIC,
+) -> ModelVersion:
+    """Log the bundle as an MLflow pyfunc model inside ``run_id`` and register it under ``name``.
+
+    The version is tagged with the bundle's kind and ``selection_metric`` (the MLflow metric of the
+    run that :func:`promote` compares).
+    """
+    from kgrec.serving.bundle import bundle_kind
     from kgrec.serving.pyfunc import TopKRecommender, signature
+
+    kind = bundle_kind(bundle_dir)
+    tags = {**dict(tags), BUNDLE_KIND_TAG: kind, SELECTION_METRIC_TAG: selection_metric}
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -100,7 +124,7 @@ def register_bundle(run_id: str, bundle_dir: Path, name: str, tags: Mapping[str,
             artifacts={"bundle": str(bundle_dir)},
             signature=signature(),
             # Explicit requirements: MLflow's inference would re-import the model in a subprocess.
-            pip_requirements=serving_requirements(),
+            pip_requirements=serving_requirements(with_torch=kind == "multi_interest"),
         )
     client = MlflowClient()
     with contextlib.suppress(MlflowException):
@@ -112,12 +136,14 @@ def register_bundle(run_id: str, bundle_dir: Path, name: str, tags: Mapping[str,
     return version
 
 
-def serving_requirements() -> list[str]:
-    """The installed versions of what the pyfunc model needs at load time."""
+def serving_requirements(with_torch: bool = False) -> list[str]:
+    """The installed versions of what the pyfunc model needs at load time (multi-interest models
+    compute their interests with torch)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("kgrec", "numpy", "scipy", "polars", "pyarrow", "faiss-cpu", "pandas"):
+    packages = ("kgrec", "numpy", "scipy", "polars", "pyarrow", "faiss-cpu", "pandas")
+    for package in packages + (("torch",) if with_torch else ()):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -143,29 +169,49 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
-def selection_metric(client: MlflowClient, version: ModelVersion) -> float:
-    value = client.get_run(version.run_id).data.metrics.get(SELECTION_METRIC)
+def selection_metric_name(version: ModelVersion) -> str:
+    """The metric a version is selected on (its ``kgrec.selection_metric`` tag, else Recall@20)."""
+    return (version.tags or {}).get(SELECTION_METRIC_TAG) or SELECTION_METRIC
+
+
+def selection_metric(client: MlflowClient, version: ModelVersion, metric: str | None = None) -> float:
+    metric = metric or selection_metric_name(version)
+    value = client.get_run(version.run_id).data.metrics.get(metric)
     if value is None:
-        raise ValueError(f"run {version.run_id} has no metric {SELECTION_METRIC!r}")
+        raise ValueError(f"run {version.run_id} has no metric {metric!r}")
     return float(value)
 
 
 def promote(name: str, version: ModelVersion) -> Promotion:
     """Give ``version`` the alias ``champion`` if it beats the current one, else ``challenger``.
 
-    Ties keep the incumbent: a new version must be strictly better to take over.
+    Ties keep the incumbent: a new version must be strictly better to take over. Both are compared on
+    the candidate's selection metric (module docstring); a champion selected on another metric is
+    not comparable and stays.
     """
     client = MlflowClient()
-    candidate = selection_metric(client, version)
+    version = client.get_model_version(name, version.version)  # with its tags
+    metric_name = selection_metric_name(version)
+    candidate = selection_metric(client, version, metric_name)
     incumbent = current_champion(client, name)
-    incumbent_metric = selection_metric(client, incumbent) if incumbent is not None else None
-    wins = incumbent is None or candidate > incumbent_metric
+    incumbent_metric = None
+    comparable = True
+    if incumbent is not None:
+        incumbent_name = selection_metric_name(incumbent)
+        comparable = incumbent_name == metric_name
+        incumbent_metric = selection_metric(client, incumbent, incumbent_name)
+        if not comparable:
+            logger.warning(
+                "%s v%s is selected on %s, champion v%s on %s: not comparable, keeping the champion",
+                name, version.version, metric_name, incumbent.version, incumbent_name,
+            )
+    wins = incumbent is None or (comparable and candidate > incumbent_metric)
     alias = CHAMPION if wins else CHALLENGER
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "kgrec.alias_at_registration", alias)
     logger.info(
         "%s v%s %s=%.4f vs champion %s (%s) -> %s",
-        name, version.version, SELECTION_METRIC, candidate,
+        name, version.version, metric_name, candidate,
         incumbent.version if incumbent else None, incumbent_metric, alias,
     )
     return Promotion(
@@ -174,6 +220,7 @@ def promote(name: str, version: ModelVersion) -> Promotion:
         metric=candidate,
         previous_champion=str(incumbent.version) if incumbent else None,
         previous_metric=incumbent_metric,
+        selection_metric=metric_name,
     )
 
 

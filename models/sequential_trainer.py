@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,12 +93,14 @@ def fit_sequential(
     config: SequentialTrainConfig = SequentialTrainConfig(),
     categories: np.ndarray | None = None,
     reset: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> SequentialFitResult:
     """Train ``model`` on ``split.train_sequences``, early-stopping on validation (module docstring).
 
     Reproducibility: the global torch RNG is seeded with ``config.seed`` (and the model re-initialised
     with ``reset``); shuffling and negatives use generators seeded the same way. ``categories`` only
-    adds ``diversity@50`` to the validation log.
+    adds ``diversity@50`` to the validation log. ``on_epoch`` is called after every epoch with its
+    log entry ``{"epoch", "loss", "seconds", "valid"}`` (e.g. to log it to MLflow as it happens).
     """
     if not model.trainable:
         raise ValueError(f"{type(model).__name__} is not trained by gradient descent")
@@ -133,6 +136,8 @@ def fit_sequential(
         valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, categories, ks=config.ks)
         value = valid[config.selection_metric]
         history.append({"epoch": epoch, "loss": total / n, "seconds": time.perf_counter() - t0, "valid": valid})
+        if on_epoch is not None:
+            on_epoch(history[-1])
         logger.info("epoch %d loss=%.4f valid %s=%.4f", epoch, total / n, config.selection_metric, value)
         if value > best_value:
             best_epoch, best_value, best_valid = epoch, value, valid

@@ -8,6 +8,7 @@ Directory layout (all files required unless noted)::
     users.parquet         user_id: str, user_idx: int32   (row order free; idx in [0, U))
     items.parquet         item_id: str, item_idx: int32, name: str|null
     meta.json             model, dataset, snapshot_hash, dim, n_users, n_items, ...
+                          (``kind`` absent or "embedding"; multi-interest bundles: serving/multi_interest.py)
     index/                optional faiss index (see ``kgrec.serving.index``)
 
 ``write`` is atomic: everything goes to a sibling temp directory that is renamed into place.
@@ -42,6 +43,22 @@ EXPLAIN_DIRNAME = "explain"  # optional: attention-weighted CKG of models that c
 
 class BundleError(ValueError):
     """A bundle directory is missing files or its files disagree with each other."""
+
+
+EMBEDDING_KIND = "embedding"
+
+
+def bundle_kind(directory: str | os.PathLike[str]) -> str:
+    """``meta.json``'s ``kind`` of a bundle directory: ``"embedding"`` (a :class:`RetrievalBundle`,
+    also when absent) or ``"multi_interest"`` (:class:`kgrec.serving.multi_interest.MultiInterestBundle`)."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise BundleError(f"bundle {directory} has no meta.json")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"bundle {directory}: unreadable meta.json: {exc}") from exc
+    return str(meta.get("kind") or EMBEDDING_KIND)
 
 
 def _as_users(users: pl.DataFrame) -> pl.DataFrame:

@@ -113,6 +113,10 @@ class CandidateResult:
             for iid, s, name in zip(self.item_ids, self.scores.tolist(), self.names)
         ]
 
+    def response_fields(self) -> dict[str, Any]:
+        """Extra top-level fields of the HTTP answer (none here; multi-interest results add some)."""
+        return {}
+
 
 class CandidateService:
     def __init__(

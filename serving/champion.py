@@ -1,4 +1,9 @@
-"""Load the registered champion (or any alias) into a ready-to-serve CandidateService."""
+"""Load the registered champion (or any alias) into a ready-to-serve service.
+
+The bundle's kind picks the service: an embedding retriever gives a
+:class:`~kgrec.serving.candidates.CandidateService`, a multi-interest retriever a
+:class:`~kgrec.serving.multi_interest.MultiInterestService` (:func:`open_service`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from kgrec.models.registry import CHAMPION, download_version, resolve_alias
-from kgrec.serving.bundle import RetrievalBundle
+from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.candidates import CandidateService
 from kgrec.serving.index import IndexConfig, build_index, load_index
 
@@ -18,19 +24,38 @@ from kgrec.config import TrackingSettings
 logger = logging.getLogger("kgrec.serving")
 
 
+def open_service(
+    bundle_dir: Path, index: Any = None, torch_threads: int | None = None
+) -> CandidateService | Any:
+    """The service for a bundle directory of either kind (``index``: a faiss index or None to
+    build one). ``torch_threads`` applies to multi-interest models only (1 for a serving process:
+    one request's tensors are far too small for intra-op threads)."""
+    if bundle_kind(bundle_dir) == "multi_interest":
+        from kgrec.serving.multi_interest import MultiInterestBundle, MultiInterestService
+
+        return MultiInterestService(MultiInterestBundle.load(bundle_dir), index, torch_threads=torch_threads)
+    return CandidateService(RetrievalBundle.load(bundle_dir), index)
+
+
 def load_registered(
-    tracking: TrackingSettings, model_name: str, alias: str = CHAMPION, cache_dir: Path | None = None
-) -> tuple[CandidateService, dict[str, Any]]:
+    tracking: TrackingSettings,
+    model_name: str,
+    alias: str = CHAMPION,
+    cache_dir: Path | None = None,
+    torch_threads: int | None = 1,
+) -> tuple[CandidateService | Any, dict[str, Any]]:
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri)
     version = resolve_alias(model_name, alias)
     destination = cache_dir or Path(tempfile.mkdtemp(prefix="kgrec-serve-"))
     bundle_dir, index_dir = download_version(version, destination / f"{model_name}-v{version.version}")
-    bundle = RetrievalBundle.load(bundle_dir)
     if index_dir is not None:
         index, index_info = load_index(index_dir)
     else:  # versions registered before index publishing existed still serve, exactly
         logger.warning("%s v%s has no published index; building an exact one", model_name, version.version)
-        index, index_info = build_index(bundle.item_embeddings, IndexConfig(kind="flat")), {"kind": "flat"}
+        item_embeddings = np.load(bundle_dir / "item_embeddings.npy", allow_pickle=False)
+        index, index_info = build_index(item_embeddings, IndexConfig(kind="flat")), {"kind": "flat"}
+    service = open_service(bundle_dir, index, torch_threads=torch_threads)
+    bundle = service.bundle
     info = {
         "name": model_name,
         "version": str(version.version),
@@ -41,4 +66,4 @@ def load_registered(
         "snapshot_hash": bundle.meta.get("snapshot_hash"),
         "index": {k: index_info.get(k) for k in ("kind", "ntotal", "ann_recall") if k in index_info},
     }
-    return CandidateService(bundle, index), info
+    return service, info

@@ -9,7 +9,7 @@ from typing import Any
 
 import mlflow
 from kgrec.models.registry import INDEX_ARTIFACT, INDEX_TAG
-from kgrec.serving.bundle import RetrievalBundle
+from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -24,12 +24,19 @@ def publish_index(
 ) -> dict[str, Any]:
     """Build the item index, measure recall@100 against exact search, store it with the version.
 
-    The user vectors are the recall check's queries: they are what the service searches with.
+    The recall check's queries are what the service searches with: the user vectors of an embedding
+    retriever, the interest vectors of (a sample of) the stored users' histories of a multi-interest
+    retriever -- whose per-interest queries all search this one item index.
     """
-    bundle = RetrievalBundle.load(bundle_dir)
-    index, info = build_and_measure(
-        bundle.item_embeddings, config, queries=bundle.user_embeddings, k=RECALL_K
-    )
+    if bundle_kind(bundle_dir) == "multi_interest":
+        from kgrec.serving.multi_interest import MultiInterestBundle
+
+        mi_bundle = MultiInterestBundle.load(bundle_dir)
+        items, queries = mi_bundle.item_embeddings, mi_bundle.sample_queries()
+    else:
+        bundle = RetrievalBundle.load(bundle_dir)
+        items, queries = bundle.item_embeddings, bundle.user_embeddings
+    index, info = build_and_measure(items, config, queries=queries, k=RECALL_K)
     info["model_version"] = str(version.version)
     with tempfile.TemporaryDirectory() as tmp:
         index_dir = Path(tmp) / INDEX_ARTIFACT

@@ -1,5 +1,9 @@
 """MLflow pyfunc wrapper: top-k unseen items for known users.
 
+Works for both bundle kinds: an embedding retriever (user vectors) and a multi-interest retriever
+(the user's stored, time-ordered history -> interests -> merged per-interest searches, with the
+model's merge rule; history items excluded).
+
 Log with::
 
     mlflow.pyfunc.log_model(
@@ -38,18 +42,18 @@ class TopKRecommender(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from kgrec.serving.bundle import INDEX_DIRNAME, RetrievalBundle
-        from kgrec.serving.candidates import CandidateService
+        from kgrec.serving.bundle import INDEX_DIRNAME
+        from kgrec.serving.champion import open_service
         from kgrec.serving.index import load_index
 
         artifacts = context.artifacts
         bundle_dir = Path(artifacts["bundle"])
-        bundle = RetrievalBundle.load(bundle_dir)
         index_dir = artifacts.get("index")
         if index_dir is None and (bundle_dir / INDEX_DIRNAME).is_dir():
             index_dir = bundle_dir / INDEX_DIRNAME
         index = load_index(index_dir)[0] if index_dir is not None else None
-        self.service = CandidateService(bundle, index)
+        # either kind of bundle: embedding retriever or multi-interest retriever (stored histories)
+        self.service = open_service(bundle_dir, index)
 
     def predict(self, context, model_input, params=None):  # no type hints: mlflow would validate them
         if self.service is None:

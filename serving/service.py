@@ -1,8 +1,9 @@
 """FastAPI candidates service.
 
 ``create_app(load_service)`` builds the app; ``load_service()`` runs once at startup (lifespan) and
-returns ``(CandidateService, model_info)``. ``model_info`` is free-form JSON describing what is
-served; the keys the pipeline uses are ``name`` (registered model name), ``version``, ``alias``,
+returns ``(service, model_info)``, the service being a ``CandidateService`` (embedding retriever)
+or a ``MultiInterestService`` (multi-interest retriever, :mod:`kgrec.serving.multi_interest`).
+``model_info`` is free-form JSON describing what is served; the keys the pipeline uses are ``name`` (registered model name), ``version``, ``alias``,
 ``run_id``, ``model``, ``dataset``. A loader that raises leaves the process up: ``/healthz`` stays
 200, ``/readyz`` answers 503 with the error, and the candidate endpoints answer 503.
 
@@ -11,14 +12,21 @@ Endpoints::
     GET  /healthz                              liveness
     GET  /readyz                               200 + model info when loaded, else 503 + error
     GET  /v1/model                             model info (+ index kind, catalogue size)
-    GET  /v1/users/{user_id}/candidates?k=100  known user, seen items excluded
+    GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted]
+                                               known user, seen items excluded
     GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
                                                top attention paths user -> item (KGAT models)
-    POST /v1/candidates {"item_ids": [...], "k": 100}
-                                               unseen user from an item history (history excluded)
+    POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted" (optional)}
+                                               unseen user from an ORDERED item history (oldest
+                                               first; history excluded)
 
-Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / body 422, all posted
-items unknown 422, model not loaded 503.
+Multi-interest retrievers compute the user's interests from the (last ``max_length`` items of the)
+history, search the index once per interest and merge the lists (``merge``: the model's rule by
+default); every candidate then carries ``interest`` (the index of the interest it came from) and the
+answer adds ``merge`` and ``interest_weights``. Embedding retrievers ignore ``merge``.
+
+Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``merge`` / body 422,
+all posted items unknown 422, model not loaded 503.
 
 Latency: the candidate handlers are ``async def`` on purpose. One request is ~0.2 ms of CPU
 (faiss search + id mapping) with faiss pinned to one OpenMP thread; hopping to the threadpool
@@ -34,7 +42,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import FastAPI, Query, Request
@@ -43,12 +51,16 @@ from fastapi.responses import Response
 from kgrec.serving.candidates import CandidateError, CandidateService
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from kgrec.serving.multi_interest import MultiInterestService
+
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_HISTORY = 500
 
-Loader = Callable[[], "tuple[CandidateService, dict[str, Any]]"]
+Loader = Callable[[], "tuple[CandidateService | MultiInterestService, dict[str, Any]]"]
+MergeParam = Literal["max", "weighted"]
 
 
 class HistoryRequest(BaseModel):
@@ -58,6 +70,7 @@ class HistoryRequest(BaseModel):
 
     item_ids: list[str] = Field(..., min_length=1, max_length=MAX_HISTORY)
     k: int = Field(100, ge=1, le=MAX_K)
+    merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
 
 
 class ServiceUnavailable(Exception):
@@ -79,15 +92,27 @@ def _summary(info: dict[str, Any]) -> dict[str, Any]:
 
 class _State:
     def __init__(self) -> None:
-        self.service: CandidateService | None = None
+        self.service: CandidateService | MultiInterestService | None = None
         self.info: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
         self.error: str | None = "model not loaded yet"
 
-    def require(self) -> CandidateService:
+    def require(self) -> CandidateService | MultiInterestService:
         if self.service is None:
             raise ServiceUnavailable(f"model not loaded: {self.error}")
         return self.service
+
+
+def _is_service(service: Any) -> bool:
+    if isinstance(service, CandidateService):
+        return True
+    from kgrec.serving.multi_interest import MultiInterestService
+
+    return isinstance(service, MultiInterestService)
+
+
+def _merge_kwargs(service: Any, merge: str | None) -> dict[str, Any]:
+    return {"merge": merge} if merge is not None and getattr(service, "supports_merge", False) else {}
 
 
 def create_app(load_service: Loader) -> FastAPI:
@@ -98,10 +123,14 @@ def create_app(load_service: Loader) -> FastAPI:
         t0 = time.perf_counter()
         try:
             service, info = load_service()
-            if not isinstance(service, CandidateService):
-                raise TypeError(f"loader returned {type(service).__name__}, expected CandidateService")
+            if not _is_service(service):
+                raise TypeError(
+                    f"loader returned {type(service).__name__}, expected CandidateService or "
+                    "MultiInterestService"
+                )
             state.info = {
                 **dict(info or {}),
+                **(service.info() if hasattr(service, "info") else {"kind": "embedding"}),
                 "index_kind": service.index_kind,
                 "n_items": service.n_items,
                 "n_users": service.n_users,
@@ -162,14 +191,20 @@ def create_app(load_service: Loader) -> FastAPI:
         return _json(state.info)
 
     @app.get("/v1/users/{user_id}/candidates")
-    async def user_candidates(user_id: str, k: int = Query(100, ge=1, le=MAX_K)) -> Response:
+    async def user_candidates(
+        user_id: str,
+        k: int = Query(100, ge=1, le=MAX_K),
+        merge: MergeParam | None = Query(None),
+    ) -> Response:
         t0 = time.perf_counter()
-        result = state.require().for_user(user_id, k)
+        service = state.require()
+        result = service.for_user(user_id, k, **_merge_kwargs(service, merge))
         return _json(
             {
                 "user_id": user_id,
                 "k": k,
                 "model": state.summary,
+                **result.response_fields(),
                 "candidates": result.records(),
                 "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
             }
@@ -188,11 +223,13 @@ def create_app(load_service: Loader) -> FastAPI:
     @app.post("/v1/candidates")
     async def history_candidates(body: HistoryRequest) -> Response:
         t0 = time.perf_counter()
-        result = state.require().for_history(body.item_ids, body.k)
+        service = state.require()
+        result = service.for_history(body.item_ids, body.k, **_merge_kwargs(service, body.merge))
         return _json(
             {
                 "k": body.k,
                 "model": state.summary,
+                **result.response_fields(),
                 "candidates": result.records(),
                 "unknown_item_ids": result.unknown_item_ids,
                 "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
@@ -203,22 +240,24 @@ def create_app(load_service: Loader) -> FastAPI:
 
 
 def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> Loader:
-    """Loader for a bundle directory; uses ``<directory>/index`` when present, else builds one."""
+    """Loader for a bundle directory of either kind; uses ``<directory>/index`` when present, else
+    builds one."""
 
-    def load() -> tuple[CandidateService, dict[str, Any]]:
-        from kgrec.serving.bundle import INDEX_DIRNAME, RetrievalBundle
+    def load() -> tuple[CandidateService | MultiInterestService, dict[str, Any]]:
+        from kgrec.serving.bundle import INDEX_DIRNAME
+        from kgrec.serving.champion import open_service
         from kgrec.serving.index import load_index
 
-        bundle = RetrievalBundle.load(directory)
         index = None
         if (Path(directory) / INDEX_DIRNAME).is_dir():
             index, _ = load_index(Path(directory) / INDEX_DIRNAME)
+        service = open_service(Path(directory), index)
         merged = {
-            "model": bundle.meta.get("model"),
-            "dataset": bundle.meta.get("dataset"),
+            "model": service.bundle.meta.get("model"),
+            "dataset": service.bundle.meta.get("dataset"),
             **(info or {}),
         }
-        return CandidateService(bundle, index), merged
+        return service, merged
 
     return load
 

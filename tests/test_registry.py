@@ -99,3 +99,47 @@ def test_a_run_that_raises_is_marked_failed_with_the_error(tracking):
 def test_resolving_a_missing_alias_names_the_fix(tracking):
     with pytest.raises(LookupError, match="kgrec pipeline"):
         registry.resolve_alias("no-such-model")
+
+
+def _mi_bundle(tmp_path, seed: int):
+    import torch
+    from kgrec.models.youtube_dnn import YouTubeDNN
+    from kgrec.serving.multi_interest import MultiInterestBundle
+
+    torch.manual_seed(seed)
+    items = 12
+    bundle = MultiInterestBundle.from_model(
+        YouTubeDNN(items, embedding_dim=4),
+        items=pl.DataFrame({"item_id": [f"i{i}" for i in range(items)], "item_idx": list(range(items))}),
+        users=pl.DataFrame({"user_id": ["u0", "u1"], "user_idx": [0, 1]}),
+        histories=[np.array([3, 1, 4]), np.array([5, 9])],
+        meta={"model": "youtube_dnn", "dataset": "synthetic", "snapshot_hash": "0" * 64},
+    )
+    return bundle.write(tmp_path / f"mi-bundle-{seed}")
+
+
+def _sequential_version(tmp_path, recall_at_50: float, seed: int):
+    with registry.tracked_run("seq", {"seed": seed}, {}) as run_id:
+        # recall@20 deliberately ordered the other way: the gate must read recall@50
+        mlflow.log_metrics({"best_valid_recall_at_50": recall_at_50, registry.SELECTION_METRIC: 1 - recall_at_50})
+    return registry.register_bundle(
+        run_id, _mi_bundle(tmp_path, seed), NAME, {}, selection_metric="best_valid_recall_at_50"
+    )
+
+
+def test_the_gate_reads_the_selection_metric_of_the_bundle_kind(tracking, tmp_path):
+    first = _sequential_version(tmp_path, 0.30, seed=1)
+    tags = MlflowClient().get_model_version(NAME, first.version).tags
+    assert tags[registry.SELECTION_METRIC_TAG] == "best_valid_recall_at_50"
+    assert tags[registry.BUNDLE_KIND_TAG] == "multi_interest"
+    assert registry.promote(NAME, first).alias == "champion"
+    better = _sequential_version(tmp_path, 0.40, seed=2)
+    promotion = registry.promote(NAME, better)
+    assert (promotion.alias, promotion.selection_metric) == ("champion", "best_valid_recall_at_50")
+    assert promotion.previous_metric == pytest.approx(0.30)
+    # an embedding retriever (selected on recall@20, another protocol) is not comparable: it waits
+    embedding = _trained_version(tmp_path, 0.99, seed=3)
+    assert MlflowClient().get_model_version(NAME, embedding.version).tags[
+        registry.BUNDLE_KIND_TAG] == "embedding"
+    assert registry.promote(NAME, embedding).alias == "challenger"
+    assert registry.resolve_alias(NAME).version == better.version

@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from kgrec.models.explain import AttentionGraph
 
 U, I, E = 6, 8, 5
@@ -36,7 +35,7 @@ def _random_graph(seed: int) -> AttentionGraph:
 
 def _brute_force(g: AttentionGraph, user: int, item: int) -> list[float]:
     out = {}
-    for h, t, r, a in zip(g.heads, g.tails, g.edge_type, g.attention):
+    for h, t, a in zip(g.heads, g.tails, g.attention):
         out.setdefault(int(h), []).append((int(t), float(a)))
     target = U + item
     scores = []

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
 from kgrec.models.explain import AttentionGraph
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.candidates import CandidateService

@@ -1,0 +1,48 @@
+"""Sequential model names and their validated configuration (pipeline validation, model building)."""
+
+from __future__ import annotations
+
+import pytest
+from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential_zoo import (
+    SEQUENTIAL_MODEL_NAMES,
+    SequentialModelConfig,
+    build_sequential_model,
+)
+from kgrec.models.zoo import MODEL_NAMES
+from pydantic import ValidationError
+
+from kgrec.config import PipelineConfig
+
+
+def test_pipeline_config_accepts_both_kinds_of_model_names():
+    assert not set(SEQUENTIAL_MODEL_NAMES) & set(MODEL_NAMES)
+    config = PipelineConfig(dataset="ml-100k-seq", models=["youtube_dnn", "ComiRec_SA", "bprmf"])
+    assert config.models == ["youtube_dnn", "comirec_sa", "bprmf"]
+    assert config.model_name == "kgrec-ml-100k-seq"
+    with pytest.raises(ValidationError, match="comirec_sa"):  # the choices name the sequential models
+        PipelineConfig(models=["comirec"])
+
+
+@pytest.mark.parametrize("name", SEQUENTIAL_MODEL_NAMES)
+def test_every_sequential_model_builds_from_its_config(name):
+    config = SequentialModelConfig.for_model(name, epochs=None, embedding_dim=8, seed=3)
+    assert config.epochs == 30 and config.mlflow_selection_metric == "best_valid_recall_at_50"
+    model = build_sequential_model(config, num_items=20)
+    assert isinstance(model, MultiInterestModel) and model.num_items == 20
+    assert model.merge_rule == ("weighted" if name == "mixture" else "max")
+    train = config.train_config()
+    assert (train.seed, train.selection_metric, train.ks) == (3, "recall@50", (20, 50))
+    assert all(isinstance(v, str | int | float | bool) for v in config.to_dict().values())
+
+
+def test_config_is_validated():
+    with pytest.raises(ValidationError, match="extra"):
+        SequentialModelConfig(model="mind", layers=3)
+    with pytest.raises(ValidationError, match="selection_metric"):
+        SequentialModelConfig(selection_metric="recall@100")
+    with pytest.raises(ValidationError):
+        SequentialModelConfig(model="mixture", num_interests=9, num_clusters=8)
+    with pytest.raises(ValueError, match="unknown sequential model"):
+        SequentialModelConfig.for_model("bprmf")
+    assert build_sequential_model(SequentialModelConfig(merge_rule="weighted"), 5).merge_rule == "weighted"
