@@ -1,0 +1,123 @@
+"""Two-stage ranking: LightGCN retrieval (top-N, N = 200) re-ranked by KCAN.
+
+Protocol (``/work/shared/data/README.md``): random 80/10/10 split per user, seed 2020; retrieval
+is a full ranking with training items masked (test: training and validation items masked); KCAN
+re-ranks the retriever's top-200 and the final list is cut at 20. Prints, per dataset: Recall@20 /
+NDCG@20 of retrieval alone, of KCAN alone on the candidates and of the fused list (fusion weight
+chosen on validation), the candidate recall@200 (upper bound of any re-ranker), KCAN training
+time and the latency of one 200-candidate KCAN forward (median / p99 over 1,000 calls, one
+thread, global representations cached as at serving time).
+
+    .venv/bin/python benchmarks/rerank.py [--datasets music ml-100k] [--epochs 12] [--threads 1]
+        [--save-dir DIR]   # writes DIR/<dataset>/ (KCAN.save artefact)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from kgrec.features.dataset import InteractionData
+from kgrec.features.ingest import ingest
+from kgrec.features.snapshot import load_snapshot
+from kgrec.features.spec import load_spec
+from kgrec.features.split import random_split
+from kgrec.models.config import TrainConfig
+from kgrec.models.evaluation import evaluate_split
+from kgrec.models.reranking import KCANConfig, evaluate_reranking, kcan_scores, retrieval_candidates, train_kcan
+from kgrec.models.trainer import fit
+from kgrec.models.zoo import build_model
+
+
+def load(name: str) -> InteractionData:
+    snap = load_snapshot(ingest(load_spec(name), Path("/tmp/kcan-snap")).snapshot_dir)
+    return InteractionData.from_snapshot(snap, random_split(snap.interactions, seed=2020))
+
+
+def latency(kcan, data: InteractionData, retriever, calls: int = 1000) -> tuple[float, float]:
+    users, cands, _ = retrieval_candidates(retriever, data, "test", 200)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, users.numel(), calls)
+    kcan_scores(kcan, users[:1], cands[:1])  # warm the cache
+    times = []
+    with torch.no_grad():
+        for r in rows:
+            u = users[r : r + 1].expand(200)
+            t0 = time.perf_counter()
+            kcan.score_pairs(u, cands[r])
+            times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    return float(np.median(ms)), float(np.percentile(ms, 99))
+
+
+def run(name: str, args) -> dict:
+    data = load(name)
+    t0 = time.perf_counter()
+    config = TrainConfig.for_model("lightgcn", device="cpu")
+    retriever = build_model(config, data)
+    fit(retriever, data, config)
+    retr_seconds = time.perf_counter() - t0
+    full = evaluate_split(retriever, data, "test", ks=(20,))
+    kcfg = KCANConfig(epochs=args.epochs, max_valid_users=args.max_valid_users)
+    kcan, res = train_kcan(data, retriever, kcfg)
+    out = evaluate_reranking(retriever, kcan, data, "test", N=200, ks=(20,))
+    med, p99 = latency(kcan, data, retriever)
+    if args.save_dir:
+        kcan.save(Path(args.save_dir) / name, extra={"alpha": res.alpha, "num_candidates": 200})
+    return {
+        "dataset": name,
+        "retriever": "LightGCN",
+        "retrieval_full_ranking": {"recall@20": full["recall@20"], "ndcg@20": full["ndcg@20"]},
+        **out,
+        "kcan_best_epoch": res.best_epoch,
+        "kcan_epochs_run": len(res.history),
+        "kcan_valid_ndcg@20_fused": res.best_valid_ndcg,
+        "kcan_valid_ndcg@20_alone": res.best_valid_ndcg_kcan_only,
+        "kcan_train_seconds": res.total_seconds,
+        "retriever_train_seconds": retr_seconds,
+        "latency_ms_median": med,
+        "latency_ms_p99": p99,
+        "history": res.history,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", nargs="+", default=["music", "ml-100k"])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--max-valid-users", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.datasets:
+        r = run(name, args)
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "history"}, default=float), flush=True)
+    print()
+    print("| dataset | retriever | R@20 retrieval | N@20 retrieval | R@20 KCAN alone | N@20 KCAN alone "
+          "| R@20 retrieval→KCAN (fused, α) | N@20 retrieval→KCAN | ΔN@20 | cand. recall@200 "
+          "| KCAN train s | 200-cand. forward median / p99 ms |")
+    print("|" + " --- |" * 12)
+    for r in rows:
+        rr, kk, ff = r["retrieval"], r["kcan"], r["fused"]
+        delta = ff["ndcg@20"] - rr["ndcg@20"]
+        print(
+            f"| {r['dataset']} | {r['retriever']} | {rr['recall@20']:.4f} | {rr['ndcg@20']:.4f} "
+            f"| {kk['recall@20']:.4f} | {kk['ndcg@20']:.4f} | {ff['recall@20']:.4f} (α={r['alpha']:.1f}) "
+            f"| {ff['ndcg@20']:.4f} | {delta:+.4f} ({100 * delta / rr['ndcg@20']:+.1f}%) "
+            f"| {r['candidate_recall@200']:.4f} | {r['kcan_train_seconds']:.0f} "
+            f"| {r['latency_ms_median']:.2f} / {r['latency_ms_p99']:.2f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+r"""Two-stage recommendation: a retriever's top-N candidates re-ranked by KCAN.
+
+* :func:`retrieval_candidates` -- full-ranking top-N of a retriever with the protocol's masking
+  (``"train"``/``"valid"``: training items masked; ``"test"``: training and validation items).
+* :func:`train_kcan` -- trains :class:`~kgrec.models.kcan.KCAN` on the *train* split with BPR on
+  ``(user, train positive, negative)``; each negative is, with probability
+  ``hard_negative_ratio``, a uniformly drawn item of the user's retrieval top-N (training items
+  masked, so never a training positive; a validation/test positive can be drawn, about 1 in 200)
+  and otherwise a uniform non-positive item (so KCAN still learns the coarse preference).
+  After every epoch: KGAT's TransR step + attention update + re-distillation; then the validation
+  retrieval top-N is re-ranked and training stops after ``patience`` evaluations without a better
+  validation NDCG@20 (best weights restored).
+* **Score fusion.** The final list orders the candidates by
+  :math:`(1-\alpha)\,\tilde s_{ret} + \alpha\,\tilde s_{KCAN}`, each score standardised over the
+  user's N candidates; :math:`\alpha` is picked on the validation split from ``fusion_grid``
+  (``alpha = 1``: KCAN alone; ``0``: retrieval alone). Model selection uses the best-:math:`\alpha`
+  validation NDCG@20; the KCAN-only figure is reported as well.
+* :func:`rerank` -- re-rank a batch of users' candidates (one batched KCAN forward per chunk).
+* :func:`evaluate_reranking` -- Recall/NDCG@K of retrieval alone, KCAN alone and the fused list,
+  and the candidate recall@N (upper bound of any re-ranker), with the masking of
+  :mod:`kgrec.models.evaluation` (same metric definitions; users without a truth item skipped).
+
+Configuration: :class:`KCANConfig` (pydantic, ``extra="forbid"``). KCAN is not registered in
+``models.zoo``: it needs the retriever's candidates to train and is evaluated on the re-ranked
+list, which ``models.trainer.fit`` does not do.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense
+from kgrec.models.kcan import KCAN
+from kgrec.models.kgat import interaction_ckg
+from kgrec.models.sampling import NegativeSampler
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from kgrec.features.dataset import InteractionData
+
+logger = logging.getLogger(__name__)
+Part = Literal["train", "valid", "test"]
+DEFAULT_FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class KCANConfig(BaseModel):
+    """Hyper-parameters of KCAN and of its re-ranking training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # model
+    embedding_dim: int = Field(64, ge=1, le=1024)
+    layer_sizes: tuple[int, ...] = Field((64, 32, 16), min_length=1, max_length=6)
+    relation_dim: int = Field(64, ge=1, le=1024)
+    mess_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    kg_step: bool = True
+    kg_learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    kg_max_triples: int = Field(32768, ge=1, description="TransR triples per epoch (random subset)")
+    neighbours_per_node: int = Field(6, ge=1, le=64)
+    hops: int = Field(2, ge=1, le=4)
+    local_dim: int = Field(32, ge=1, le=512)
+    tower_dim: int = Field(64, ge=1, le=1024)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    reg_weight: float = Field(1e-5, ge=0.0, le=10.0)
+    # training
+    learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(3, ge=1)
+    seed: int = Field(2020, ge=0)
+    num_candidates: int = Field(200, ge=1, description="N: retrieval candidates re-ranked")
+    hard_negative_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    fusion_grid: tuple[float, ...] = DEFAULT_FUSION_GRID
+    max_valid_users: int | None = Field(None, ge=1, description="subsample for early stopping")
+    pair_chunk: int = Field(16384, ge=1, description="pairs per forward in evaluation")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        keys = (
+            "embedding_dim", "layer_sizes", "relation_dim", "mess_dropout", "kg_step",
+            "kg_learning_rate", "kg_max_triples", "neighbours_per_node", "hops", "local_dim", "tower_dim",
+            "dropout", "reg_weight",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+def build_kcan(data: InteractionData, config: KCANConfig) -> KCAN:
+    """A fresh KCAN on ``data``'s training CKG."""
+    return KCAN(data.num_users, data.num_items, interaction_ckg(data), **config.model_kwargs())
+
+
+# ---------------------------------------------------------------------------- candidates
+def _masks(data: InteractionData, part: Part) -> tuple[sp.csr_matrix | None, sp.csr_matrix]:
+    """``(truth, exclude)`` of a split part."""
+    if part == "train":
+        return None, data.train
+    if part == "valid":
+        return data.valid, data.train
+    if part == "test":
+        return data.test, (data.train + data.valid).tocsr()
+    raise ValueError(f"part must be 'train', 'valid' or 'test', got {part!r}")
+
+
+@torch.no_grad()
+def retrieval_candidates(
+    retriever: ScoreSource,
+    data: InteractionData,
+    part: Part,
+    n: int = 200,
+    users: np.ndarray | None = None,
+    batch_size: int = 4096,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(users [B], candidates [B, N], scores [B, N])``: the retriever's top-N items per user
+    with the part's exclusions masked (rows sorted by decreasing score). ``users`` defaults to the
+    users with a truth item in ``part`` (``"train"``: every user)."""
+    if isinstance(retriever, torch.nn.Module):
+        retriever.eval()
+    score_fn, device = _as_score_fn(retriever)
+    truth, exclude = _masks(data, part)
+    if users is None:
+        users = (
+            np.arange(data.num_users)
+            if truth is None
+            else np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
+        )
+    n = min(n, data.num_items)
+    exclude = sp.csr_matrix(exclude)
+    cands, scores = [], []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        s = score_fn(torch.from_numpy(batch.astype(np.int64)).to(device)).to(device, torch.float32).clone()
+        s.masked_fill_(_rows_to_dense(exclude, batch, device), float("-inf"))
+        top_s, top_i = torch.topk(s, n, dim=1)
+        cands.append(top_i.cpu())
+        scores.append(top_s.cpu())
+    return torch.from_numpy(users.astype(np.int64)), torch.cat(cands), torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def kcan_scores(kcan: KCAN, users: Tensor, candidates: Tensor, chunk: int = 16384) -> Tensor:
+    """KCAN scores ``[B, N]`` of ``candidates [B, N]`` for ``users [B]`` (eval mode, batched over
+    pairs; a 200-candidate request is one forward)."""
+    kcan.eval()
+    device = kcan.kgat.node_embedding.weight.device
+    b, n = candidates.shape
+    u = users.view(-1, 1).expand(b, n).reshape(-1).to(device)
+    i = candidates.reshape(-1).to(device)
+    out = torch.empty(b * n, device=device)
+    for start in range(0, b * n, chunk):
+        out[start : start + chunk] = kcan.score_pairs(u[start : start + chunk], i[start : start + chunk])
+    return out.view(b, n).cpu()
+
+
+def _standardise(scores: Tensor) -> Tensor:
+    finite = torch.isfinite(scores)
+    s = torch.where(finite, scores, torch.zeros_like(scores))
+    cnt = finite.sum(1, keepdim=True).clamp(min=1)
+    mean = s.sum(1, keepdim=True) / cnt
+    var = (((s - mean) * finite) ** 2).sum(1, keepdim=True) / cnt
+    z = (s - mean) / var.sqrt().clamp(min=1e-8)
+    return z.masked_fill(~finite, float("-inf"))
+
+
+def fuse(retrieval_scores: Tensor | None, kcan_scores_: Tensor, alpha: float) -> Tensor:
+    """Fused scores ``[B, N]``: ``(1 - alpha) z(retrieval) + alpha z(kcan)`` (per-row z-scores)."""
+    if retrieval_scores is None or alpha >= 1.0:
+        return kcan_scores_
+    z_k = _standardise(kcan_scores_)
+    z_r = _standardise(retrieval_scores)
+    if alpha <= 0.0:
+        return z_r
+    return (1.0 - alpha) * z_r + alpha * z_k
+
+
+def rerank(
+    kcan: KCAN,
+    retrieval_scores_or_candidates: Tensor | tuple[Tensor, Tensor],
+    users: Tensor,
+    n: int = 200,
+    alpha: float = 1.0,
+) -> Tensor:
+    """Re-ranked candidate lists ``[B, N]`` (item indices, best first), each a permutation of the
+    user's candidates.
+
+    Args:
+        kcan: trained model.
+        retrieval_scores_or_candidates: either full retrieval scores ``[B, I]`` (float; masked items
+            at ``-inf`` -- the top ``n`` are the candidates), or candidates ``[B, N]`` (int; KCAN
+            alone decides), or a tuple ``(candidates [B, N], retrieval scores [B, N])``.
+        users: ``[B]`` user indices.
+        n: number of candidates taken from full scores.
+        alpha: fusion weight (1 = KCAN alone; needs retrieval scores otherwise).
+    """
+    if isinstance(retrieval_scores_or_candidates, tuple):
+        candidates, r_scores = retrieval_scores_or_candidates
+    elif retrieval_scores_or_candidates.is_floating_point():
+        full = retrieval_scores_or_candidates
+        r_scores, candidates = torch.topk(full, min(n, full.size(1)), dim=1)
+    else:
+        candidates, r_scores = retrieval_scores_or_candidates, None
+    candidates = candidates.to(torch.int64)
+    k_scores = kcan_scores(kcan, users.to(torch.int64), candidates)
+    final = fuse(None if r_scores is None else r_scores.cpu().float(), k_scores, alpha)
+    order = torch.argsort(final, dim=1, descending=True, stable=True)
+    return candidates.cpu().gather(1, order)
+
+
+# ---------------------------------------------------------------------------- metrics
+def list_metrics(
+    ranked: Tensor, users: Tensor, truth: sp.csr_matrix, ks: Sequence[int] = (20,)
+) -> dict[str, float]:
+    """Recall@K / NDCG@K of ranked lists ``[B, L]`` against ``truth`` (definitions of
+    :func:`kgrec.models.evaluation.evaluate`: recall over all the user's truth items, ideal DCG
+    over ``min(|T_u|, K)`` positions), averaged over the ``B`` users. Entries < 0 are padding."""
+    truth = sp.csr_matrix(truth)
+    rows = users.numpy()
+    dense = _rows_to_dense(truth, rows, torch.device("cpu"))
+    n_truth = torch.from_numpy(np.diff(truth.indptr)[rows]).double()
+    valid = ranked >= 0
+    hits = (dense.gather(1, ranked.clamp(min=0)) & valid).double()
+    out: dict[str, float] = {}
+    for k in ks:
+        kk = min(k, ranked.size(1))
+        disc = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=torch.float64))
+        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64)), 0)
+        h = hits[:, :kk]
+        out[f"recall@{k}"] = (h.sum(1) / n_truth).mean().item()
+        out[f"ndcg@{k}"] = ((h * disc).sum(1) / ideal[n_truth.long().clamp(max=k) - 1]).mean().item()
+    return out
+
+
+def _fused_metrics(
+    cands: Tensor, r_scores: Tensor, k_scores: Tensor, users: Tensor, truth, alpha: float, ks
+) -> dict[str, float]:
+    final = fuse(r_scores, k_scores, alpha)
+    order = torch.argsort(final, dim=1, descending=True, stable=True)
+    return list_metrics(cands.gather(1, order), users, truth, ks)
+
+
+@torch.no_grad()
+def evaluate_reranking(
+    retriever: ScoreSource,
+    ranker: KCAN,
+    data: InteractionData,
+    part: Literal["valid", "test"] = "test",
+    N: int = 200,  # noqa: N803 (the brief's name)
+    ks: Sequence[int] = (20,),
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """Metrics of the final list versus retrieval alone on ``part``.
+
+    Returns ``{"retrieval": {recall@K, ndcg@K}, "kcan": {...} (KCAN alone),
+    "fused": {...} (with ``alpha``, default ``ranker.meta["extra"]["alpha"]`` or 1),
+    "alpha", "candidate_recall@N", "num_users_evaluated"}``.
+    """
+    if alpha is None:
+        alpha = float(getattr(ranker, "meta", {}).get("extra", {}).get("alpha", 1.0))
+    truth, _ = _masks(data, part)
+    users, cands, r_scores = retrieval_candidates(retriever, data, part, N)
+    k_scores = kcan_scores(ranker, users, cands)
+    result: dict[str, Any] = {
+        "retrieval": list_metrics(cands, users, truth, ks),
+        "kcan": _fused_metrics(cands, r_scores, k_scores, users, truth, 1.0, ks),
+        "fused": _fused_metrics(cands, r_scores, k_scores, users, truth, alpha, ks),
+        "alpha": alpha,
+        f"candidate_recall@{cands.size(1)}": list_metrics(cands, users, truth, (cands.size(1),))[
+            f"recall@{cands.size(1)}"
+        ],
+        "num_users_evaluated": int(users.numel()),
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class KCANFitResult:
+    best_epoch: int
+    best_valid_ndcg: float  # fused, best alpha
+    best_valid_ndcg_kcan_only: float
+    alpha: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+
+def _train_pairs(train: sp.csr_matrix) -> tuple[Tensor, Tensor]:
+    coo = sp.csr_matrix(train).tocoo()
+    return torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+
+
+def train_kcan(
+    data: InteractionData,
+    retriever: ScoreSource,
+    config: KCANConfig | None = None,
+    model: KCAN | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[KCAN, KCANFitResult]:
+    """Train KCAN as the re-ranker of ``retriever`` (see the module docstring); returns the model
+    (best epoch, eval mode, ``model.meta["extra"]["alpha"]`` set) and the fit summary."""
+    config = config or KCANConfig()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model = model or build_kcan(data, config)
+    model.reset_parameters()
+    n = config.num_candidates
+
+    # training negatives come from the retrieval top-N with training items masked (= the
+    # validation candidates of every user)
+    all_users, train_cands, _ = retrieval_candidates(retriever, data, "train", n)
+    valid_users = np.flatnonzero(np.diff(data.valid.indptr) > 0)
+    if config.max_valid_users is not None and len(valid_users) > config.max_valid_users:
+        rng = np.random.default_rng(config.seed)
+        valid_users = np.sort(rng.choice(valid_users, config.max_valid_users, replace=False))
+    v_users, v_cands, v_scores = retrieval_candidates(retriever, data, "valid", n, users=valid_users)
+
+    users_all, pos_all = _train_pairs(data.train)
+    sampler = NegativeSampler(data.train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    best = (-1.0, 0, 0.0, 1.0)  # (value, epoch, kcan-only, alpha)
+    best_state = None
+    bad = 0
+    history: list[dict[str, float]] = []
+    t_start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        m = users_all.numel()
+        perm = torch.randperm(m, generator=gen)
+        uniform = sampler.sample(users_all, gen)
+        cols = torch.randint(0, train_cands.size(1), (m,), generator=gen)
+        hard = train_cands[users_all, cols]
+        use_hard = torch.rand(m, generator=gen) < config.hard_negative_ratio
+        negs = torch.where(use_hard, hard, uniform)
+        total = 0.0
+        for start in range(0, m, config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            loss = model.loss(users_all[idx], pos_all[idx], negs[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * idx.numel()
+        extra = model.extra_epoch_step(optimizer)
+        train_s = time.perf_counter() - t0
+        k_scores = kcan_scores(model, v_users, v_cands, config.pair_chunk)
+        per_alpha = {
+            a: _fused_metrics(v_cands, v_scores, k_scores, v_users, data.valid, a, (20,))["ndcg@20"]
+            for a in config.fusion_grid
+        }
+        alpha = max(per_alpha, key=lambda a: (per_alpha[a], a))
+        kcan_only = _fused_metrics(v_cands, v_scores, k_scores, v_users, data.valid, 1.0, (20,))["ndcg@20"]
+        log = {
+            "epoch": epoch, "loss": total / m, "train_seconds": train_s,
+            "seconds": time.perf_counter() - t0, "valid_ndcg@20_kcan": kcan_only,
+            "valid_ndcg@20_fused": per_alpha[alpha], "alpha": alpha, **extra,
+        }
+        history.append(log)
+        logger.info("kcan epoch %s", log)
+        if on_epoch is not None:
+            on_epoch(log)
+        if per_alpha[alpha] > best[0]:
+            best = (per_alpha[alpha], epoch, kcan_only, alpha)
+            best_state = copy.deepcopy(model.state_dict())
+            bad = 0
+        else:
+            bad += 1
+            if bad >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    model.meta = {"extra": {"alpha": best[3], "num_candidates": n}}
+    return model, KCANFitResult(
+        best_epoch=best[1], best_valid_ndcg=best[0], best_valid_ndcg_kcan_only=best[2],
+        alpha=best[3], history=history, total_seconds=time.perf_counter() - t_start,
+    )
