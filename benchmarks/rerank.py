@@ -28,7 +28,13 @@ from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate_split
-from kgrec.models.reranking import KCANConfig, evaluate_reranking, kcan_scores, retrieval_candidates, train_kcan
+from kgrec.models.reranking import (
+    KCANConfig,
+    evaluate_reranking,
+    kcan_scores,
+    retrieval_candidates,
+    train_kcan,
+)
 from kgrec.models.trainer import fit
 from kgrec.models.zoo import build_model
 

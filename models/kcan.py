@@ -13,7 +13,8 @@ Three parts:
    interactions only) -- attention :math:`\pi(h,r,t) = (\mathbf{W}_r\mathbf{e}_t)^\top
    \tanh(\mathbf{W}_r\mathbf{e}_h + \mathbf{e}_r)`, softmax over each head's out-edges, attentive
    sparse propagation, layer outputs concatenated: :math:`\mathbf{g}_v` (dim
-   ``d0 + sum(layer_sizes)``). Its TransR step and attention refresh run once per epoch
+   ``d0 + sum(layer_sizes)``). Its TransR step (on a random subset of ``kg_max_triples`` KG
+   triples per epoch, for speed) and attention refresh run once per epoch
    (:meth:`extra_epoch_step`, KGAT's alternating schedule).
 2. **Knowledge distillation** (:mod:`kgrec.models.kcan_subgraph`): after every attention update
    the ``neighbours_per_node`` out-edges of highest :math:`\pi` of every node are tabulated once;
@@ -43,10 +44,10 @@ Choices where the paper leaves room (or where this ranking-stage version departs
   attention refreshed once per epoch without gradient), reused, not re-implemented.
 * Distillation keeps the top-``k`` edges by :math:`\pi` **per node** (deterministic top-k, ties by
   CKG edge order) rather than sampling; the same ``k`` at every hop; a neighbour is an edge (a node
-  linked by two relations can fill two slots). Defaults ``k = 8``, ``hops = 2`` (72 slots a side)
-  keep a 200-candidate forward at a few ms on CPU.
-* The target edge ``u <-> i`` is removed from the pair's subgraph (and the slot refilled by the next
-  best neighbour, the table keeps ``k + 1`` per node) at every hop: a training positive is always
+  linked by two relations can fill two slots). Defaults ``k = 6``, ``hops = 2`` (42 slots a side)
+  keep a 200-candidate forward at a few ms on CPU (one thread).
+* The target edge ``u <-> i`` is removed from the pair's subgraph (at hop 1 the slot is refilled by
+  the next best neighbour, the table keeps ``k + 1`` per node; deeper it is only masked): a training positive is always
   a neighbour of its user in the train CKG, a serving candidate never, so keeping it would leak
   the label into the subgraph.
 * The conditional attention adds the log of the distilled KGAT attention as a prior to a
@@ -111,7 +112,7 @@ class KCAN(Recommender):
         kg_learning_rate: float = 1e-3,
         kg_batch_size: int = 8192,
         kg_max_triples: int = 32768,
-        neighbours_per_node: int = 8,
+        neighbours_per_node: int = 6,
         hops: int = 2,
         local_dim: int = 32,
         tower_dim: int = 64,
