@@ -80,6 +80,29 @@ class ExplanationUnavailableError(CandidateError):
     status_code = 404
 
 
+def resolve_history(
+    item_ids: Iterable[str | int], lookup: dict[str, int]
+) -> tuple[np.ndarray, list[str]]:
+    """Map raw item ids to indices, keeping order: (known indices, unknown raw ids).
+
+    Raises when the history is empty or none of its ids is known.
+    """
+    ids = [str(i) for i in item_ids]
+    if not ids:
+        raise InvalidRequestError("item_ids must contain at least one item id")
+    known: list[int] = []
+    unknown: list[str] = []
+    for iid in ids:
+        j = lookup.get(iid)
+        if j is None:
+            unknown.append(iid)
+        else:
+            known.append(j)
+    if not known:
+        raise UnknownItemsError(unknown)
+    return np.asarray(known, dtype=np.int64), unknown
+
+
 class Candidate(NamedTuple):
     item_id: str
     item_idx: int
@@ -183,21 +206,8 @@ class CandidateService:
     def for_history(self, item_ids: Iterable[str | int], k: int = 100) -> CandidateResult:
         """Top-``k`` items for an unseen user given raw item ids (mean-vector fold-in)."""
         k = self._check_k(k)
-        ids = [str(i) for i in item_ids]
-        if not ids:
-            raise InvalidRequestError("item_ids must contain at least one item id")
-        known: list[int] = []
-        unknown: list[str] = []
-        lookup = self._item_index
-        for iid in ids:
-            j = lookup.get(iid)
-            if j is None:
-                unknown.append(iid)
-            else:
-                known.append(j)
-        if not known:
-            raise UnknownItemsError(unknown)
-        history = np.unique(np.asarray(known, dtype=np.int64))
+        ordered, unknown = resolve_history(item_ids, self._item_index)
+        history = np.unique(ordered)
         query = self._item_emb[history].mean(axis=0, keepdims=True)
         idx, scores = self._top_k(query, k, history)
         return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)))

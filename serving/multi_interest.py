@@ -54,8 +54,8 @@ from kgrec.serving.candidates import (
     CandidateResult,
     ExplanationUnavailableError,
     InvalidRequestError,
-    UnknownItemsError,
     UnknownUserError,
+    resolve_history,
 )
 from kgrec.serving.index import IndexConfig, build_index, index_kind
 from kgrec.serving.merge import MERGE_RULES, merge_interest_results, search_interests
@@ -320,21 +320,7 @@ class MultiInterestService:
         """Top-``k`` for an ordered history of raw item ids (oldest first; the last ``max_length``
         known items feed the model). Unknown ids are reported and skipped; history items are excluded."""
         k, rule = self._check_k(k), self._check_merge(merge)
-        ids = [str(i) for i in item_ids]
-        if not ids:
-            raise InvalidRequestError("item_ids must contain at least one item id")
-        known: list[int] = []
-        unknown: list[str] = []
-        lookup = self._item_index
-        for iid in ids:
-            j = lookup.get(iid)
-            if j is None:
-                unknown.append(iid)
-            else:
-                known.append(j)
-        if not known:
-            raise UnknownItemsError(unknown)
-        history = np.asarray(known, dtype=np.int64)
+        history, unknown = resolve_history(item_ids, self._item_index)
         return self._retrieve(
             history, np.unique(history), k, rule, unknown_item_ids=list(dict.fromkeys(unknown))
         )
