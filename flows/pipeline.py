@@ -1,5 +1,9 @@
 """Prefect flows: ingest → build graph → train → evaluate → register → publish index → promote.
 
+With ``ranker="kcan"`` the run then trains the ranking stage on the candidates of its best embedding
+retriever and registers it as ``<registered model>-ranker`` (promoted on validation NDCG@20 of the
+re-ranked list; no index).
+
 Two branches share the registration steps: embedding retrievers (bprmf, lightgcn, kgat) train on
 the random/temporal split's graph; sequential / multi-interest generators (youtube_dnn, mind,
 comirec_dr, comirec_sa, mixture) on the sequential split with the same seed. One run may list both;
@@ -27,6 +31,13 @@ from kgrec.features.split import random_split, temporal_leave_last_out
 from kgrec.models import registry
 from kgrec.models.config import TrainConfig
 from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundle, train_and_log
+from kgrec.models.ranking_experiment import (
+    TrainedRanker,
+    evaluate_ranker_and_log,
+    export_ranker_bundle,
+    train_ranker_and_log,
+)
+from kgrec.models.reranking import KCANConfig
 from kgrec.models.sequential_experiment import (
     TrainedSequentialModel,
     evaluate_sequential_and_log,
@@ -39,7 +50,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from kgrec.config import PipelineConfig, registered_model_name
+from kgrec.config import PipelineConfig, registered_model_name, registered_ranker_name
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 
@@ -82,6 +93,29 @@ def register_task(trained: TrainedModel, data: InteractionData, bundle_root: Pat
     return registry.register_bundle(trained.run_id, bundle_dir, name, tags), bundle_dir
 
 
+@task(name="train-ranker", cache_policy=NO_CACHE)
+def train_ranker_task(data: InteractionData, retriever: TrainedModel, config: KCANConfig) -> TrainedRanker:
+    return train_ranker_and_log(data, retriever, config)
+
+
+@task(name="evaluate-ranker", cache_policy=NO_CACHE)
+def evaluate_ranker_task(trained: TrainedRanker, retriever: TrainedModel, data: InteractionData):
+    return evaluate_ranker_and_log(trained, retriever, data)
+
+
+@task(name="register-ranker", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_ranker_task(trained: TrainedRanker, data: InteractionData, bundle_root: Path, name: str):
+    bundle_dir = export_ranker_bundle(trained, data, bundle_root)
+    tags = {
+        "kgrec.model": trained.name,
+        "kgrec.snapshot_hash": data.snapshot.hash,
+        "kgrec.retriever": trained.retriever,
+    }
+    return registry.register_bundle(
+        trained.run_id, bundle_dir, name, tags, selection_metric=trained.selection_metric
+    )
+
+
 @task(name="sequential-split", cache_policy=NO_CACHE)
 def sequential_split_task(snapshot_dir: Path, seed: int) -> tuple[Snapshot, SequenceSplit]:
     snapshot = load_snapshot(snapshot_dir)
@@ -120,6 +154,22 @@ def publish_index_task(version, bundle_dir: Path) -> dict[str, Any]:
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(name: str, version) -> registry.Promotion:
     return registry.promote(name, version)
+
+
+def finish_ranker(
+    retriever: TrainedModel, data: InteractionData, config: KCANConfig, name: str, bundle_root: Path
+) -> dict[str, Any]:
+    """Train, evaluate, register and promote the ranking stage on ``retriever``'s candidates."""
+    trained = train_ranker_task(data, retriever, config)
+    try:
+        evaluate_ranker_task(trained, retriever, data)
+        version = register_ranker_task(trained, data, bundle_root, name)
+        with registry.pending_version(name, version):
+            promotion = promote_task(name, version)
+    except BaseException as exc:
+        registry.mark_failed(trained.run_id, exc)
+        raise
+    return trained.summary() | {"registered_model": name, "registered": promotion.to_dict()}
 
 
 def finish_one(
@@ -174,9 +224,18 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         else:
             train_config = TrainConfig.for_model(model_name, epochs=config.epochs, seed=config.seed)
             futures.append(train_task.submit(data, train_config, config.progress))
-    results = [
-        finish_one(future.result(), data, name, tracking.workdir / "bundles") for future in futures
-    ]
+    trained_models = [future.result() for future in futures]
+    results = [finish_one(t, data, name, tracking.workdir / "bundles") for t in trained_models]
+    ranker = None
+    if config.ranker is not None:
+        # the ranker learns from (hard negatives among) the candidates of this run's best retriever
+        retrievers = [t for t in trained_models if isinstance(t, TrainedModel)]
+        best = max(retrievers, key=lambda t: t.fit.best_valid.get("recall@20", float("-inf")))
+        cap = {"epochs": min(config.epochs, KCANConfig().epochs)} if config.epochs else {}
+        ranker_config = KCANConfig(seed=config.seed, **cap)
+        ranker = finish_ranker(
+            best, data, ranker_config, registered_ranker_name(name), tracking.workdir / "bundles"
+        )
     champion = registry.resolve_alias(name, registry.CHAMPION)
     return {
         "dataset": snapshot.name,
@@ -187,6 +246,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         "champion_version": str(champion.version),
         "tracking_uri": tracking.resolved_tracking_uri,
         "models": results,
+        **({"ranker": ranker} if ranker is not None else {}),
     }
 
 

@@ -66,6 +66,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         split=args.split,
         seed=args.seed,
         registered_model=args.registered_model,
+        ranker=args.ranker,
         tracking=_tracking(args),
         progress=sys.stderr.isatty() and not args.json,
         **({"parallel_training": args.parallel} if args.parallel else {}),
@@ -105,6 +106,17 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
             f"{_fmt(m['test'].get('ndcg@20')):>10} {_fmt(m['test'].get('diversity@50')):>7} "
             f"{reg['version']:>8}  {reg['alias']}"
         )
+    if ranker := result.get("ranker"):
+        reg, test = ranker["registered"], ranker["test"]
+        lines += [
+            "",
+            f"  ranking stage: {ranker['model']} re-ranks the top {ranker.get('num_candidates', 200)} of "
+            f"{ranker['retriever']} (fusion alpha {ranker['alpha']:.1f}, chosen on validation); "
+            f"{ranker['epochs_run']} epochs, best {ranker['best_epoch']}",
+            f"    test R@20 {_fmt(test.get('retrieval_recall@20'))} -> {_fmt(test.get('fused_recall@20'))}, "
+            f"N@20 {_fmt(test.get('retrieval_ndcg@20'))} -> {_fmt(test.get('fused_ndcg@20'))}; "
+            f"{ranker['registered_model']} version {reg['version']} ({reg['alias']})",
+        ]
     if "sequential_split" in result:
         split = result["sequential_split"]
         lines += [
@@ -142,11 +154,21 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from kgrec.serving.champion import load_registered
+    from kgrec.config import registered_ranker_name
+    from kgrec.serving.champion import load_registered, load_registered_ranker
     from kgrec.serving.service import run
 
-    loader = partial(load_registered, _tracking(args), args.model_name, args.alias)
-    run(args.host, args.port, loader)
+    tracking = _tracking(args)
+    loader = partial(load_registered, tracking, args.model_name, args.alias)
+    ranker_loader = None
+    if not args.no_ranker:
+        # the default ranker is optional (retrieval-only deployments); a named one must load
+        ranker_name = args.ranker_name or registered_ranker_name(args.model_name)
+        ranker_loader = partial(
+            load_registered_ranker, tracking, ranker_name, args.ranker_alias,
+            required=args.ranker_name is not None,
+        )
+    run(args.host, args.port, loader, load_ranker=ranker_loader)
     return 0
 
 
@@ -163,6 +185,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         models=args.models.split(","),
         epochs=args.epochs,
+        ranker=args.ranker,
         tracking=_tracking(args),
     )
     # Prefect runs the deployment's schedule from this long-lived process (`flow.serve`).
@@ -193,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of the embedding retrievers (sequential models: sequential split)")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
+    p.add_argument("--ranker", choices=["kcan"],
+                   help="also train the ranking stage on the best retriever's top-200 and register "
+                   "it as <registered model>-ranker")
     p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     tracking_args(p)
@@ -209,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=DEFAULT_SERVE_MODEL)
     p.add_argument("--alias", default="champion")
+    p.add_argument("--ranker-name",
+                   help="registered ranking model for GET /v1/users/{id}/ranked (default: "
+                   "<model-name>-ranker when it is registered)")
+    p.add_argument("--ranker-alias", default="champion")
+    p.add_argument("--no-ranker", action="store_true", help="serve retrieval only")
     tracking_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -218,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="music")
     p.add_argument("--models", default="bprmf,lightgcn")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--ranker", choices=["kcan"])
     tracking_args(p)
     p.set_defaults(func=_cmd_deploy)
     return parser

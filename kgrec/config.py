@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_WORKDIR = "kgrec-work"
 
@@ -60,6 +60,11 @@ def registered_model_name(dataset: str) -> str:
     return f"kgrec-{dataset}"
 
 
+def registered_ranker_name(retrieval_model_name: str) -> str:
+    """The ranking stage registers next to its retrieval model: ``kgrec-music`` -> ``kgrec-music-ranker``."""
+    return f"{retrieval_model_name}-ranker"
+
+
 class PipelineConfig(BaseModel):
     """Parameters of ``kgrec pipeline`` / the Prefect ``pipeline`` flow."""
 
@@ -73,6 +78,9 @@ class PipelineConfig(BaseModel):
     split: Literal["random", "temporal"] = "random"
     seed: int = 2020
     registered_model: str | None = None
+    # The ranking stage: trained on the candidates of this run's best embedding retriever
+    # (validation Recall@20) and registered as ``<registered model>-ranker``.
+    ranker: Literal["kcan"] | None = None
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     progress: bool = False
     # Models trained at once. Two cores are best spent on one model at a time; parallel training
@@ -94,9 +102,24 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"a model is listed twice: {cleaned}")
         return cleaned
 
+    @model_validator(mode="after")
+    def _ranker_needs_a_retriever(self) -> PipelineConfig:
+        from kgrec.models.zoo import MODEL_NAMES
+
+        if self.ranker is not None and not any(m in MODEL_NAMES for m in self.models):
+            raise ValueError(
+                f"ranker {self.ranker!r} re-ranks an embedding retriever's candidates: list one of "
+                f"{list(MODEL_NAMES)} in models"
+            )
+        return self
+
     @property
     def model_name(self) -> str:
         return self.registered_model or registered_model_name(self.dataset_name)
+
+    @property
+    def ranker_name(self) -> str:
+        return registered_ranker_name(self.model_name)
 
     @property
     def dataset_name(self) -> str:

@@ -94,13 +94,17 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # BPR-MF pretraining 0.322 at epoch 1, then declining (the BPR-MF embeddings already fit the
     # training pairs, BPR loss ~0.01, so the propagation layers get almost no gradient).
     # KGAT climbs slowly from its tiny Xavier initialisation: patience 20.
+    # Second sweep (lr 5e-3 / 4096 / 8192), valid recall@20: message dropout 0.1 0.368, 0.0 0.378
+    # (kept); with dropout 0: layers 64/64/64 0.375, GCN aggregator 0.377 (dropout 0.1), L2 1e-4
+    # 0.367. Ablations with dropout 0 (not defaults: they are no longer KGAT): without the TransR
+    # step 0.381, without attention (uniform weights) 0.381 -- the music KG adds nothing here.
     "kgat": {
         "learning_rate": 5e-3,
         "batch_size": 4096,
         "reg_weight": 1e-5,
         "epochs": 400,
         "patience": 20,
-        "params": {},
+        "params": {"mess_dropout": 0.0},
     },
 }
 # R-GCN / HGT (models/rgcn.py, models/hgt.py): full-graph propagation per batch, so large batches.

@@ -8,7 +8,8 @@ be published is deleted again (see :func:`pending_version`).
 The selection metric belongs to the bundle kind and is stored as the version tag
 ``kgrec.selection_metric`` (read by :func:`promote`): ``best_valid_recall_at_20`` for embedding
 retrievers (the default, also for versions without the tag), ``best_valid_recall_at_50`` for
-sequential / multi-interest retrievers. Versions selected on different metrics (or protocols) are
+sequential / multi-interest retrievers, ``best_valid_ndcg_at_20`` (of the re-ranked list) for
+rankers, which live under their own registered model (``kgrec-<dataset>-ranker``). Versions selected on different metrics (or protocols) are
 not comparable: such a candidate never replaces the champion automatically (it becomes
 ``challenger``; move the alias by hand).
 """
@@ -40,6 +41,7 @@ BUNDLE_KIND_TAG = "kgrec.bundle_kind"
 MODEL_ARTIFACT = "model"
 INDEX_ARTIFACT = "index"
 INDEX_TAG = "kgrec.index_artifact"
+RANKER_KIND = "ranker"  # bundles of the ranking stage (serving/ranking.py): no index, pair scorer
 
 
 def metric_key(prefix: str, name: str) -> str:
@@ -112,23 +114,25 @@ def register_bundle(
     run that :func:`promote` compares).
     """
     from kgrec.serving.bundle import bundle_kind
-    from kgrec.serving.pyfunc import TopKRecommender, signature
+    from kgrec.serving.pyfunc import PairScorer, TopKRecommender, ranker_signature, signature
 
     kind = bundle_kind(bundle_dir)
     tags = {**dict(tags), BUNDLE_KIND_TAG: kind, SELECTION_METRIC_TAG: selection_metric}
+    ranker = kind == RANKER_KIND
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=TopKRecommender(),
+            python_model=PairScorer() if ranker else TopKRecommender(),
             artifacts={"bundle": str(bundle_dir)},
-            signature=signature(),
+            signature=ranker_signature() if ranker else signature(),
             # Explicit requirements: MLflow's inference would re-import the model in a subprocess.
-            pip_requirements=serving_requirements(with_torch=kind == "multi_interest"),
+            pip_requirements=serving_requirements(with_torch=kind in ("multi_interest", RANKER_KIND)),
         )
     client = MlflowClient()
+    description = "kgrec ranking models" if ranker else "kgrec candidate-retrieval models"
     with contextlib.suppress(MlflowException):
-        client.create_registered_model(name, description="kgrec candidate-retrieval models")
+        client.create_registered_model(name, description=description)
     version = client.create_model_version(
         name=name, source=info.model_uri, run_id=run_id, tags=dict(tags)
     )

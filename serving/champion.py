@@ -67,3 +67,35 @@ def load_registered(
         "index": {k: index_info.get(k) for k in ("kind", "ntotal", "ann_recall") if k in index_info},
     }
     return service, info
+
+
+def load_registered_ranker(
+    tracking: TrackingSettings,
+    model_name: str,
+    alias: str = CHAMPION,
+    cache_dir: Path | None = None,
+    required: bool = True,
+) -> tuple[Any, dict[str, Any]] | None:
+    """The ranking stage's ``(RankerBundle, info)`` for ``model_name@alias``; ``None`` when it is
+    not registered and not ``required``."""
+    from kgrec.serving.ranking import RankerBundle
+
+    mlflow.set_tracking_uri(tracking.resolved_tracking_uri)
+    try:
+        version = resolve_alias(model_name, alias)
+    except LookupError:
+        if required:
+            raise
+        logger.info("no ranking model %s@%s registered: serving retrieval only", model_name, alias)
+        return None
+    destination = cache_dir or Path(tempfile.mkdtemp(prefix="kgrec-serve-"))
+    bundle_dir, _ = download_version(version, destination / f"{model_name}-v{version.version}")
+    bundle = RankerBundle.load(bundle_dir)
+    info = {
+        "name": model_name,
+        "version": str(version.version),
+        "alias": alias,
+        "run_id": version.run_id,
+        "snapshot_hash": bundle.meta.get("snapshot_hash"),
+    }
+    return bundle, info

@@ -79,3 +79,55 @@ class TopKRecommender(mlflow.pyfunc.PythonModel):
                 "known": [r is not None for r in results],
             }
         )
+
+
+def ranker_signature() -> ModelSignature:
+    return ModelSignature(inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "item_id")]))
+
+
+class PairScorer(mlflow.pyfunc.PythonModel):
+    """The ranking stage as a pyfunc: ``predict`` scores ``(user_id, item_id)`` rows with KCAN.
+
+    Output columns: ``user_id``, ``item_id``, ``score`` (KCAN's score; NaN where the user or the item
+    is unknown to the ranker) and ``known``.
+    """
+
+    def __init__(self) -> None:
+        self.bundle = None
+
+    def load_context(self, context) -> None:
+        from pathlib import Path
+
+        from kgrec.serving.ranking import RankerBundle
+
+        self.bundle = RankerBundle.load(Path(context.artifacts["bundle"]))
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        if self.bundle is None:
+            self.load_context(context)
+        frame = pd.DataFrame(model_input)
+        missing = {"user_id", "item_id"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"model_input needs columns {sorted(missing)}")
+        users = dict(zip(self.bundle.users["user_id"].to_list(), self.bundle.users["user_idx"].to_list()))
+        items = dict(zip(self.bundle.items["item_id"].to_list(), self.bundle.items["item_idx"].to_list()))
+        u = np.array([users.get(str(x), -1) for x in frame["user_id"]], dtype=np.int64)
+        i = np.array([items.get(str(x), -1) for x in frame["item_id"]], dtype=np.int64)
+        known = (u >= 0) & (i >= 0)
+        scores = np.full(len(frame), np.nan)
+        if known.any():
+            with torch.inference_mode():
+                scores[known] = self.bundle.model.score_pairs(
+                    torch.from_numpy(u[known]), torch.from_numpy(i[known])
+                ).numpy()
+        return pd.DataFrame(
+            {
+                "user_id": frame["user_id"].astype(str),
+                "item_id": frame["item_id"].astype(str),
+                "score": scores,
+                "known": known,
+            }
+        )

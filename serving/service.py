@@ -19,14 +19,22 @@ Endpoints::
     POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted" (optional)}
                                                unseen user from an ORDERED item history (oldest
                                                first; history excluded)
+    GET  /v1/users/{user_id}/ranked?k=20&n=200 two-stage: the retriever's top n re-ranked by the
+                                               ranking model; both scores and stage timings
+    GET  /v1/latency                           per-stage p50/p90/p99 of the last 10,000 two-stage
+                                               requests
+
+The two-stage endpoints need ``load_ranker`` (``() -> (RankerBundle, info)`` or ``None`` for "no
+ranker registered"); without a ranker they answer 503. A ranker that fails to load makes the whole
+service unready: a deployment asked for two stages must not silently serve one.
 
 Multi-interest retrievers compute the user's interests from the (last ``max_length`` items of the)
 history, search the index once per interest and merge the lists (``merge``: the model's rule by
 default); every candidate then carries ``interest`` (the index of the interest it came from) and the
 answer adds ``merge`` and ``interest_weights``. Embedding retrievers ignore ``merge``.
 
-Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``merge`` / body 422,
-all posted items unknown 422, model not loaded 503.
+Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``n`` / ``merge`` / body
+422, all posted items unknown 422, model (or ranker) not loaded 503.
 
 Latency: the candidate handlers are ``async def`` on purpose. One request is ~0.2 ms of CPU
 (faiss search + id mapping) with faiss pinned to one OpenMP thread; hopping to the threadpool
@@ -53,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from kgrec.serving.multi_interest import MultiInterestService
+    from kgrec.serving.ranking import RankerBundle, TwoStageService
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,7 @@ MAX_K = 1000
 MAX_HISTORY = 500
 
 Loader = Callable[[], "tuple[CandidateService | MultiInterestService, dict[str, Any]]"]
+RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
 MergeParam = Literal["max", "weighted"]
 
 
@@ -96,11 +106,21 @@ class _State:
         self.info: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
         self.error: str | None = "model not loaded yet"
+        self.two_stage: TwoStageService | None = None
 
     def require(self) -> CandidateService | MultiInterestService:
         if self.service is None:
             raise ServiceUnavailable(f"model not loaded: {self.error}")
         return self.service
+
+    def require_two_stage(self) -> TwoStageService:
+        self.require()
+        if self.two_stage is None:
+            raise ServiceUnavailable(
+                "no ranking model loaded: register one with `kgrec pipeline --ranker kcan` and "
+                "restart the service"
+            )
+        return self.two_stage
 
 
 def _is_service(service: Any) -> bool:
@@ -115,7 +135,7 @@ def _merge_kwargs(service: Any, merge: str | None) -> dict[str, Any]:
     return {"merge": merge} if merge is not None and getattr(service, "supports_merge", False) else {}
 
 
-def create_app(load_service: Loader) -> FastAPI:
+def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) -> FastAPI:
     state = _State()
 
     @asynccontextmanager
@@ -136,6 +156,13 @@ def create_app(load_service: Loader) -> FastAPI:
                 "n_users": service.n_users,
             }
             state.summary = _summary(state.info)
+            ranker = load_ranker() if load_ranker is not None else None
+            if ranker is not None:
+                from kgrec.serving.ranking import TwoStageService
+
+                bundle, ranker_info = ranker
+                state.two_stage = TwoStageService(service, bundle)
+                state.info["ranker"] = {**dict(ranker_info or {}), **state.two_stage.info()}
             state.service, state.error = service, None
             # the loaded model is long-lived: keep its objects out of the collector's scans so
             # generation-2 collections do not show up in the latency tail
@@ -146,7 +173,7 @@ def create_app(load_service: Loader) -> FastAPI:
             state.error = f"{type(exc).__name__}: {exc}"
             log.exception("model load failed")
         yield
-        state.service = None
+        state.service = state.two_stage = None
 
     app = FastAPI(title="kgrec candidates", lifespan=lifespan)
     app.state.kgrec = state
@@ -220,6 +247,32 @@ def create_app(load_service: Loader) -> FastAPI:
         payload["took_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         return _json(payload)
 
+    # Plain `def`: KCAN's forward (a few ms, torch releases the GIL) runs in the threadpool instead
+    # of blocking the event loop.
+    @app.get("/v1/users/{user_id}/ranked")
+    def ranked(
+        user_id: str,
+        k: int = Query(20, ge=1, le=MAX_K),
+        n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
+    ) -> Response:
+        two_stage = state.require_two_stage()
+        result = two_stage.for_user(user_id, k, n)
+        return _json(
+            {
+                "user_id": user_id,
+                "k": k,
+                "n": result.num_candidates,
+                "model": state.summary,
+                "ranker": _summary(state.info.get("ranker", {})),
+                "candidates": result.records(),
+                "timings_ms": result.timings_ms,
+            }
+        )
+
+    @app.get("/v1/latency")
+    async def latency() -> Response:
+        return _json({"two_stage": state.require_two_stage().latency.summary()})
+
     @app.post("/v1/candidates")
     async def history_candidates(body: HistoryRequest) -> Response:
         t0 = time.perf_counter()
@@ -262,9 +315,17 @@ def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> 
     return load
 
 
-def run(host: str, port: int, load_service: Loader, log_level: str = "warning", **uvicorn_kwargs: Any) -> None:
-    """Serve ``create_app(load_service)`` with uvicorn (access log off: it costs latency)."""
+def run(
+    host: str,
+    port: int,
+    load_service: Loader,
+    log_level: str = "warning",
+    load_ranker: RankerLoader | None = None,
+    **uvicorn_kwargs: Any,
+) -> None:
+    """Serve ``create_app(load_service, load_ranker)`` with uvicorn (access log off: it costs latency)."""
     import uvicorn
 
     uvicorn_kwargs.setdefault("access_log", False)
-    uvicorn.run(create_app(load_service), host=host, port=port, log_level=log_level, **uvicorn_kwargs)
+    app = create_app(load_service, load_ranker)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs)

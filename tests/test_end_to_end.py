@@ -1,4 +1,5 @@
-"""The whole path on real data: `kgrec pipeline` on music, then `kgrec serve` over loopback HTTP."""
+"""The whole path on real data: `kgrec pipeline` on music (two retrievers and the KCAN ranking
+stage), then `kgrec serve` over loopback HTTP (retrieval and two-stage endpoints)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def pipeline_run(tmp_path_factory, shared_data):
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("KGREC_TRACKING_URI", None)
     proc = subprocess.run(
-        [KGREC, "pipeline", "--dataset", "music", "--epochs", "3", "--json"],
+        [KGREC, "pipeline", "--dataset", "music", "--epochs", "2", "--ranker", "kcan", "--json"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -41,10 +42,18 @@ def test_pipeline_registers_a_champion_trained_on_the_real_snapshot(pipeline_run
     assert aliases[0] == "champion" and aliases[1] in {"champion", "challenger"}
     for model in result["models"]:
         assert 0.0 < model["test"]["recall@20"] <= 1.0
-        assert model["epochs_run"] == 3
+        assert model["epochs_run"] == 2
         assert model["index"]["ann_recall"] == pytest.approx(1.0)  # exact index at this size
     champion = max(result["models"], key=lambda m: m["valid"]["recall@20"])
     assert result["champion_version"] == champion["registered"]["version"]
+    # the ranking stage learns from the best retriever of the run, under its own registered name
+    ranker = result["ranker"]
+    assert ranker["retriever"] == champion["model"]
+    assert ranker["registered_model"] == "kgrec-music-ranker"
+    assert ranker["registered"]["alias"] == "champion"
+    assert ranker["registered"]["selection_metric"] == "best_valid_ndcg_at_20"
+    assert 0.0 <= ranker["alpha"] <= 1.0 and ranker["epochs_run"] == 2
+    assert 0.0 < ranker["test"]["fused_ndcg@20"] <= 1.0
 
 
 def test_service_answers_candidates_over_loopback(pipeline_run):
@@ -78,6 +87,20 @@ def test_service_answers_candidates_over_loopback(pipeline_run):
         assert response.status_code == 200, response.text
         posted = [c["item_id"] for c in response.json()["candidates"]]
         assert len(posted) == 20 and not set(history) & set(posted)
+
+        # two stages: the champion retriever's top 200 re-ranked by the ranking champion
+        response = client.get(f"/v1/users/{user_id}/ranked", params={"k": 20, "n": 200})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["ranker"]["name"] == "kgrec-music-ranker"
+        ranked = body["candidates"]
+        assert len(ranked) == 20 and not seen & {c["item_id"] for c in ranked}
+        top200 = client.get(f"/v1/users/{user_id}/candidates", params={"k": 200}).json()["candidates"]
+        assert {c["item_id"] for c in ranked} <= {c["item_id"] for c in top200}
+        assert all(c["ranking_score"] is not None for c in ranked)
+        assert client.get(f"/v1/users/{user_id}/ranked", params={"k": 30, "n": 20}).status_code == 422
+        stages = client.get("/v1/latency").json()["two_stage"]
+        assert stages["requests"] == 1 and stages["ranking"]["p50_ms"] > 0
 
         assert client.get("/v1/users/no-such-user/candidates").status_code == 404
         assert client.get(f"/v1/users/{user_id}/candidates", params={"k": 0}).status_code == 422

@@ -1,0 +1,252 @@
+"""Two-stage serving: the retrieval champion's top-N re-ranked by the ranking champion (KCAN).
+
+Ranker bundle directory (written atomically, like the retrieval bundle)::
+
+    kcan.pt, kcan.json   the KCAN artefact (:meth:`kgrec.models.kcan.KCAN.save`)
+    users.parquet        user_id: str, user_idx: int     (the ranker's own id maps: the retriever
+    items.parquet        item_id: str, item_idx: int      may have been trained on other indices)
+    meta.json            kind "ranker", model, dataset, snapshot_hash, alpha, num_candidates, ...
+
+:class:`TwoStageService` answers ``for_user(user_id, k, n)``: retrieve ``n`` unseen candidates with
+the retrieval service, score all ``n`` pairs with one batched KCAN forward, order them by the fused
+score :math:`(1-\\alpha) z(s_{ret}) + \\alpha z(s_{KCAN})` (per-request z-scores, ``alpha`` chosen on
+validation when the ranker was trained, see :mod:`kgrec.models.reranking`) and return the top ``k``
+with both scores. Candidates the ranker does not know (an item newer than its snapshot) keep their
+place after every scored candidate. Each request's stage times are returned and kept in a bounded
+window (:class:`StageLatency`) that the service exposes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from kgrec.models.kcan import KCAN
+from kgrec.models.registry import RANKER_KIND
+from kgrec.models.reranking import fuse
+from kgrec.serving.bundle import BundleError, _replace_dir
+from kgrec.serving.candidates import CandidateError, InvalidRequestError
+
+RANKER_FILES = ("kcan.pt", "kcan.json", "users.parquet", "items.parquet", "meta.json")
+MAX_CANDIDATES = 1000
+
+
+class UnknownRankerUserError(CandidateError):
+    """The retriever knows the user but the ranker does not (trained on another snapshot)."""
+
+    status_code = 404
+
+    def __init__(self, user_id: str):
+        super().__init__(f"user {user_id!r} is unknown to the ranking model")
+
+
+@dataclass
+class RankerBundle:
+    model: KCAN
+    users: pl.DataFrame
+    items: pl.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.meta = {**self.meta, "kind": RANKER_KIND}
+        if self.users.height != self.model.num_users or self.items.height != self.model.num_items:
+            raise BundleError(
+                f"id maps cover {self.users.height} users x {self.items.height} items, the model "
+                f"{self.model.num_users} x {self.model.num_items}"
+            )
+
+    @property
+    def alpha(self) -> float:
+        return float(self.meta.get("alpha", 1.0))
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.meta.get("num_candidates", 200))
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            self.model.save(tmp, extra={"alpha": self.alpha, "num_candidates": self.num_candidates})
+            self.users.write_parquet(tmp / "users.parquet")
+            self.items.write_parquet(tmp / "items.parquet")
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+            _replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RankerBundle:
+        src = Path(directory)
+        missing = [f for f in RANKER_FILES if not (src / f).is_file()]
+        if missing:
+            raise BundleError(f"ranker bundle {src} is missing {', '.join(missing)}")
+        try:
+            meta = json.loads((src / "meta.json").read_text())
+            model = KCAN.load(src)
+            users = pl.read_parquet(src / "users.parquet")
+            items = pl.read_parquet(src / "items.parquet")
+        except Exception as exc:
+            raise BundleError(f"ranker bundle {src}: cannot read files: {exc}") from exc
+        return cls(model, users, items, meta)
+
+
+class StageLatency:
+    """Per-stage latencies of the last ``window`` requests (thread-safe), summarised on demand."""
+
+    def __init__(self, stages: Sequence[str], window: int = 10_000):
+        self._lock = threading.Lock()
+        self._samples = {s: deque(maxlen=window) for s in stages}
+        self._count = 0
+
+    def record(self, timings_ms: dict[str, float]) -> None:
+        with self._lock:
+            self._count += 1
+            for stage, ms in timings_ms.items():
+                self._samples[stage].append(ms)
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            snapshot = {s: np.fromiter(d, dtype=np.float64) for s, d in self._samples.items()}
+            count = self._count
+        out: dict[str, Any] = {"requests": count}
+        for stage, ms in snapshot.items():
+            out[stage] = (
+                {
+                    "n": int(ms.size),
+                    "p50_ms": round(float(np.percentile(ms, 50)), 3),
+                    "p90_ms": round(float(np.percentile(ms, 90)), 3),
+                    "p99_ms": round(float(np.percentile(ms, 99)), 3),
+                    "mean_ms": round(float(ms.mean()), 3),
+                }
+                if ms.size
+                else {"n": 0}
+            )
+        return out
+
+
+@dataclass(slots=True)
+class RankedResult:
+    user_id: str
+    item_ids: list[str]
+    names: list[str | None]
+    scores: np.ndarray  # fused, non-increasing
+    retrieval_scores: np.ndarray
+    ranking_scores: np.ndarray  # KCAN's raw score; NaN where the ranker does not know the item
+    retrieval_ranks: np.ndarray  # 1-based position in the retrieval list
+    num_candidates: int
+    timings_ms: dict[str, float]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "item_id": iid,
+                "name": name,
+                "score": s,
+                "retrieval_score": rs,
+                "ranking_score": None if ks != ks else ks,  # NaN -> null
+                "retrieval_rank": r,
+            }
+            for iid, name, s, rs, ks, r in zip(
+                self.item_ids, self.names, self.scores.tolist(), self.retrieval_scores.tolist(),
+                self.ranking_scores.tolist(), self.retrieval_ranks.tolist(),
+            )
+        ]
+
+
+class TwoStageService:
+    """Retrieve with ``retrieval`` (a candidate service), re-rank with ``ranker``."""
+
+    STAGES = ("retrieval", "ranking", "total")
+
+    def __init__(self, retrieval: Any, ranker: RankerBundle, torch_threads: int | None = 1):
+        self.retrieval = retrieval
+        self.ranker = ranker
+        self.model = ranker.model.eval()
+        self.torch_threads = torch_threads
+        self._user_index: dict[str, int] = dict(
+            zip(ranker.users["user_id"].to_list(), ranker.users["user_idx"].to_list())
+        )
+        self._item_index: dict[str, int] = dict(
+            zip(ranker.items["item_id"].to_list(), ranker.items["item_idx"].to_list())
+        )
+        self.latency = StageLatency(self.STAGES)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Build KCAN's cached global representations and subgraph table before the first request."""
+        with torch.inference_mode():
+            self.model.score_pairs(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+
+    def info(self) -> dict[str, Any]:
+        meta = self.ranker.meta
+        return {
+            "model": meta.get("model"),
+            "dataset": meta.get("dataset"),
+            "alpha": self.ranker.alpha,
+            "default_num_candidates": self.ranker.num_candidates,
+            "trained_with_retriever": meta.get("retriever"),
+        }
+
+    def for_user(self, user_id: str, k: int = 20, n: int | None = None) -> RankedResult:
+        n = self.ranker.num_candidates if n is None else int(n)
+        if not 1 <= n <= MAX_CANDIDATES:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_CANDIDATES}, got {n}")
+        if not 1 <= k <= n:
+            raise InvalidRequestError(f"k must be between 1 and n={n}, got {k}")
+        if self.torch_threads is not None and torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # per OS thread: the handlers run in a pool
+        t0 = time.perf_counter()
+        retrieved = self.retrieval.for_user(user_id, n)
+        t1 = time.perf_counter()
+        user_idx = self._user_index.get(user_id)
+        if user_idx is None:
+            raise UnknownRankerUserError(user_id)
+        lookup = self._item_index
+        item_idx = np.fromiter((lookup.get(i, -1) for i in retrieved.item_ids), np.int64, len(retrieved))
+        known = item_idx >= 0
+        ranking = np.full(len(retrieved), np.nan, dtype=np.float32)
+        if known.any():
+            items = torch.from_numpy(item_idx[known])
+            with torch.inference_mode():
+                scored = self.model.score_pairs(torch.full_like(items, user_idx), items)
+            ranking[known] = scored.float().numpy()
+        retrieval_scores = np.asarray(retrieved.scores, dtype=np.float32)
+        kcan = torch.from_numpy(np.where(known, ranking, -np.inf).astype(np.float32))
+        fused = fuse(torch.from_numpy(retrieval_scores)[None], kcan[None], self.ranker.alpha)[0].numpy()
+        fused = np.where(known, fused, -np.inf)
+        order = np.argsort(-fused, kind="stable")[:k]
+        t2 = time.perf_counter()
+        timings = {
+            "retrieval": round((t1 - t0) * 1e3, 3),
+            "ranking": round((t2 - t1) * 1e3, 3),
+            "total": round((t2 - t0) * 1e3, 3),
+        }
+        self.latency.record(timings)
+        ids, names = retrieved.item_ids, retrieved.names
+        return RankedResult(
+            user_id=user_id,
+            item_ids=[ids[i] for i in order],
+            names=[names[i] for i in order],
+            scores=np.where(np.isfinite(fused[order]), fused[order], np.nan).astype(np.float32),
+            retrieval_scores=retrieval_scores[order],
+            ranking_scores=ranking[order],
+            retrieval_ranks=order + 1,
+            num_candidates=len(retrieved),
+            timings_ms=timings,
+        )
