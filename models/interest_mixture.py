@@ -26,7 +26,10 @@ class InterestMixture(MultiInterestModel):
               \qquad \bar e_c = \frac{1}{n_c}\sum_{i \in H, c(i)=c} e_i,
 
     (:math:`\bar e` the user's mean item vector, :math:`\hat\mu_c` the unit centroid; a cluster the
-    user never touched is queried by its scaled centroid). Only the ``top_components`` components
+    user never touched is queried by its scaled centroid). ``locality`` :math:`\lambda` anchors every
+    component on the user's global vector, :math:`q_c \leftarrow (1-\lambda)\,\bar e + \lambda\, q_c`:
+    :math:`\lambda = 1` queries each cluster with its local vector alone, :math:`\lambda = 0` gives
+    every component the single-vector (mean-pooling) query, so the components only differ by budget. Only the ``top_components`` components
     with the largest :math:`\pi_c` are kept (the interest mask); the ``"weighted"`` merge then gives
     component ``c`` a budget proportional to :math:`\pi_c` (weighted round-robin,
     :mod:`kgrec.serving.merge`), as kNN-Embed samples ``k \pi_c`` neighbours per component.
@@ -41,6 +44,7 @@ class InterestMixture(MultiInterestModel):
         top_components: interests kept per user (the ``K`` of the retriever; ``<= C``).
         alpha: Dirichlet smoothing :math:`\alpha`.
         beta: centroid blending :math:`\beta` (pseudo-count).
+        locality: :math:`\lambda \in [0, 1]`, weight of the local query against the global one.
         max_length: history items used.
         seed: k-means seed.
     """
@@ -57,14 +61,19 @@ class InterestMixture(MultiInterestModel):
         beta: float = 1.0,
         max_length: int = 20,
         seed: int = 2020,
+        locality: float = 1.0,
     ) -> None:
         if not 1 <= top_components <= num_clusters:
             raise ValueError(f"need 1 <= top_components <= num_clusters, got {top_components}, {num_clusters}")
+        if not 0.0 <= locality <= 1.0:
+            raise ValueError(f"locality must be in [0, 1], got {locality}")
         super().__init__(num_items, embedding_dim, num_clusters, max_length, 1.0, "weighted")
         self.hparams = dict(
             num_items=num_items, embedding_dim=embedding_dim, num_clusters=num_clusters,
             top_components=top_components, alpha=alpha, beta=beta, max_length=max_length, seed=seed,
+            locality=locality,
         )
+        self.locality = locality
         self.num_clusters = num_clusters
         self.top_components = top_components
         self.alpha = alpha
@@ -121,6 +130,7 @@ class InterestMixture(MultiInterestModel):
         unit_centroids = torch.nn.functional.normalize(self.centroids, dim=-1)
         prior = mean.norm(dim=-1, keepdim=True).clamp(min=1e-6)[:, None, :] * unit_centroids[None]
         queries = (sums + self.beta * prior) / (counts.unsqueeze(-1) + self.beta)
+        queries = (1.0 - self.locality) * mean[:, None, :] + self.locality * queries
         pi = (counts + self.alpha) / (lengths.unsqueeze(-1).float() + self.num_clusters * self.alpha)
         # Keep the top components by weight (ties: lower cluster index).
         order = torch.sort(pi, dim=1, descending=True, stable=True).indices[:, : self.top_components]

@@ -58,6 +58,9 @@ class SequentialModelConfig(BaseModel):
     hidden_dim: int = Field(0, ge=0, description="YouTube-DNN MLP width (0: mean pooling)")
     routing_iterations: int = Field(3, ge=1, le=10, description="MIND / ComiRec-DR")
     num_clusters: int = Field(8, ge=1, description="mixture: k-means clusters C")
+    locality: float = Field(
+        1.0, ge=0.0, le=1.0, description="mixture: weight of each cluster's local query against the global one"
+    )
     # training (SequentialTrainConfig)
     learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
     batch_size: int = Field(256, ge=1)
@@ -162,7 +165,7 @@ def build_sequential_model(config: SequentialModelConfig, num_items: int) -> Mul
 
         model = InterestMixture(
             num_items, num_clusters=config.num_clusters, top_components=config.num_interests,
-            seed=config.seed, **common,
+            seed=config.seed, locality=config.locality, **common,
         )
     else:  # pragma: no cover - guarded by the Literal
         raise ValueError(f"unknown sequential model {config.model!r}")

@@ -191,3 +191,22 @@ def test_item_prior_init_and_regularisation() -> None:
     assert torch.isfinite(loss)
     with pytest.raises(ValueError):
         model.set_item_prior(prior[:, :2], present)
+
+
+def test_mixture_locality_interpolates_between_the_global_and_the_local_queries() -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((40, 6)).astype(np.float32)
+    h, n = pad_histories([[0, 5, 9, 13, 21, 30]], 20)
+    mean = torch.from_numpy(vectors[[0, 5, 9, 13, 21, 30]].mean(0))
+    queries = {}
+    for lam in (0.0, 0.25, 1.0):
+        mix = InterestMixture(40, 6, num_clusters=4, top_components=4, seed=1, locality=lam).fit(vectors)
+        queries[lam], mask = mix.interests(h, n)
+    assert mask.all()
+    # lambda = 0: every component asks the single-vector (mean-pooling) question
+    torch.testing.assert_close(queries[0.0][0], mean.expand(4, 6))
+    # and in between it is the convex combination of the two
+    torch.testing.assert_close(queries[0.25], 0.75 * queries[0.0] + 0.25 * queries[1.0])
+    assert not torch.allclose(queries[1.0][0, 0], queries[1.0][0, 1])
+    with pytest.raises(ValueError, match="locality"):
+        InterestMixture(40, 6, locality=1.5)
