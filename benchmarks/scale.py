@@ -101,6 +101,15 @@ def main() -> None:
             f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['threads']} threads on {r['device']}",
             flush=True,
         )
+    by_name = {r["model"]: r for r in rows}
+    if "lightgcn" in by_name:  # the baseline: LightGCN propagates over the interaction graph only
+        base = by_name["lightgcn"]
+        for r in rows:
+            if r is not base:
+                print(
+                    f"{r['model']} / lightgcn: x{r['median_epoch_seconds'] / base['median_epoch_seconds']:.1f} "
+                    f"epoch time, x{r['peak_rss_mb'] / base['peak_rss_mb']:.1f} peak memory"
+                )
     print(json.dumps(rows))
 
 

@@ -33,8 +33,10 @@ from kgrec.models.config import TrainConfig
 from kgrec.models.experiment import TrainedModel, evaluate_and_log, export_bundle, train_and_log
 from kgrec.models.ranking_experiment import (
     TrainedRanker,
+    best_retriever,
     evaluate_ranker_and_log,
     export_ranker_bundle,
+    ranker_config,
     train_ranker_and_log,
 )
 from kgrec.models.reranking import KCANConfig
@@ -228,13 +230,9 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     results = [finish_one(t, data, name, tracking.workdir / "bundles") for t in trained_models]
     ranker = None
     if config.ranker is not None:
-        # the ranker learns from (hard negatives among) the candidates of this run's best retriever
-        retrievers = [t for t in trained_models if isinstance(t, TrainedModel)]
-        best = max(retrievers, key=lambda t: t.fit.best_valid.get("recall@20", float("-inf")))
-        cap = {"epochs": min(config.epochs, KCANConfig().epochs)} if config.epochs else {}
-        ranker_config = KCANConfig(seed=config.seed, **cap)
         ranker = finish_ranker(
-            best, data, ranker_config, registered_ranker_name(name), tracking.workdir / "bundles"
+            best_retriever(trained_models), data, ranker_config(config.seed, config.epochs),
+            registered_ranker_name(name), tracking.workdir / "bundles",
         )
     champion = registry.resolve_alias(name, registry.CHAMPION)
     return {

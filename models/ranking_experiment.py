@@ -18,6 +18,7 @@ A ranker is trained on one retriever's candidates (hard negatives, fusion weight
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,22 @@ class TrainedRanker:
                 for k, v in test.get(part, {}).items()
             },
         }
+
+
+def best_retriever(trained: Iterable[object]) -> TrainedModel:
+    """The embedding retriever of a run with the best validation Recall@20: the ranker learns from
+    (hard negatives among) its candidates."""
+    retrievers = [t for t in trained if isinstance(t, TrainedModel)]
+    if not retrievers:
+        raise ValueError("the ranking stage needs an embedding retriever trained in the same run")
+    return max(retrievers, key=lambda t: t.fit.best_valid.get("recall@20", float("-inf")))
+
+
+def ranker_config(seed: int, epoch_cap: int | None = None) -> KCANConfig:
+    """KCAN's defaults with the run's seed; ``epoch_cap`` (the pipeline's ``--epochs``) only lowers
+    the number of epochs."""
+    default = KCANConfig()
+    return KCANConfig(seed=seed, epochs=min(epoch_cap, default.epochs) if epoch_cap else default.epochs)
 
 
 def train_ranker_and_log(
