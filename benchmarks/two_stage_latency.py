@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--n", type=int, default=200, help="candidates retrieved and re-ranked")
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--workdir", type=Path, help="KGREC_HOME holding NAME and NAME-ranker")
+    parser.add_argument("--workdir", type=Path,
+                        help="KGREC_HOME holding NAME and NAME-ranker (trained there when it has no store)")
     parser.add_argument("--model-name", help="default: kgrec-<dataset>-two-stage")
     parser.add_argument("--epochs", type=int, help="epoch cap of the pipeline run")
     args = parser.parse_args()
@@ -83,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = (args.workdir or Path(tmp) / "work").resolve()
         figures: dict = {"machine": machine(), "cpus": os.cpu_count(), "n": args.n, "k": args.k}
-        if args.workdir is None:
+        if not (workdir / "mlflow.db").exists():
             run = register_champions(workdir, args.dataset, name, args.epochs)
             figures["pipeline_seconds"] = round(run["pipeline_seconds"], 1)
             figures["ranker"] = {k: run["ranker"][k] for k in ("retriever", "alpha", "best_epoch", "test")}

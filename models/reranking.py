@@ -8,8 +8,9 @@ r"""Two-stage recommendation: a retriever's top-N candidates re-ranked by KCAN.
   masked, so never a training positive; a validation/test positive can be drawn, about 1 in 200)
   and otherwise a uniform non-positive item (so KCAN still learns the coarse preference).
   After every epoch: KGAT's TransR step + attention update + re-distillation; then the validation
-  retrieval top-N is re-ranked and training stops after ``patience`` evaluations without a better
-  validation NDCG@20 (best weights restored).
+  retrieval top-N is re-ranked; the epoch with the best fused validation NDCG@20 is kept, and
+  training stops after ``patience`` evaluations in which neither that figure nor KCAN's own
+  validation NDCG@20 improved (best weights restored).
 * **Score fusion.** The final list orders the candidates by
   :math:`(1-\alpha)\,\tilde s_{ret} + \alpha\,\tilde s_{KCAN}`, each score standardised over the
   user's N candidates; :math:`\alpha` is picked on the validation split from ``fusion_grid``
@@ -325,6 +326,7 @@ def train_kcan(
     sampler = NegativeSampler(data.train)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     best = (-1.0, 0, 0.0, 1.0)  # (value, epoch, kcan-only, alpha)
+    best_alone = -1.0
     best_state = None
     bad = 0
     history: list[dict[str, float]] = []
@@ -365,9 +367,16 @@ def train_kcan(
         logger.info("kcan epoch %s", log)
         if on_epoch is not None:
             on_epoch(log)
+        # Select on the fused list, but keep training while KCAN alone still improves: the
+        # alpha = 0 candidate (retrieval alone) is a floor the fused metric cannot go below, so
+        # while KCAN is weak the fused figure is flat even though the ranker is learning.
+        improved_alone = kcan_only > best_alone
+        best_alone = max(best_alone, kcan_only)
         if per_alpha[alpha] > best[0]:
             best = (per_alpha[alpha], epoch, kcan_only, alpha)
             best_state = copy.deepcopy(model.state_dict())
+            bad = 0
+        elif improved_alone:
             bad = 0
         else:
             bad += 1

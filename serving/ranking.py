@@ -186,6 +186,8 @@ class TwoStageService:
             zip(ranker.items["item_id"].to_list(), ranker.items["item_idx"].to_list())
         )
         self.latency = StageLatency(self.STAGES)
+        if torch_threads is not None:  # before the warm-up: it would start a pool of all cores
+            torch.set_num_threads(torch_threads)
         self._warm_up()
 
     def _warm_up(self) -> None:

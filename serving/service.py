@@ -250,7 +250,7 @@ def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) ->
     # Plain `def`: KCAN's forward (a few ms, torch releases the GIL) runs in the threadpool instead
     # of blocking the event loop.
     @app.get("/v1/users/{user_id}/ranked")
-    def ranked(
+    async def ranked(
         user_id: str,
         k: int = Query(20, ge=1, le=MAX_K),
         n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
