@@ -193,6 +193,17 @@ class KCAN(Recommender):
         self.kgat.update_attention()
         self.refresh_subgraphs()
 
+    def init_global(self, kgat: KGAT) -> None:
+        """Start the global layer from a trained KGAT over the same CKG (its weights, its attention,
+        and the subgraphs distilled from that attention)."""
+        if kgat.edge_index.shape != self.kgat.edge_index.shape or not torch.equal(
+            kgat.edge_index.cpu(), self.kgat.edge_index.cpu()
+        ):
+            raise ValueError("the KGAT was trained on another CKG")
+        self.kgat.load_state_dict(kgat.state_dict())
+        self.kgat.update_attention()
+        self.refresh_subgraphs()
+
     def refresh_subgraphs(self) -> None:
         """Re-tabulate the top-attention neighbours (``k + 1`` per node: one in reserve for the
         excluded target edge) from the KGAT attention, and drop the eval cache."""

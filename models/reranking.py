@@ -40,7 +40,7 @@ import scipy.sparse as sp
 import torch
 from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense
 from kgrec.models.kcan import KCAN
-from kgrec.models.kgat import interaction_ckg
+from kgrec.models.kgat import KGAT, interaction_ckg
 from kgrec.models.sampling import NegativeSampler
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -303,14 +303,22 @@ def train_kcan(
     config: KCANConfig | None = None,
     model: KCAN | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    global_init: KGAT | None = None,
 ) -> tuple[KCAN, KCANFitResult]:
     """Train KCAN as the re-ranker of ``retriever`` (see the module docstring); returns the model
-    (best epoch, eval mode, ``model.meta["extra"]["alpha"]`` set) and the fit summary."""
+    (best epoch, eval mode, ``model.meta["extra"]["alpha"]`` set) and the fit summary.
+
+    ``global_init``: a KGAT trained on the same CKG whose weights start KCAN's global layer (same
+    embedding, layer and relation sizes required). KGAT needs ~150 cheap epochs to converge; KCAN's
+    epochs are far more expensive, so without it the global representations stay under-trained.
+    """
     config = config or KCANConfig()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = model or build_kcan(data, config)
     model.reset_parameters()
+    if global_init is not None:
+        model.init_global(global_init)
     n = config.num_candidates
 
     # training negatives come from the retrieval top-N with training items masked (= the

@@ -175,3 +175,23 @@ def test_list_metrics_match_full_ranking_evaluation(planted_setup):
     assert ours["recall@20"] == pytest.approx(ref["recall@20"], abs=1e-9)
     assert ours["ndcg@20"] == pytest.approx(ref["ndcg@20"], abs=1e-9)
     assert np.isfinite(ours["ndcg@20"])
+
+
+def test_global_layer_starts_from_a_trained_kgat(planted_data):
+    from kgrec.models.kgat import KGAT, interaction_ckg
+
+    config = _small_config()
+    ckg = interaction_ckg(planted_data)
+    kgat = KGAT(planted_data.num_users, planted_data.num_items, ckg, embedding_dim=16, layer_sizes=(16,),
+                relation_dim=16)
+    torch.nn.init.normal_(kgat.node_embedding.weight)  # unlike KCAN's own initialisation
+    kgat.update_attention()
+    model = build_kcan(planted_data, config)
+    model.init_global(kgat)
+    torch.testing.assert_close(model.kgat.node_embedding.weight, kgat.node_embedding.weight)
+    torch.testing.assert_close(model.kgat.attention_weights, kgat.attention_weights)
+    other = KGAT(planted_data.num_users, planted_data.num_items,
+                 interaction_ckg(planted_data.__class__(**{**planted_data.__dict__, "train": planted_data.valid})),
+                 embedding_dim=16, layer_sizes=(16,), relation_dim=16)
+    with pytest.raises(ValueError, match="another CKG"):
+        model.init_global(other)
