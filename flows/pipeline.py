@@ -1,7 +1,7 @@
 """Prefect flows: ingest → build graph → train → evaluate → register → publish index → promote.
 
 With ``ranker="kcan"`` the run then trains the ranking stage on the candidates of its best embedding
-retriever and registers it as ``<registered model>-ranker`` (promoted on validation NDCG@20 of the
+retriever (KCAN's global layer starting from the run's KGAT, if it trained one) and registers it as ``<registered model>-ranker`` (promoted on validation NDCG@20 of the
 re-ranked list; no index).
 
 Two branches share the registration steps: embedding retrievers (bprmf, lightgcn, kgat) train on
@@ -38,6 +38,7 @@ from kgrec.models.ranking_experiment import (
     export_ranker_bundle,
     ranker_config,
     train_ranker_and_log,
+    trained_kgat,
 )
 from kgrec.models.reranking import KCANConfig
 from kgrec.models.sequential_experiment import (
@@ -96,8 +97,10 @@ def register_task(trained: TrainedModel, data: InteractionData, bundle_root: Pat
 
 
 @task(name="train-ranker", cache_policy=NO_CACHE)
-def train_ranker_task(data: InteractionData, retriever: TrainedModel, config: KCANConfig) -> TrainedRanker:
-    return train_ranker_and_log(data, retriever, config)
+def train_ranker_task(
+    data: InteractionData, retriever: TrainedModel, config: KCANConfig, global_init: TrainedModel | None
+) -> TrainedRanker:
+    return train_ranker_and_log(data, retriever, config, global_init)
 
 
 @task(name="evaluate-ranker", cache_policy=NO_CACHE)
@@ -159,10 +162,15 @@ def promote_task(name: str, version) -> registry.Promotion:
 
 
 def finish_ranker(
-    retriever: TrainedModel, data: InteractionData, config: KCANConfig, name: str, bundle_root: Path
+    retriever: TrainedModel,
+    global_init: TrainedModel | None,
+    data: InteractionData,
+    config: KCANConfig,
+    name: str,
+    bundle_root: Path,
 ) -> dict[str, Any]:
     """Train, evaluate, register and promote the ranking stage on ``retriever``'s candidates."""
-    trained = train_ranker_task(data, retriever, config)
+    trained = train_ranker_task(data, retriever, config, global_init)
     try:
         evaluate_ranker_task(trained, retriever, data)
         version = register_ranker_task(trained, data, bundle_root, name)
@@ -231,7 +239,8 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     ranker = None
     if config.ranker is not None:
         ranker = finish_ranker(
-            best_retriever(trained_models), data, ranker_config(config.seed, config.epochs),
+            best_retriever(trained_models), trained_kgat(trained_models), data,
+            ranker_config(config.seed, config.epochs),
             registered_ranker_name(name), tracking.workdir / "bundles",
         )
     champion = registry.resolve_alias(name, registry.CHAMPION)

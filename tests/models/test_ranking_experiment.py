@@ -27,3 +27,11 @@ def test_the_epoch_cap_only_lowers_kcan_epochs():
     assert ranker_config(7, 3).epochs == 3
     assert ranker_config(7, 10 * default).epochs == default
     assert ranker_config(7).seed == 7
+
+
+def test_kcan_starts_from_the_runs_kgat_when_there_is_one():
+    from kgrec.models.ranking_experiment import trained_kgat
+
+    models = [_trained("lightgcn", 0.38), _trained("kgat", 0.36)]
+    assert trained_kgat(models).run_id == "kgat"
+    assert trained_kgat(models[:1]) is None
