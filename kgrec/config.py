@@ -118,10 +118,6 @@ class PipelineConfig(BaseModel):
         return self.registered_model or registered_model_name(self.dataset_name)
 
     @property
-    def ranker_name(self) -> str:
-        return registered_ranker_name(self.model_name)
-
-    @property
     def dataset_name(self) -> str:
         """Name of a bundled spec, or the stem of a spec file path."""
         return Path(self.dataset).stem if self.dataset.endswith((".yaml", ".yml")) else self.dataset

@@ -21,3 +21,14 @@ def test_pipeline_config_rejects_unknown_models_with_the_choices():
 
     with pytest.raises(ValidationError, match="unknown model.*choose from"):
         PipelineConfig(models=["bprmf", "no-such-model"])
+
+
+def test_a_ranker_needs_an_embedding_retriever_in_the_same_run():
+    import pytest
+    from pydantic import ValidationError
+
+    assert PipelineConfig(models=["comirec_sa", "lightgcn"], ranker="kcan").ranker == "kcan"
+    with pytest.raises(ValidationError, match="re-ranks an embedding retriever"):
+        PipelineConfig(dataset="ml-100k-seq", models=["comirec_sa"], ranker="kcan")
+    with pytest.raises(ValidationError):
+        PipelineConfig(ranker="xgboost")
