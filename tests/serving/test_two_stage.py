@@ -217,3 +217,30 @@ def test_a_ranker_that_fails_to_load_makes_the_service_unready(retrieval):
         assert ready.status_code == 503 and "missing kcan.pt" in ready.json()["detail"]
         assert c.get("/v1/users/u1/ranked").status_code == 503
         assert c.get("/healthz").status_code == 200
+
+
+def test_ranker_pyfunc_scores_pairs_by_raw_id(tmp_path, ranker):
+    import mlflow
+    import pandas as pd
+    from kgrec.serving.pyfunc import PairScorer, ranker_signature
+
+    bundle_dir = ranker.write(tmp_path / "ranker")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        exp = mlflow.create_experiment("ranker-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=PairScorer(), artifacts={"bundle": str(bundle_dir)},
+                signature=ranker_signature(), pip_requirements=["kgrec"],
+            )
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    frame = pd.DataFrame({"user_id": ["u7", "u7", "ghost", "u3"], "item_id": ["i4", "i90", "i4", "nope"]})
+    out = model.predict(frame)
+    assert out["known"].tolist() == [True, True, False, False]
+    assert out["score"][2:].isna().all()
+    for row in (0, 1):
+        expected = _kcan_score(ranker, frame.user_id[row], frame.item_id[row])
+        assert out["score"][row] == pytest.approx(expected, rel=1e-4, abs=1e-5)
