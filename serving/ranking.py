@@ -212,7 +212,7 @@ class TwoStageService:
         if not 1 <= k <= n:
             raise InvalidRequestError(f"k must be between 1 and n={n}, got {k}")
         if self.torch_threads is not None and torch.get_num_threads() != self.torch_threads:
-            torch.set_num_threads(self.torch_threads)  # per OS thread: the handlers run in a pool
+            torch.set_num_threads(self.torch_threads)  # per OS thread: callers may use several
         t0 = time.perf_counter()
         retrieved = self.retrieval.for_user(user_id, n)
         t1 = time.perf_counter()
