@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 from kgrec.models.explain import AttentionGraph
+from kgrec.serving.files import atomic_directory
 
 BUNDLE_FILES = (
     "user_embeddings.npy",
@@ -159,21 +158,15 @@ class RetrievalBundle:
         target = Path(directory)
         if target.exists() and not overwrite:
             raise FileExistsError(f"bundle directory {target} exists")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             np.save(tmp / "user_embeddings.npy", self.user_embeddings)
             np.save(tmp / "item_embeddings.npy", self.item_embeddings)
             sp.save_npz(tmp / "seen.npz", self.seen.tocsr(), compressed=True)
             self.users.write_parquet(tmp / "users.parquet")
             self.items.write_parquet(tmp / "items.parquet")
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+            write_meta(tmp, self.meta)
             if self.attention_graph is not None:
                 self.attention_graph.save(tmp / EXPLAIN_DIRNAME)
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
@@ -205,16 +198,6 @@ class RetrievalBundle:
             raise BundleError(f"bundle {src}: {exc}") from exc
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing target is swapped out and then removed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{id(tmp)}")
-        os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """``meta.json`` of a bundle directory (every kind)."""
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))

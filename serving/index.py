@@ -21,8 +21,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
+from kgrec.serving.files import atomic_directory
 from pydantic import BaseModel, ConfigDict, Field
 
 INDEX_FILE = "items.faiss"
@@ -208,23 +207,11 @@ def build_and_measure(
 def save_index(index: faiss.Index, directory: str | os.PathLike[str], info: dict[str, Any]) -> Path:
     """Write ``items.faiss`` + ``index.json`` atomically (temp dir, then rename) to ``directory``."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     full = {"kind": index_kind(index), "metric": "inner_product", **info}
     full["ntotal"], full["dim"] = int(index.ntotal), int(index.d)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         (tmp / INFO_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

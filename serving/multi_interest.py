@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +47,7 @@ import numpy as np
 import polars as pl
 import torch
 from kgrec.models.multi_interest import MultiInterestModel, load_model, pad_histories, save_model
-from kgrec.serving.bundle import BundleError, _check_ids, _replace_dir
+from kgrec.serving.bundle import BundleError, _check_ids, write_meta
 from kgrec.serving.candidates import (
     CandidateResult,
     ExplanationUnavailableError,
@@ -57,6 +55,7 @@ from kgrec.serving.candidates import (
     UnknownUserError,
     resolve_history,
 )
+from kgrec.serving.files import atomic_directory
 from kgrec.serving.index import IndexConfig, build_index, index_kind
 from kgrec.serving.merge import MERGE_RULES, merge_interest_results, search_interests
 
@@ -176,9 +175,7 @@ class MultiInterestBundle:
     def write(self, directory: str | os.PathLike[str]) -> Path:
         """Write the bundle atomically (temp dir + rename) to ``directory`` and return it."""
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             save_model(self.model, tmp / MODEL_DIRNAME)
             np.save(tmp / "item_embeddings.npy", self.item_embeddings)
             self.items.write_parquet(tmp / "items.parquet")
@@ -187,11 +184,7 @@ class MultiInterestBundle:
             indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             flat = np.concatenate(self.histories) if lengths.sum() else np.zeros(0, np.int64)
             np.savez_compressed(tmp / "histories.npz", indptr=indptr, items=flat.astype(np.int32))
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_meta(tmp, self.meta)
         return target
 
     @classmethod

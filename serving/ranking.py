@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -36,8 +34,9 @@ import torch
 from kgrec.models.kcan import KCAN
 from kgrec.models.registry import RANKER_KIND
 from kgrec.models.reranking import fuse
-from kgrec.serving.bundle import BundleError, _replace_dir
+from kgrec.serving.bundle import BundleError, write_meta
 from kgrec.serving.candidates import CandidateError, InvalidRequestError
+from kgrec.serving.files import atomic_directory
 
 RANKER_FILES = ("kcan.pt", "kcan.json", "users.parquet", "items.parquet", "meta.json")
 MAX_CANDIDATES = 1000
@@ -77,17 +76,11 @@ class RankerBundle:
 
     def write(self, directory: str | os.PathLike[str]) -> Path:
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             self.model.save(tmp, extra={"alpha": self.alpha, "num_candidates": self.num_candidates})
             self.users.write_parquet(tmp / "users.parquet")
             self.items.write_parquet(tmp / "items.parquet")
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_meta(tmp, self.meta)
         return target
 
     @classmethod

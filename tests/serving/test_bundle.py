@@ -66,3 +66,16 @@ def test_id_map_checks(bundle):
     with pytest.raises(BundleError, match="seen"):
         RetrievalBundle(bundle.user_embeddings, bundle.item_embeddings, sp.csr_matrix((3, 3)),
                         bundle.users, bundle.items, {})
+
+
+def test_a_failed_write_leaves_the_previous_artefact_and_no_leftovers(tmp_path, bundle):
+    from kgrec.serving.files import atomic_directory
+
+    target = bundle.write(tmp_path / "b")
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"), atomic_directory(target) as tmp:
+        (tmp / "meta.json").write_text("{}")
+        raise RuntimeError("disk full")
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert RetrievalBundle.load(target).n_items == bundle.n_items
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
