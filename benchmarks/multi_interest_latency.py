@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,22 +26,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-KGREC = str(Path(sys.executable).with_name("kgrec"))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_NAME = "kgrec-ml-100k-seq-latency"
 
 
 def register_champion(workdir: Path, name: str, epochs: int | None) -> dict:
-    env = os.environ | {"KGREC_HOME": str(workdir), "PREFECT_HOME": str(workdir / "prefect")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [KGREC, "pipeline", "--dataset", "ml-100k-seq", "--models", "comirec_sa",
-           "--registered-model", name, "--json"] + (["--epochs", str(epochs)] if epochs else [])
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"pipeline failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["pipeline_seconds"] = time.perf_counter() - started
+    from kgrec.serving.process import run_pipeline_cli, workdir_env
+
+    args = ["--dataset", "ml-100k-seq", "--models", "comirec_sa", "--registered-model", name]
+    result, seconds = run_pipeline_cli(args + (["--epochs", str(epochs)] if epochs else []), workdir_env(workdir))
+    result["pipeline_seconds"] = seconds
     return result
 
 
@@ -89,7 +81,7 @@ def main() -> None:
                   f"({run['pipeline_seconds']:.0f} s)", flush=True)
 
         from kgrec.serving.champion import load_registered
-        from kgrec.serving.process import running_service
+        from kgrec.serving.process import running_service, workdir_env
 
         from kgrec.config import TrackingSettings
 
@@ -116,8 +108,7 @@ def main() -> None:
                 assert len(result.item_ids) == args.k
             figures[f"in_process_{merge}"] = percentiles(timings)
 
-        env = os.environ | {"KGREC_HOME": str(workdir)}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        env = workdir_env(workdir)
         figures["load_before"] = os.getloadavg()
         with running_service(args.model_name, env) as base_url, httpx.Client(base_url=base_url, timeout=10) as client:
             model = client.get("/v1/model").json()

@@ -14,31 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from kgrec.serving.process import run_pipeline_cli, running_service, workdir_env
 from quality import machine  # noqa: E402  (sibling script)
-
-KGREC = str(Path(sys.executable).with_name("kgrec"))
 
 
 def bench_pipeline(workdir: Path) -> dict:
-    env = os.environ | {"KGREC_HOME": str(workdir), "PREFECT_HOME": str(workdir / "prefect")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [KGREC, "pipeline", "--dataset", "music", "--json"], env=env, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"pipeline failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, seconds = run_pipeline_cli(["--dataset", "music"], workdir_env(workdir))
     return {"pipeline_seconds": seconds, "target_seconds": 180.0, "result": result}
 
 
@@ -89,7 +76,6 @@ def bench_evaluation(workdir: Path, repeats: int = 5) -> dict:
 
 def bench_service(workdir: Path, model_name: str, requests: int, k: int = 100) -> dict:
     from kgrec.serving.champion import load_registered
-    from kgrec.serving.process import running_service
 
     from kgrec.config import TrackingSettings
 
@@ -104,7 +90,7 @@ def bench_service(workdir: Path, model_name: str, requests: int, k: int = 100) -
         service.for_user(user_id, k)
         in_process.append(time.perf_counter() - started)
 
-    env = os.environ | {"KGREC_HOME": str(workdir)}
+    env = workdir_env(workdir)
     with running_service(model_name, env) as base_url, httpx.Client(
         base_url=base_url, timeout=10
     ) as client:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +26,15 @@ import httpx
 import numpy as np
 import polars as pl
 
-KGREC = str(Path(sys.executable).with_name("kgrec"))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def register_champions(workdir: Path, dataset: str, name: str, epochs: int | None) -> dict:
-    env = os.environ | {"KGREC_HOME": str(workdir), "PREFECT_HOME": str(workdir / "prefect")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [KGREC, "pipeline", "--dataset", dataset, "--models", "lightgcn", "--ranker", "kcan",
-           "--registered-model", name, "--json"] + (["--epochs", str(epochs)] if epochs else [])
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"pipeline failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["pipeline_seconds"] = time.perf_counter() - started
+    from kgrec.serving.process import run_pipeline_cli, workdir_env
+
+    args = ["--dataset", dataset, "--models", "lightgcn", "--ranker", "kcan", "--registered-model", name]
+    result, seconds = run_pipeline_cli(args + (["--epochs", str(epochs)] if epochs else []), workdir_env(workdir))
+    result["pipeline_seconds"] = seconds
     return result
 
 
@@ -95,10 +87,9 @@ def main() -> None:
         order = np.random.default_rng(0).permutation(len(users))
         user_ids = [users[order[i % len(users)]] for i in range(args.requests)]
 
-        from kgrec.serving.process import running_service
+        from kgrec.serving.process import running_service, workdir_env
 
-        env = os.environ | {"KGREC_HOME": str(workdir)}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        env = workdir_env(workdir)
         figures["load_before"] = os.getloadavg()
         with running_service(name, env) as base_url, httpx.Client(base_url=base_url, timeout=10) as client:
             ready = client.get("/readyz").json()["model"]

@@ -1,8 +1,10 @@
-"""Run ``kgrec serve`` as a child process and wait until it is ready (tests, benchmarks, load runs)."""
+"""Child processes of the ``kgrec`` CLI for benchmarks and load runs: ``kgrec pipeline`` in its own
+working directory, and ``kgrec serve`` started and waited on until it is ready (tests too)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +15,31 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
+
+
+def workdir_env(kgrec_home: Path, prefect_home: Path | None = None) -> dict[str, str]:
+    """The environment of a CLI child process that keeps everything in ``kgrec_home`` (embedded
+    MLflow store; Prefect home ``kgrec_home/prefect`` unless given), whatever tracking server the
+    parent process points at."""
+    env = os.environ | {
+        "KGREC_HOME": str(kgrec_home),
+        "PREFECT_HOME": str(prefect_home or Path(kgrec_home) / "prefect"),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("KGREC_TRACKING_URI", None)
+    return env
+
+
+def run_pipeline_cli(args: Sequence[str], env: Mapping[str, str]) -> tuple[dict, float]:
+    """``kgrec pipeline ARGS --json``: its JSON result and wall seconds (SystemExit with the end of
+    its stderr when it fails)."""
+    kgrec = str(Path(sys.executable).with_name("kgrec"))
+    started = time.perf_counter()
+    proc = subprocess.run([kgrec, "pipeline", *args, "--json"], env=dict(env), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"kgrec pipeline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), seconds
 
 
 def free_port(host: str = "127.0.0.1") -> int:
