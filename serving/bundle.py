@@ -198,6 +198,11 @@ class RetrievalBundle:
             raise BundleError(f"bundle {src}: {exc}") from exc
 
 
+def id_lookup(frame: pl.DataFrame, id_col: str, idx_col: str) -> dict[str, int]:
+    """Raw id -> index of an id map (``users.parquet`` / ``items.parquet`` of any bundle kind)."""
+    return dict(zip(frame[id_col].to_list(), frame[idx_col].to_list()))
+
+
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
     """``meta.json`` of a bundle directory (every kind)."""
     (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))

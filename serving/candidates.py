@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
-from kgrec.serving.bundle import RetrievalBundle
-from kgrec.serving.index import IndexConfig, build_index, index_kind
+from kgrec.serving.bundle import RetrievalBundle, id_lookup
+from kgrec.serving.index import index_kind, index_over
 
 # Larger searches than this go straight to an exact numpy scan (cheaper than a huge ANN k).
 _MAX_INDEX_K = 4096
@@ -149,13 +149,7 @@ class CandidateService:
         search_threads: int = 1,
     ):
         self.bundle = bundle
-        if index is None:
-            index = build_index(bundle.item_embeddings, IndexConfig())
-        if index.ntotal != bundle.n_items or index.d != bundle.dim:
-            raise ValueError(
-                f"index ({index.ntotal} x {index.d}) does not match the bundle's items "
-                f"({bundle.n_items} x {bundle.dim})"
-            )
+        index = index_over(bundle.item_embeddings, index)
         self.index = index
         self.index_kind = index_kind(index)
         self.search_threads = int(search_threads)
@@ -169,9 +163,7 @@ class CandidateService:
         self._seen_indices = seen.indices.astype(np.int64)
 
         users = bundle.users
-        self._user_index: dict[str, int] = dict(
-            zip(users["user_id"].to_list(), users["user_idx"].to_list())
-        )
+        self._user_index = id_lookup(users, "user_id", "user_idx")
         self._user_ids: list[str] = users.sort("user_idx")["user_id"].to_list()
         items = bundle.items.sort("item_idx")
         self._item_ids: list[str] = items["item_id"].to_list()

@@ -120,6 +120,16 @@ def build_index(item_embeddings: np.ndarray, config: IndexConfig | None = None) 
     return index
 
 
+def index_over(item_embeddings: np.ndarray, index: faiss.Index | None = None) -> faiss.Index:
+    """``index`` checked against the items it must cover, or a default one built over them."""
+    if index is None:
+        return build_index(item_embeddings, IndexConfig())
+    n, d = item_embeddings.shape
+    if index.ntotal != n or index.d != d:
+        raise ValueError(f"index ({index.ntotal} x {index.d}) does not match the bundle's items ({n} x {d})")
+    return index
+
+
 def index_kind(index: faiss.Index) -> str:
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexHNSW):

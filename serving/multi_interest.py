@@ -47,7 +47,7 @@ import numpy as np
 import polars as pl
 import torch
 from kgrec.models.multi_interest import MultiInterestModel, load_model, pad_histories, save_model
-from kgrec.serving.bundle import BundleError, _check_ids, write_meta
+from kgrec.serving.bundle import BundleError, _check_ids, id_lookup, write_meta
 from kgrec.serving.candidates import (
     CandidateResult,
     ExplanationUnavailableError,
@@ -56,7 +56,7 @@ from kgrec.serving.candidates import (
     resolve_history,
 )
 from kgrec.serving.files import atomic_directory
-from kgrec.serving.index import IndexConfig, build_index, index_kind
+from kgrec.serving.index import index_kind, index_over
 from kgrec.serving.merge import MERGE_RULES, merge_interest_results, search_interests
 
 KIND = "multi_interest"
@@ -247,13 +247,7 @@ class MultiInterestService:
         torch_threads: int | None = None,
     ):
         self.bundle = bundle
-        if index is None:
-            index = build_index(bundle.item_embeddings, IndexConfig())
-        if index.ntotal != bundle.n_items or index.d != bundle.dim:
-            raise ValueError(
-                f"index ({index.ntotal} x {index.d}) does not match the bundle's items "
-                f"({bundle.n_items} x {bundle.dim})"
-            )
+        index = index_over(bundle.item_embeddings, index)
         if torch_threads is not None:
             torch.set_num_threads(int(torch_threads))
         self.index = index
@@ -268,7 +262,7 @@ class MultiInterestService:
         self._histories = bundle.histories
         self._seen = [np.unique(h) for h in bundle.histories]
         users = bundle.users
-        self._user_index: dict[str, int] = dict(zip(users["user_id"].to_list(), users["user_idx"].to_list()))
+        self._user_index = id_lookup(users, "user_id", "user_idx")
         items = bundle.items.sort("item_idx")
         self._item_ids: list[str] = items["item_id"].to_list()
         self._item_names: list[str | None] = items["name"].to_list()

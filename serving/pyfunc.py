@@ -112,8 +112,10 @@ class PairScorer(mlflow.pyfunc.PythonModel):
         missing = {"user_id", "item_id"} - set(frame.columns)
         if missing:
             raise ValueError(f"model_input needs columns {sorted(missing)}")
-        users = dict(zip(self.bundle.users["user_id"].to_list(), self.bundle.users["user_idx"].to_list()))
-        items = dict(zip(self.bundle.items["item_id"].to_list(), self.bundle.items["item_idx"].to_list()))
+        from kgrec.serving.bundle import id_lookup
+
+        users = id_lookup(self.bundle.users, "user_id", "user_idx")
+        items = id_lookup(self.bundle.items, "item_id", "item_idx")
         u = np.array([users.get(str(x), -1) for x in frame["user_id"]], dtype=np.int64)
         i = np.array([items.get(str(x), -1) for x in frame["item_id"]], dtype=np.int64)
         known = (u >= 0) & (i >= 0)

@@ -34,7 +34,7 @@ import torch
 from kgrec.models.kcan import KCAN
 from kgrec.models.registry import RANKER_KIND
 from kgrec.models.reranking import fuse
-from kgrec.serving.bundle import BundleError, write_meta
+from kgrec.serving.bundle import BundleError, id_lookup, write_meta
 from kgrec.serving.candidates import CandidateError, InvalidRequestError
 from kgrec.serving.files import atomic_directory
 
@@ -172,12 +172,8 @@ class TwoStageService:
         self.ranker = ranker
         self.model = ranker.model.eval()
         self.torch_threads = torch_threads
-        self._user_index: dict[str, int] = dict(
-            zip(ranker.users["user_id"].to_list(), ranker.users["user_idx"].to_list())
-        )
-        self._item_index: dict[str, int] = dict(
-            zip(ranker.items["item_id"].to_list(), ranker.items["item_idx"].to_list())
-        )
+        self._user_index = id_lookup(ranker.users, "user_id", "user_idx")
+        self._item_index = id_lookup(ranker.items, "item_id", "item_idx")
         self.latency = StageLatency(self.STAGES)
         if torch_threads is not None:  # before the warm-up: it would start a pool of all cores
             torch.set_num_threads(torch_threads)
