@@ -7,20 +7,30 @@ model is initialised with the same seed, trained on the training users' sliding 
 the test users. Prints mean ± std over the seeds next to the torch-rechub peer figures.
 
 Rows: popularity, YouTube-DNN (single vector), MIND, ComiRec-DR, ComiRec-SA (d = 64, K = 4, max
-merge), ComiRec-DR/SA with the weighted round-robin merge (trained and selected with it), the
+merge), ComiRec-DR/SA with the weighted round-robin merge (trained and selected with it),
+ComiRec-DR/SA trained with the mixture-of-softmaxes readout and served with the matching
+``mixture`` merge (SA with unit-length interests; ``_decor``: plus the interest decorrelation
+penalty, weight ``--decorrelation``), ComiRec-SA with K = 1 (a single self-attentive
+vector: the control that separates "attention over the history" from "several interests"), the
 interest mixture (kNN-Embed style, C = 8 clusters, 4 components, on the trained YouTube-DNN item
 vectors and on LightGCN vectors), and KG-aware initialisation: YouTube-DNN and ComiRec-SA whose
 item embeddings start from LightGCN item embeddings trained on the KG-linked `ml-100k` snapshot
 (only the TRAINING users' interactions, so no test target leaks; items mapped by raw item id;
 unlinked items keep random init).
 
+Every gradient-trained row uses the same recipe: Adam at ``--lr`` (default 1e-3), batch 256,
+``--num-negatives`` uniform negatives per batch (default 0: the exact softmax over all 1,682 items),
+temperature 0.1, patience 3. (Session 2's table used 256 sampled negatives and lr 3e-3: every model
+scored lower, YouTube-DNN 0.374 Recall@50.)
+
     .venv/bin/python benchmarks/multi_interest.py [--seeds 2020,2021,2022] [--models ...]
-        [--out results.jsonl] [--threads 2] [--epochs 20]
+        [--out results.jsonl] [--threads 2] [--epochs 20] [--lr 1e-3] [--num-negatives 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -41,6 +51,7 @@ from kgrec.models.comirec_sa import ComiRecSA
 from kgrec.models.config import TrainConfig
 from kgrec.models.interest_mixture import InterestMixture
 from kgrec.models.mind import MIND
+from kgrec.models.multi_interest import MultiInterestModel
 from kgrec.models.sequential_evaluation import Popularity, category_matrix, evaluate_sequential
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
 from kgrec.models.trainer import fit
@@ -57,8 +68,9 @@ PEERS = {
     "comirec_sa": (0.238, 0.149, 0.87),
 }
 ALL_MODELS = (
-    "popularity", "youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_dr_weighted",
-    "comirec_sa_weighted", "mixture", "youtube_dnn_kginit", "comirec_sa_kginit", "mixture_lightgcn",
+    "popularity", "youtube_dnn", "comirec_sa_k1", "mind", "comirec_dr", "comirec_sa", "comirec_dr_weighted",
+    "comirec_sa_weighted", "comirec_dr_mixture", "comirec_sa_mixture", "comirec_sa_mixture_decor", "mixture", "youtube_dnn_kginit",
+    "comirec_sa_kginit", "comirec_sa_mixture_kginit", "comirec_sa_mixture_decor_kginit", "mixture_lightgcn",
 )
 COLUMNS = ("recall@20", "recall@50", "hit@50", "ndcg@50", "diversity@50", "interest_similarity", "train_s")
 
@@ -88,10 +100,36 @@ def lightgcn_item_vectors(kg_snapshot: Snapshot, seq_snapshot: Snapshot, split: 
     return vectors, present, info
 
 
-def run_seed(seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: Snapshot, epochs: int, out: Path) -> None:
+def build(name: str, n_items: int) -> MultiInterestModel:
+    """The model of benchmark row ``name`` (``_weighted``: round-robin merge; ``_mixture``: mixture
+    readout and merge; ``_decor`` (training config) and ``_kginit`` (prior init): set by the caller)."""
+    merge = "weighted" if "_weighted" in name else "max"
+    if name.startswith("youtube_dnn"):
+        return YouTubeDNN(n_items, D)
+    if name == "mind":
+        return MIND(n_items, D, K)
+    if name == "comirec_sa_k1":
+        return ComiRecSA(n_items, D, 1)
+    if name.startswith("comirec_dr"):
+        if "_mixture" in name:
+            return ComiRecDR(n_items, D, K, readout="mixture", merge_rule="mixture")
+        return ComiRecDR(n_items, D, K, merge_rule=merge)
+    if name.startswith("comirec_sa"):
+        if "_mixture" in name:
+            return ComiRecSA(n_items, D, K, readout="mixture", merge_rule="mixture", normalize_interests=True)
+        return ComiRecSA(n_items, D, K, merge_rule=merge)
+    raise ValueError(f"unknown benchmark row {name!r}")
+
+
+def run_seed(
+    seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: Snapshot, epochs: int, out: Path,
+    learning_rate: float, num_negatives: int, decorrelation: float,
+) -> None:
     split = sequential_split(seq_snapshot, seed=seed)
     cats, _ = category_matrix(seq_snapshot.item_categories())
-    config = SequentialTrainConfig(seed=seed, epochs=epochs, patience=3)
+    config = SequentialTrainConfig(
+        seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate, num_negatives=num_negatives
+    )
     n_items = split.num_items
     trained: dict[str, object] = {}
     prior: tuple[np.ndarray, np.ndarray, dict] | None = None
@@ -112,6 +150,7 @@ def run_seed(seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: 
             if name == "mixture":
                 base = trained.get("youtube_dnn")
                 if base is None:
+                    torch.manual_seed(seed)
                     base = YouTubeDNN(n_items, D)
                     fit_sequential(base, split, config)
                     trained["youtube_dnn"] = base
@@ -128,16 +167,7 @@ def run_seed(seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: 
             train_s, best_epoch = time.perf_counter() - t0, 0
         else:
             torch.manual_seed(seed)
-            if name.startswith("youtube_dnn"):
-                model = YouTubeDNN(n_items, D)
-            elif name == "mind":
-                model = MIND(n_items, D, K)
-            elif name.startswith("comirec_dr"):
-                model = ComiRecDR(n_items, D, K, merge_rule="weighted" if name.endswith("weighted") else "max")
-            elif name.startswith("comirec_sa"):
-                model = ComiRecSA(n_items, D, K, merge_rule="weighted" if name.endswith("weighted") else "max")
-            else:
-                raise ValueError(name)
+            model = build(name, n_items)
             reset = True
             if name.endswith("kginit"):
                 vectors, present, info = need_prior()
@@ -146,7 +176,8 @@ def run_seed(seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: 
                 model.reset_parameters()
                 model.set_item_prior(vectors, present)
                 reset = False
-            result = fit_sequential(model, split, config, reset=reset)
+            row_config = dataclasses.replace(config, decorrelation=decorrelation) if "_decor" in name else config
+            result = fit_sequential(model, split, row_config, reset=reset)
             train_s, best_epoch = result.train_seconds, result.best_epoch
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
@@ -189,6 +220,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSONL file of per-seed rows (appended)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--num-negatives", type=int, default=0, help="per batch; 0 = exact softmax")
+    parser.add_argument("--decorrelation", type=float, default=1.0, help="penalty weight of the _decor rows")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,7 +232,8 @@ def main() -> None:
         seq_snapshot = load_snapshot(ingest(load_spec("ml-100k-seq"), workdir).snapshot_dir)
         kg_snapshot = load_snapshot(ingest(load_spec("ml-100k"), workdir).snapshot_dir)
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out)
+            run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
+                     args.num_negatives, args.decorrelation)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     print(f"\nml-100k sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
           f" (torch threads={args.threads}; timings on a shared 2-core machine)")

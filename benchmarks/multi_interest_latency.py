@@ -1,8 +1,9 @@
 """Serving latency of multi-interest requests: POST /v1/candidates with a real ml-100k history.
 
-1. Unless ``--workdir`` already holds one, registers a ComiRec-SA (K = 4, d = 64, L = 20) champion:
-   ``kgrec pipeline --dataset ml-100k-seq --models comirec_sa --registered-model NAME`` in a fresh
-   working directory.
+1. Unless ``--workdir`` already holds one, registers a ``--model`` champion (default
+   ``comirec_sa_mos``: ComiRec-SA with the mixture readout, K = 4, d = 64, L = 20, served with the
+   ``mixture`` merge): ``kgrec pipeline --dataset ml-100k-seq --models MODEL --registered-model NAME``
+   in a fresh working directory.
 2. The request bodies are the TEST users' input sequences of the sequential split (seed 2020) --
    ordered raw item ids, oldest first, the last 500 (the API's limit) -- cycled to ``--requests``.
 3. In-process baseline: ``MultiInterestService.for_history(ids, k)`` on the same loaded champion.
@@ -11,7 +12,7 @@
    Target from the issue: p99 <= 10 ms.
 
     .venv/bin/python benchmarks/multi_interest_latency.py [--requests 2000] [--k 50]
-        [--workdir DIR --model-name NAME] [--epochs N]
+        [--model comirec_sa_mos] [--merges max,weighted,mixture] [--workdir DIR --model-name NAME] [--epochs N]
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_NAME = "kgrec-ml-100k-seq-latency"
 
 
-def register_champion(workdir: Path, name: str, epochs: int | None) -> dict:
+def register_champion(workdir: Path, name: str, model: str, epochs: int | None) -> dict:
     from kgrec.serving.process import run_pipeline_cli, workdir_env
 
-    args = ["--dataset", "ml-100k-seq", "--models", "comirec_sa", "--registered-model", name]
+    args = ["--dataset", "ml-100k-seq", "--models", model, "--registered-model", name]
     result, seconds = run_pipeline_cli(args + (["--epochs", str(epochs)] if epochs else []), workdir_env(workdir))
     result["pipeline_seconds"] = seconds
     return result
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--workdir", type=Path, help="KGREC_HOME holding --model-name (skips training)")
     parser.add_argument("--model-name", default=DEFAULT_NAME)
-    parser.add_argument("--epochs", type=int, help="training epochs of the ComiRec-SA champion")
-    parser.add_argument("--merges", default="max,weighted")
+    parser.add_argument("--model", default="comirec_sa_mos", help="sequential model to register as champion")
+    parser.add_argument("--epochs", type=int, help="training epochs of the champion")
+    parser.add_argument("--merges", default="max,weighted,mixture")
     args = parser.parse_args()
 
     from quality import machine  # noqa: E402  (sibling script)
@@ -74,10 +76,10 @@ def main() -> None:
         workdir = (args.workdir or Path(tmp) / "work").resolve()
         figures: dict = {"machine": machine(), "cpus": os.cpu_count(), "k": args.k}
         if args.workdir is None:
-            run = register_champion(workdir, args.model_name, args.epochs)
+            run = register_champion(workdir, args.model_name, args.model, args.epochs)
             figures["pipeline_seconds"] = round(run["pipeline_seconds"], 1)
             figures["trained"] = {m["model"]: m["test"] for m in run["models"]}
-            print(f"registered {args.model_name}: ComiRec-SA, test {figures['trained']['comirec_sa']} "
+            print(f"registered {args.model_name}: {args.model}, test {figures['trained'][args.model]} "
                   f"({run['pipeline_seconds']:.0f} s)", flush=True)
 
         from kgrec.serving.champion import load_registered

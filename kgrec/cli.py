@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", default="bprmf,lightgcn",
         help="comma-separated model names: bprmf, lightgcn, kgat (embedding retrievers); youtube_dnn, "
-        "mind, comirec_dr, comirec_sa, mixture (sequential / multi-interest, on the sequential split)",
+        "mind, comirec_dr, comirec_sa, comirec_sa_mos, mixture (sequential / multi-interest, on the sequential split)",
     )
     p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
     p.add_argument("--split", choices=["random", "temporal"], default="random",

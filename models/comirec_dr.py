@@ -3,7 +3,7 @@ r"""ComiRec-DR: controllable multi-interest retrieval with capsule dynamic routi
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, capsule_routing, init_normal_
+from kgrec.models.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
 from kgrec.serving.merge import MergeRule
 from torch import Tensor
 
@@ -28,6 +28,7 @@ class ComiRecDR(MultiInterestModel):
         routing_iterations: routing rounds.
         temperature: sampled-softmax temperature.
         merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
+        readout: training readout, ``"hard"`` or ``"mixture"`` (:mod:`kgrec.models.multi_interest`).
     """
 
     def __init__(
@@ -39,11 +40,13 @@ class ComiRecDR(MultiInterestModel):
         routing_iterations: int = 3,
         temperature: float = 0.1,
         merge_rule: MergeRule = "max",
+        readout: Readout = "hard",
     ) -> None:
-        super().__init__(num_items, embedding_dim, num_interests, max_length, temperature, merge_rule)
+        super().__init__(num_items, embedding_dim, num_interests, max_length, temperature, merge_rule, readout)
         self.hparams = dict(
             num_items=num_items, embedding_dim=embedding_dim, num_interests=num_interests,
             max_length=max_length, routing_iterations=routing_iterations, temperature=temperature, merge_rule=merge_rule,
+            readout=readout,
         )
         self.routing_iterations = routing_iterations
         self.item_embedding = torch.nn.Embedding(num_items, embedding_dim)

@@ -3,7 +3,7 @@ r"""ComiRec-SA: controllable multi-interest retrieval with self-attention."""
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, init_normal_
+from kgrec.models.multi_interest import MultiInterestModel, Readout, init_normal_
 from kgrec.serving.merge import MergeRule
 from torch import Tensor
 
@@ -21,7 +21,9 @@ class ComiRecSA(MultiInterestModel):
     with :math:`W_1 \in \mathbb{R}^{d_a \times d}`, :math:`W_2 \in \mathbb{R}^{d_a \times K}` and the
     softmax over the (non-padding) history positions, i.e. in row form ``A = softmax(W2 tanh(W1 H^T))``
     and ``interests = A H``. The attention width is :math:`d_a = 4d` as in the paper. Training uses
-    the hard readout and sampled softmax.
+    the hard readout (or the mixture of softmaxes, ``readout="mixture"``) and sampled softmax. With
+``normalize_interests`` every interest is scaled to unit length, so no interest outranks the others
+by its norm alone and the temperature alone sets the softmax's sharpness.
 
     Args:
         num_items: item count.
@@ -32,6 +34,8 @@ class ComiRecSA(MultiInterestModel):
         positional: add learned positional embeddings to ``H`` before the attention.
         temperature: sampled-softmax temperature.
         merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
+        readout: training readout, ``"hard"`` or ``"mixture"`` (:mod:`kgrec.models.multi_interest`).
+        normalize_interests: L2-normalise the interest vectors.
     """
 
     def __init__(
@@ -44,14 +48,18 @@ class ComiRecSA(MultiInterestModel):
         positional: bool = True,
         temperature: float = 0.1,
         merge_rule: MergeRule = "max",
+        readout: Readout = "hard",
+        normalize_interests: bool = False,
     ) -> None:
-        super().__init__(num_items, embedding_dim, num_interests, max_length, temperature, merge_rule)
+        super().__init__(num_items, embedding_dim, num_interests, max_length, temperature, merge_rule, readout)
         attention_dim = attention_dim or 4 * embedding_dim
         self.hparams = dict(
             num_items=num_items, embedding_dim=embedding_dim, num_interests=num_interests,
             max_length=max_length, attention_dim=attention_dim, positional=positional,
-            temperature=temperature, merge_rule=merge_rule,
+            temperature=temperature, merge_rule=merge_rule, readout=readout,
+            normalize_interests=normalize_interests,
         )
+        self.normalize_interests = normalize_interests
         self.attention_dim = attention_dim
         self.item_embedding = torch.nn.Embedding(num_items, embedding_dim)
         self.position_embedding = torch.nn.Embedding(max_length, embedding_dim) if positional else None
@@ -81,4 +89,6 @@ class ComiRecSA(MultiInterestModel):
         a = torch.softmax(scores, dim=1)
         a = torch.nan_to_num(a, nan=0.0)  # an empty history attends to nothing
         v = torch.einsum("blk,bld->bkd", a, h)
+        if self.normalize_interests:
+            v = torch.nn.functional.normalize(v, dim=-1)
         return v, torch.ones(batch, self.num_interests, dtype=torch.bool, device=device)

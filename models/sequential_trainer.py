@@ -4,7 +4,9 @@ Samples: for every training user's sequence :math:`s_1 \\dots s_n` and every pos
 ``t = min_history .. n-1`` (0-based), the history :math:`s_{\\max(0, t-L)} \\dots s_{t-1}` (the last
 ``L = model.max_length`` items before ``t``) predicts the next item :math:`s_t`. Each epoch shuffles
 all samples into mini-batches; each batch draws ``num_negatives`` uniform negatives shared by the
-batch (sampled softmax, :meth:`MultiInterestModel.loss`); Adam. After every epoch the model is
+batch (sampled softmax, :meth:`MultiInterestModel.loss`), or with ``num_negatives = 0`` scores every
+item (exact softmax: affordable while ``batch x K x items`` fits in memory, e.g. ml-100k's 1,682
+items); Adam. After every epoch the model is
 evaluated on the validation users with :func:`evaluate_sequential` -- i.e. through
 :func:`kgrec.models.multi_interest.recommend` with the model's own merge rule, the exact path the
 service uses (train/serve-mismatch guard) -- and training stops after ``patience`` epochs without a
@@ -35,6 +37,7 @@ class SequentialTrainConfig:
 
     learning_rate: float = 3e-3
     batch_size: int = 256
+    #: Uniform negatives per batch; 0 = every item (exact softmax).
     num_negatives: int = 256
     epochs: int = 30
     patience: int = 3
@@ -43,6 +46,8 @@ class SequentialTrainConfig:
     selection_metric: str = "recall@50"
     ks: tuple[int, ...] = (20, 50)
     weight_decay: float = 0.0
+    #: Weight of the interest decorrelation penalty (:meth:`MultiInterestModel.loss`); 0 = off.
+    decorrelation: float = 0.0
     #: Stop after this many seconds of training (None: no limit); the best epoch is still restored.
     time_budget_s: float | None = None
 
@@ -104,6 +109,8 @@ def fit_sequential(
     """
     if not model.trainable:
         raise ValueError(f"{type(model).__name__} is not trained by gradient descent")
+    if config.num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0, got {config.num_negatives}")
     torch.manual_seed(config.seed)
     if reset:
         model.reset_parameters()
@@ -113,6 +120,7 @@ def fit_sequential(
     if n == 0:
         raise ValueError("no training samples")
     generator = torch.Generator().manual_seed(config.seed)
+    all_items = torch.arange(model.num_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     best_epoch, best_value, best_valid, best_state = 0, float("-inf"), {}, None
     history: list[dict[str, Any]] = []
@@ -126,8 +134,12 @@ def fit_sequential(
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size]
             width = max(1, int(len_t[idx].max()))
-            negatives = torch.randint(model.num_items, (config.num_negatives,), generator=generator)
-            loss = model.loss(hist_t[idx, :width], len_t[idx], tgt_t[idx], negatives)
+            negatives = (
+                torch.randint(model.num_items, (config.num_negatives,), generator=generator)
+                if config.num_negatives
+                else all_items
+            )
+            loss = model.loss(hist_t[idx, :width], len_t[idx], tgt_t[idx], negatives, config.decorrelation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

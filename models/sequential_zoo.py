@@ -9,6 +9,8 @@ embedding retrievers (``kgrec.models.zoo.MODEL_NAMES``):
 ``mind``         MIND, dynamic routing with adaptive interest count
 ``comirec_dr``   ComiRec-DR, capsule routing
 ``comirec_sa``   ComiRec-SA, self-attention
+``comirec_sa_mos`` ComiRec-SA trained with the mixture-of-softmaxes readout, unit-length interests
+                 and the interest decorrelation penalty, served with the ``mixture`` merge
 ``mixture``      kNN-Embed-style interest mixture over the item vectors of a YouTube-DNN trained
                  first with the same configuration (not trained by gradient descent itself)
 ==============  ==============================================================================
@@ -17,7 +19,9 @@ embedding retrievers (``kgrec.models.zoo.MODEL_NAMES``):
 such a run: the architecture fields build the model, the training fields become the
 :class:`~kgrec.models.sequential_trainer.SequentialTrainConfig` of
 :func:`~kgrec.models.sequential_trainer.fit_sequential`. Defaults are the benchmark's
-(``benchmarks/multi_interest.py``: d = 64, K = 4, L = 20).
+(``benchmarks/multi_interest.py``: d = 64, K = 4, L = 20, Adam at 1e-3, exact softmax over the
+catalogue -- ``num_negatives = 0``; set it to a few hundred for catalogues beyond ~10^5 items, where
+``batch x K x items`` scores per step no longer fit).
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from kgrec.models.multi_interest import MultiInterestModel
 from kgrec.models.sequential_trainer import SequentialTrainConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SEQUENTIAL_MODEL_NAMES: tuple[str, ...] = ("youtube_dnn", "mind", "comirec_dr", "comirec_sa", "mixture")
+SEQUENTIAL_MODEL_NAMES: tuple[str, ...] = (
+    "youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "mixture",
+)
+
+#: Per-model defaults that differ from the field defaults (a named preset; overrides still win).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "comirec_sa_mos": {"readout": "mixture", "normalize_interests": True, "decorrelation": 1.0},
+}
 
 #: The promotion gate's metric for sequential models (MLflow key of validation Recall@50).
 SEQUENTIAL_SELECTION_METRIC = "best_valid_recall_at_50"
@@ -46,15 +57,21 @@ class SequentialModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Literal["youtube_dnn", "mind", "comirec_dr", "comirec_sa", "mixture"] = "comirec_sa"
+    model: Literal["youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "mixture"] = "comirec_sa"
     # architecture
     embedding_dim: int = Field(64, ge=1, le=4096)
     num_interests: int = Field(4, ge=1, le=64, description="K (MIND: the maximum; mixture: kept components)")
     max_length: int = Field(20, ge=1, le=1000, description="most recent history items used (L)")
     temperature: float = Field(0.1, gt=0.0, description="sampled-softmax temperature")
-    merge_rule: Literal["max", "weighted"] | None = Field(
-        None, description="retrieval merge rule (None: the model's own; mixture: weighted)"
+    merge_rule: Literal["max", "weighted", "mixture"] | None = Field(
+        None,
+        description="retrieval merge rule (None: the model's own -- mixture model: weighted; "
+        "mixture readout: mixture; else max)",
     )
+    readout: Literal["hard", "mixture"] = Field(
+        "hard", description="ComiRec-DR/SA training readout: argmax interest or mixture of softmaxes"
+    )
+    normalize_interests: bool = Field(False, description="ComiRec-SA: unit-length interest vectors")
     hidden_dim: int = Field(0, ge=0, description="YouTube-DNN MLP width (0: mean pooling)")
     routing_iterations: int = Field(3, ge=1, le=10, description="MIND / ComiRec-DR")
     num_clusters: int = Field(8, ge=1, description="mixture: k-means clusters C")
@@ -62,9 +79,9 @@ class SequentialModelConfig(BaseModel):
         1.0, ge=0.0, le=1.0, description="mixture: weight of each cluster's local query against the global one"
     )
     # training (SequentialTrainConfig)
-    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(256, ge=1)
-    num_negatives: int = Field(256, ge=1)
+    num_negatives: int = Field(0, ge=0, description="uniform negatives per batch; 0 = exact softmax")
     epochs: int = Field(30, ge=1, le=10_000)
     patience: int = Field(3, ge=1)
     min_history: int = Field(1, ge=1)
@@ -72,6 +89,7 @@ class SequentialModelConfig(BaseModel):
     selection_metric: str = "recall@50"
     ks: tuple[int, ...] = (20, 50)
     weight_decay: float = Field(0.0, ge=0.0)
+    decorrelation: float = Field(0.0, ge=0.0, description="weight of the interest decorrelation penalty")
     time_budget_s: float | None = Field(None, gt=0.0)
     # Per-batch tensors are tiny (B=256, L=20, d=64): OpenMP fan-out costs far more than it saves,
     # on a busy 2-core machine 20x more. None leaves torch's thread count alone.
@@ -91,6 +109,10 @@ class SequentialModelConfig(BaseModel):
             raise ValueError(
                 f"selection_metric {self.selection_metric!r} must be <recall|ndcg|hit>@K with K in ks={self.ks}"
             )
+        if self.readout == "mixture" and self.model not in ("comirec_dr", "comirec_sa", "comirec_sa_mos"):
+            raise ValueError(f"readout='mixture' is for comirec_dr / comirec_sa, not {self.model}")
+        if self.normalize_interests and self.model not in ("comirec_sa", "comirec_sa_mos"):
+            raise ValueError(f"normalize_interests is for comirec_sa, not {self.model}")
         if self.model == "mixture" and self.num_interests > self.num_clusters:
             raise ValueError(
                 f"mixture: num_interests ({self.num_interests}) must be <= num_clusters ({self.num_clusters})"
@@ -102,7 +124,7 @@ class SequentialModelConfig(BaseModel):
         """The default configuration of ``name``; ``None`` overrides mean "the default"."""
         if name not in SEQUENTIAL_MODEL_NAMES:
             raise ValueError(f"unknown sequential model {name!r}; known: {SEQUENTIAL_MODEL_NAMES}")
-        return cls(model=name, **{k: v for k, v in overrides.items() if v is not None})
+        return cls(model=name, **(MODEL_PRESETS.get(name, {}) | {k: v for k, v in overrides.items() if v is not None}))
 
     @property
     def mlflow_selection_metric(self) -> str:
@@ -121,6 +143,7 @@ class SequentialModelConfig(BaseModel):
             selection_metric=self.selection_metric,
             ks=self.ks,
             weight_decay=self.weight_decay,
+            decorrelation=self.decorrelation,
             time_budget_s=self.time_budget_s,
         )
 
@@ -134,7 +157,7 @@ class SequentialModelConfig(BaseModel):
 def build_sequential_model(config: SequentialModelConfig, num_items: int) -> MultiInterestModel:
     """An untrained model for ``config`` (the mixture still needs ``.fit(item_vectors)``)."""
     common = dict(embedding_dim=config.embedding_dim, max_length=config.max_length)
-    rule = {"merge_rule": config.merge_rule} if config.merge_rule else {}
+    rule = {"merge_rule": config.merge_rule or ("mixture" if config.readout == "mixture" else "max")}
     if config.model == "youtube_dnn":
         from kgrec.models.youtube_dnn import YouTubeDNN
 
@@ -153,13 +176,15 @@ def build_sequential_model(config: SequentialModelConfig, num_items: int) -> Mul
 
         model = ComiRecDR(
             num_items, num_interests=config.num_interests, routing_iterations=config.routing_iterations,
-            temperature=config.temperature, **common, **rule,
+            temperature=config.temperature, readout=config.readout, **common, **rule,
         )
-    elif config.model == "comirec_sa":
+    elif config.model in ("comirec_sa", "comirec_sa_mos"):
         from kgrec.models.comirec_sa import ComiRecSA
 
-        model = ComiRecSA(num_items, num_interests=config.num_interests, temperature=config.temperature,
-                          **common, **rule)
+        model = ComiRecSA(
+            num_items, num_interests=config.num_interests, temperature=config.temperature, readout=config.readout,
+            normalize_interests=config.normalize_interests, **common, **rule,
+        )
     elif config.model == "mixture":
         from kgrec.models.interest_mixture import InterestMixture
 

@@ -19,6 +19,15 @@ Rules (``rule=``):
   interest's list is exhausted. So each interest contributes about :math:`k\\,w_j / \\sum w` items
   and no interest can crowd the others out. The final order is the pick order; the score is the
   candidate's score in the list it came from. Without weights every active interest weighs 1.
+* ``"mixture"`` -- the mixture of softmaxes of a model trained with the ``"mixture"`` readout
+  (:mod:`kgrec.models.multi_interest`): an item's score is
+  :math:`\log \sum_j \exp(\langle v_j, e_i\rangle / \tau + \ell_j)` over the interests whose list
+  holds it, with ``log_weights`` :math:`\ell_j = \log \pi_j - \log Z_j` (mixture weight over the
+  interest's softmax normaliser) and temperature :math:`\tau`; the source interest is the largest
+  term. It is the model's own log-probability of the item when every list holds every candidate:
+  callers first re-score the union of the interests' lists under every interest
+  (:func:`score_union`), so the only approximation is that an item outside every interest's
+  top-``n`` list is not a candidate.
 
 Always: items in ``exclude`` (the user's history) are never returned, no item is returned twice,
 entries with id ``< 0`` (faiss's "no result") and interests masked out by ``interest_mask`` are
@@ -34,8 +43,8 @@ from typing import Literal
 
 import numpy as np
 
-MergeRule = Literal["max", "weighted"]
-MERGE_RULES: tuple[str, ...] = ("max", "weighted")
+MergeRule = Literal["max", "weighted", "mixture"]
+MERGE_RULES: tuple[str, ...] = ("max", "weighted", "mixture")
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,8 @@ def merge_interest_results(
     interest_mask: np.ndarray | None = None,
     weights: np.ndarray | None = None,
     rule: MergeRule = "max",
+    log_weights: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> MergedCandidates:
     """Merge ``K`` per-interest result lists into the top-``k`` candidates per user.
 
@@ -104,7 +115,10 @@ def merge_interest_results(
         exclude: per user, the item ids never to return (the history).
         interest_mask: ``[B, K]`` bool, False for interests the user does not have.
         weights: ``[B, K]`` non-negative interest weights (``"weighted"`` rule only; default 1).
-        rule: ``"max"`` or ``"weighted"`` (module docstring).
+        rule: ``"max"``, ``"weighted"`` or ``"mixture"`` (module docstring).
+        log_weights: ``[B, K]`` per-interest log mixture weights over normalisers (``"mixture"``
+            only; default 0).
+        temperature: softmax temperature :math:`\tau` (``"mixture"`` only).
 
     Returns:
         :class:`MergedCandidates` with ``[B, k]`` arrays.
@@ -116,6 +130,8 @@ def merge_interest_results(
         return _merge_max(ids, scores, valid, k)
     if rule == "weighted":
         return _merge_weighted(ids, scores, valid, k, weights)
+    if rule == "mixture":
+        return _merge_mixture(ids, scores, valid, k, log_weights, temperature)
     raise ValueError(f"unknown merge rule {rule!r}; known: {MERGE_RULES}")
 
 
@@ -197,6 +213,64 @@ def _merge_weighted(
             if filled == k:
                 break
     return MergedCandidates(items, out_scores, interest)
+
+
+def _merge_mixture(
+    ids: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int, log_weights: np.ndarray | None,
+    temperature: float,
+) -> MergedCandidates:
+    b, n_interests, n = ids.shape
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if log_weights is None:
+        log_weights = np.zeros((b, n_interests), dtype=np.float64)
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.shape != (b, n_interests) or np.isnan(log_weights).any() or np.isposinf(log_weights).any():
+        raise ValueError(f"log_weights must be [B, K] = {(b, n_interests)} without NaN or +inf")
+    terms = np.where(valid, scores.astype(np.float64) / temperature + log_weights[:, :, None], -np.inf)
+    items = np.full((b, k), -1, np.int64)
+    out_scores = np.full((b, k), -np.inf, np.float32)
+    interest = np.full((b, k), -1, np.int64)
+    source = np.broadcast_to(np.arange(n_interests)[:, None], (n_interests, n)).ravel()
+    for row in range(b):
+        keep = np.isfinite(terms[row]).ravel()
+        if not keep.any():
+            continue
+        row_ids, row_terms, row_source = ids[row].ravel()[keep], terms[row].ravel()[keep], source[keep]
+        # Group by item (largest term first, so each group's first entry is its source interest).
+        order = np.lexsort((row_source, -row_terms, row_ids))
+        row_ids, row_terms, row_source = row_ids[order], row_terms[order], row_source[order]
+        starts = np.flatnonzero(np.r_[True, row_ids[1:] != row_ids[:-1]])
+        # log-sum-exp per group, shifted by the group's largest term (its first entry)
+        shift = np.repeat(row_terms[starts], np.diff(np.r_[starts, len(row_ids)]))
+        merged = row_terms[starts] + np.log(np.add.reduceat(np.exp(row_terms - shift), starts))
+        rank = np.lexsort((row_ids[starts], -merged))[:k]
+        m = len(rank)
+        items[row, :m] = row_ids[starts][rank]
+        out_scores[row, :m] = merged[rank]
+        interest[row, :m] = row_source[starts][rank]
+    return MergedCandidates(items, out_scores, interest)
+
+
+def score_union(
+    ids: np.ndarray, interests: np.ndarray, item_embeddings: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's candidates (the union of the valid ids of its ``K`` lists) scored exactly under
+    every interest: ``(ids [B, K, U], scores [B, K, U])``, each interest's row holding the same union
+    (padded with ``-1`` / ``-inf``). Needed by the ``"mixture"`` rule, whose score sums over ALL
+    interests; cost ``K x U x d`` per user."""
+    ids = np.asarray(ids, dtype=np.int64)
+    interests = np.asarray(interests, dtype=np.float32)
+    item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
+    b, n_interests, _ = ids.shape
+    unions = [np.unique(row[row >= 0]) for row in ids.reshape(b, -1)]
+    width = max(1, max((len(u) for u in unions), default=0))
+    out_ids = np.full((b, n_interests, width), -1, np.int64)
+    out_scores = np.full((b, n_interests, width), -np.inf, np.float32)
+    for row, union in enumerate(unions):
+        out_ids[row, :, : len(union)] = union
+        out_scores[row, :, : len(union)] = interests[row] @ item_embeddings[union].T
+    return out_ids, out_scores
 
 
 def search_interests(

@@ -22,10 +22,11 @@ Multi-interest bundle (a directory; ``meta.json`` ``kind = "multi_interest"``)::
    ``K`` interest vectors, the active-interest mask and the interest weights;
 2. every active interest queries the faiss index for ``k + |history|`` items (so that each list
    still holds ``k`` items after the history is removed);
-3. the lists are merged by :func:`kgrec.serving.merge.merge_interest_results` with the model's
-   documented rule (``max``: max inner product + de-duplication) or the one the request asks for
-   (``weighted``: weighted round-robin by interest weight), every history item excluded -- the same
-   function as offline evaluation (:func:`kgrec.models.multi_interest.recommend`);
+3. the lists are merged by :func:`kgrec.models.multi_interest.merge_for_model` with the model's
+   documented rule (``max``: max inner product + de-duplication; ``mixture`` for a model trained
+   with the mixture readout) or the one the request asks for (``weighted``: weighted round-robin by
+   interest weight), every history item excluded -- the same function as offline evaluation
+   (:func:`kgrec.models.multi_interest.recommend`);
 4. if an approximate index returned too few usable items, the request is answered by an exact
    scan instead.
 
@@ -46,7 +47,13 @@ import faiss
 import numpy as np
 import polars as pl
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, load_model, pad_histories, save_model
+from kgrec.models.multi_interest import (
+    MultiInterestModel,
+    load_model,
+    merge_for_model,
+    pad_histories,
+    save_model,
+)
 from kgrec.serving.bundle import BundleError, _check_ids, id_lookup, write_meta
 from kgrec.serving.candidates import (
     CandidateResult,
@@ -57,7 +64,8 @@ from kgrec.serving.candidates import (
 )
 from kgrec.serving.files import atomic_directory
 from kgrec.serving.index import index_kind, index_over
-from kgrec.serving.merge import MERGE_RULES, merge_interest_results, search_interests
+from kgrec.serving.merge import MERGE_RULES, search_interests
+from torch import Tensor
 
 KIND = "multi_interest"
 MODEL_DIRNAME = "model"
@@ -360,15 +368,15 @@ class MultiInterestService:
             faiss.omp_set_num_threads(n)
             self._tls.threads = n
 
-    def _interests(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(V [K, d], mask [K], weights [K])`` of the last ``max_length`` items of ``history``."""
+    def _interests(self, history: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(histories [1, L], lengths [1], V [1, K, d], mask [1, K])`` of the last ``max_length``
+        items of ``history``."""
         window = np.ascontiguousarray(history[-self.max_length :], dtype=np.int64)
         with torch.inference_mode():
             h = torch.from_numpy(window).unsqueeze(0)
             n = torch.tensor([window.shape[0]], dtype=torch.int64)
             v, mask = self.model.interests(h, n)
-            weights = self.model.interest_weights(h, n, mask)
-        return v[0].float().numpy(), mask[0].numpy(), weights[0].double().numpy()
+        return h, n, v, mask
 
     def _retrieve(
         self,
@@ -379,8 +387,16 @@ class MultiInterestService:
         user_id: str | None = None,
         unknown_item_ids: list[str] | None = None,
     ) -> MultiInterestResult:
-        v, mask, weights = self._interests(history)
+        h, n, v_t, mask_t = self._interests(history)
+        v, mask = v_t[0].float().numpy(), mask_t[0].numpy()
+        with torch.inference_mode():
+            weights = self.model.interest_weights(h, n, mask_t)[0].double().numpy()
         weights = np.where(mask, np.maximum(weights, 0.0), 0.0)
+
+        def merge(ids: np.ndarray, sc: np.ndarray):
+            with torch.inference_mode():
+                return merge_for_model(self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb)
+
         n_items = self.n_items
         target = min(k, n_items - exclude.shape[0])
         n_search = min(n_items, k + exclude.shape[0])
@@ -394,18 +410,12 @@ class MultiInterestService:
             ids = np.full((1, self.num_interests, n_search), -1, np.int64)
             sc = np.full((1, self.num_interests, n_search), -np.inf, np.float32)
             ids[0, active], sc[0, active] = I, D
-            merged = merge_interest_results(
-                ids, sc, k, exclude=[exclude], interest_mask=mask[None], weights=weights[None], rule=rule
-            )
-            items, scores, source = merged.row(0)
+            items, scores, source = merge(ids, sc).row(0)
             if items.shape[0] < target:  # an approximate index came back short
                 items = None
         if items is None:  # exact scan (also for searches as large as the catalogue)
             ids, sc = search_interests(v[None], self._item_emb, k, exclude=[exclude], interest_mask=mask[None])
-            merged = merge_interest_results(
-                ids, sc, k, exclude=[exclude], interest_mask=mask[None], weights=weights[None], rule=rule
-            )
-            items, scores, source = merged.row(0)
+            items, scores, source = merge(ids, sc).row(0)
         il = items.tolist()
         return MultiInterestResult(
             item_idx=items,

@@ -12,11 +12,11 @@ Endpoints::
     GET  /healthz                              liveness
     GET  /readyz                               200 + model info when loaded, else 503 + error
     GET  /v1/model                             model info (+ index kind, catalogue size)
-    GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted]
+    GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted|mixture]
                                                known user, seen items excluded
     GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
                                                top attention paths user -> item (KGAT models)
-    POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted" (optional)}
+    POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted"|"mixture" (optional)}
                                                unseen user from an ORDERED item history (oldest
                                                first; history excluded)
     GET  /v1/users/{user_id}/ranked?k=20&n=200 two-stage: the retriever's top n re-ranked by the
@@ -70,7 +70,7 @@ MAX_HISTORY = 500
 
 Loader = Callable[[], "tuple[CandidateService | MultiInterestService, dict[str, Any]]"]
 RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
-MergeParam = Literal["max", "weighted"]
+MergeParam = Literal["max", "weighted", "mixture"]
 
 
 class HistoryRequest(BaseModel):

@@ -16,7 +16,7 @@ from kgrec.serving.process import running_service
 pytestmark = pytest.mark.e2e
 
 KGREC = str(Path(sys.executable).with_name("kgrec"))
-MODELS = ["youtube_dnn", "comirec_sa"]
+MODELS = ["youtube_dnn", "comirec_sa_mos"]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,11 @@ def test_sequential_models_are_tracked_registered_and_promoted(pipeline_run):
     client = MlflowClient(result["tracking_uri"])
     runs = {m["model"]: client.get_run(m["run_id"]) for m in result["models"]}
     assert len({r.info.experiment_id for r in runs.values()}) == 1
-    run = runs["comirec_sa"]
+    run = runs["comirec_sa_mos"]
     assert run.data.params["snapshot_hash"] == result["snapshot_hash"]
     assert run.data.params["split_seed"] == "2020" and run.data.params["num_interests"] == "4"
+    assert (run.data.params["readout"], run.data.params["decorrelation"]) == ("mixture", "1.0")
+    assert run.data.params["num_negatives"] == "0"  # exact softmax
     curve = client.get_metric_history(run.info.run_id, "valid_recall_at_50")
     assert [p.step for p in curve] == [1, 2]
     assert {"best_valid_recall_at_50", "test_ndcg_at_50", "test_diversity_at_50"} <= set(run.data.metrics)
@@ -76,8 +78,11 @@ def test_service_answers_an_ordered_history_over_loopback(pipeline_run):
         ids = [c["item_id"] for c in body["candidates"]]
         assert len(ids) == len(set(ids)) == 50 and not set(history) & set(ids)
         assert all(0 <= c["interest"] < len(body["interest_weights"]) for c in body["candidates"])
-        weighted = client.post("/v1/candidates", json={"item_ids": history, "k": 50, "merge": "weighted"})
-        assert weighted.status_code == 200 and weighted.json()["merge"] == "weighted"
+        for rule in ("weighted", "mixture"):
+            other = client.post("/v1/candidates", json={"item_ids": history, "k": 50, "merge": rule})
+            assert other.status_code == 200 and other.json()["merge"] == rule
+            other_ids = [c["item_id"] for c in other.json()["candidates"]]
+            assert len(other_ids) == len(set(other_ids)) == 50 and not set(history) & set(other_ids)
         user = client.get("/v1/users/1/candidates", params={"k": 20})
         assert user.status_code == 200 and len(user.json()["candidates"]) == 20
         assert client.post("/v1/candidates", json={"item_ids": history, "merge": "mmr"}).status_code == 422

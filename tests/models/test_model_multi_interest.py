@@ -88,21 +88,33 @@ def _planted_split(seed: int = 0) -> tuple[SequenceSplit, list[np.ndarray]]:
     return split, groups
 
 
-@pytest.mark.parametrize("cls", [ComiRecDR, ComiRecSA, MIND])
-def test_planted_interests_are_recovered(cls) -> None:
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (ComiRecDR, {}),
+        (ComiRecSA, {}),
+        (MIND, {}),
+        (ComiRecSA, {"readout": "mixture", "normalize_interests": True}),
+        (ComiRecDR, {"readout": "mixture"}),
+    ],
+    ids=["comirec_dr", "comirec_sa", "mind", "comirec_sa-mixture", "comirec_dr-mixture"],
+)
+def test_planted_interests_are_recovered(cls, options) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: extra threads only add contention on shared CPUs
     try:
-        _check_planted(cls)
+        _check_planted(cls, options)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_planted(cls) -> None:
+def _check_planted(cls, options) -> None:
     split, groups = _planted_split()
-    model = cls(20, embedding_dim=8, num_interests=2, max_length=20, temperature=0.1)
-    config = SequentialTrainConfig(epochs=10, patience=10, num_negatives=19, batch_size=128, learning_rate=1e-2,
-                                   ks=(5,), selection_metric="recall@5", seed=1)
+    model = cls(20, embedding_dim=8, num_interests=2, max_length=20, temperature=0.1, **options)
+    # the mixture readout is trained as it is benchmarked: exact softmax over every item
+    negatives = 0 if options.get("readout") == "mixture" else 19
+    config = SequentialTrainConfig(epochs=10, patience=10, num_negatives=negatives, batch_size=128,
+                                   learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
     fit_sequential(model, split, config)
     items = model.item_embeddings().detach()
     with torch.no_grad():
@@ -114,6 +126,81 @@ def _check_planted(cls) -> None:
             cos = torch.nn.functional.cosine_similarity(v[0][:, None, :], centroids[None], dim=-1)  # [K, 2]
             closest = cos.argmax(0).tolist()  # the interest closest to each planted group
             assert closest[0] != closest[1], f"groups {a} and {b} share interest {closest[0]}: {cos}"
+
+
+def test_mixture_readout_loss_is_the_mixture_of_softmaxes_and_trains_every_interest() -> None:
+    torch.manual_seed(0)
+    model = ComiRecSA(30, embedding_dim=8, num_interests=3, max_length=6, temperature=0.5, readout="mixture")
+    h, n = pad_histories([[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], 6)
+    targets = torch.tensor([13, 14, 15])
+    every_item = torch.arange(30)
+    loss = model.loss(h, n, targets, every_item)
+    v, _ = model.interests(h, n)
+    p = torch.softmax(v @ model.item_embeddings().T / 0.5, dim=-1)  # [B, K, I]: one softmax per interest
+    expected = -torch.log(p[torch.arange(3), :, targets].mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    # every interest's attention head gets gradient (the hard readout trains only the winner's)
+    assert (model.w2.weight.grad.abs().sum(1) > 0).all()
+    # the exact-softmax hard readout is the cross-entropy over the catalogue of the best interest
+    hard = ComiRecSA(30, embedding_dim=8, num_interests=3, max_length=6, temperature=0.5)
+    hard.load_state_dict(model.state_dict())
+    v, _ = hard.interests(h, n)
+    logits = v @ hard.item_embeddings().T / 0.5
+    best = logits[torch.arange(3), :, targets].argmax(1)
+    expected = torch.nn.functional.cross_entropy(logits[torch.arange(3), best], targets)
+    assert hard.loss(h, n, targets, every_item).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_decorrelation_penalty_is_the_mean_squared_cosine_between_interests() -> None:
+    torch.manual_seed(2)
+    model = MIND(30, embedding_dim=8, num_interests=3, max_length=8, temperature=0.5)
+    # lengths 1 / 4 / 8 -> MIND keeps 1 / 2 / 3 interests: the single-interest user has no pair
+    h, n = pad_histories([[1], [2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13]], 8)
+    targets, every_item = torch.tensor([20, 21, 22]), torch.arange(30)
+    torch.manual_seed(3)
+    base = model.loss(h, n, targets, every_item)
+    torch.manual_seed(3)  # MIND draws its routing logits: same draw for both losses
+    penalised = model.loss(h, n, targets, every_item, decorrelation=2.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        v, mask = model.interests(h, n)
+    unit = torch.nn.functional.normalize(v, dim=-1)
+    cos2 = [(unit[b, :k] @ unit[b, :k].T).pow(2) for b, k in ((1, 2), (2, 3))]
+    per_user = [(c.sum() - c.diagonal().sum()) / (c.shape[0] * (c.shape[0] - 1)) for c in cos2]
+    assert mask.sum(1).tolist() == [1, 2, 3]
+    assert (penalised - base).item() == pytest.approx(2.0 * float(sum(per_user)) / 2, rel=1e-4)
+
+
+def test_mixture_merge_ranks_by_the_models_mixture_probability() -> None:
+    torch.manual_seed(1)
+    model = ComiRecSA(40, embedding_dim=8, num_interests=3, max_length=10, temperature=0.3, readout="mixture",
+                      merge_rule="mixture", normalize_interests=True).eval()
+    histories = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    merged = recommend(model, histories, 12)
+    with torch.no_grad():
+        v, _ = model.interests(*pad_histories(histories, 10))
+        assert torch.allclose(v.norm(dim=-1), torch.ones(3, 3), atol=1e-5)
+        log_p = torch.logsumexp(torch.log_softmax(v @ model.item_embeddings().T / 0.3, -1), 1) - np.log(3)
+    for row, history in enumerate(histories):
+        log_p[row, history] = float("-inf")
+        top = torch.topk(log_p[row], 12)
+        assert merged.items[row].tolist() == top.indices.tolist()
+        np.testing.assert_allclose(merged.scores[row], top.values.numpy(), rtol=1e-4)
+    # served with "max" instead, the same model ranks by something else
+    assert recommend(model, histories, 12, rule="max").items.tolist() != merged.items.tolist()
+
+
+def test_exact_softmax_training_when_num_negatives_is_zero() -> None:
+    split, _ = _planted_split()
+    model = YouTubeDNN(20, embedding_dim=8, max_length=20)
+    config = SequentialTrainConfig(epochs=3, patience=3, num_negatives=0, batch_size=128, learning_rate=1e-2,
+                                   ks=(5,), selection_metric="recall@5", seed=1)
+    result = fit_sequential(model, split, config)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="num_negatives"):
+        fit_sequential(model, split, SequentialTrainConfig(num_negatives=-1))
 
 
 def test_diversity_hand_example() -> None:

@@ -30,9 +30,10 @@ def test_every_sequential_model_builds_from_its_config(name):
     assert config.epochs == 30 and config.mlflow_selection_metric == "best_valid_recall_at_50"
     model = build_sequential_model(config, num_items=20)
     assert isinstance(model, MultiInterestModel) and model.num_items == 20
-    assert model.merge_rule == ("weighted" if name == "mixture" else "max")
+    assert model.merge_rule == {"mixture": "weighted", "comirec_sa_mos": "mixture"}.get(name, "max")
     train = config.train_config()
     assert (train.seed, train.selection_metric, train.ks) == (3, "recall@50", (20, 50))
+    assert train.num_negatives == 0 and train.decorrelation == (1.0 if name == "comirec_sa_mos" else 0.0)
     assert all(isinstance(v, str | int | float | bool) for v in config.to_dict().values())
 
 
@@ -46,3 +47,16 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="unknown sequential model"):
         SequentialModelConfig.for_model("bprmf")
     assert build_sequential_model(SequentialModelConfig(merge_rule="weighted"), 5).merge_rule == "weighted"
+    with pytest.raises(ValidationError, match="readout"):
+        SequentialModelConfig(model="youtube_dnn", readout="mixture")
+    with pytest.raises(ValidationError, match="normalize_interests"):
+        SequentialModelConfig(model="comirec_dr", normalize_interests=True)
+
+
+def test_the_mos_preset_and_its_overrides():
+    model = build_sequential_model(SequentialModelConfig.for_model("comirec_sa_mos"), 30)
+    assert model.readout_kind == "mixture" and model.normalize_interests and model.merge_rule == "mixture"
+    config = SequentialModelConfig.for_model("comirec_sa_mos", decorrelation=0.0, merge_rule="max")
+    assert config.decorrelation == 0.0 and build_sequential_model(config, 30).merge_rule == "max"
+    # the plain comirec_sa keeps the paper's hard readout
+    assert build_sequential_model(SequentialModelConfig.for_model("comirec_sa"), 30).readout_kind == "hard"

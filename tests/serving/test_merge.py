@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kgrec.serving.merge import merge_interest_results, search_interests
+from kgrec.serving.merge import merge_interest_results, score_union, search_interests
+from scipy.special import logsumexp
 
 
 def _random_lists(rng, b, k_int, n, n_items):
@@ -15,7 +16,7 @@ def _random_lists(rng, b, k_int, n, n_items):
     return ids, scores
 
 
-@pytest.mark.parametrize("rule", ["max", "weighted"])
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
 def test_never_duplicates_or_history_items(rule: str) -> None:
     rng = np.random.default_rng(0)
     for _trial in range(30):
@@ -25,7 +26,11 @@ def test_never_duplicates_or_history_items(rule: str) -> None:
         mask = rng.random((b, k_int)) < 0.8
         weights = rng.random((b, k_int))
         k = int(rng.integers(1, 40))
-        out = merge_interest_results(ids, scores, k, exclude=history, interest_mask=mask, weights=weights, rule=rule)
+        log_weights = np.log(weights)
+        out = merge_interest_results(
+            ids, scores, k, exclude=history, interest_mask=mask, weights=weights, rule=rule,
+            log_weights=log_weights, temperature=0.5,
+        )
         assert out.items.shape == out.scores.shape == out.interest.shape == (b, k)
         for row in range(b):
             items, sc, src = out.row(row)
@@ -36,15 +41,22 @@ def test_never_duplicates_or_history_items(rule: str) -> None:
             for item, s, j in zip(items, sc, src, strict=True):
                 assert mask[row, j]
                 pos = np.flatnonzero(ids[row, j] == item)
-                assert pos.size == 1 and scores[row, j, pos[0]] == pytest.approx(s)
+                if rule != "mixture":
+                    assert pos.size == 1 and scores[row, j, pos[0]] == pytest.approx(s)
+                    continue
+                # mixture: log-sum over every active list holding the item; the source is the largest term
+                holders, where = np.nonzero((ids[row] == item) & mask[row][:, None])
+                terms = scores[row, holders, where] / 0.5 + log_weights[row, holders]
+                assert s == pytest.approx(logsumexp(terms), rel=1e-5)
+                assert pos.size == 1 and j == holders[np.argmax(terms)]
             # padding only at the end; returned as many as possible
             eligible = {
                 int(i) for j in range(k_int) if mask[row, j] for i in ids[row, j] if i >= 0
             } - set(history[row].tolist())
             assert len(items) == min(k, len(eligible))
             assert (out.items[row, len(items):] == -1).all()
-            if rule == "max":
-                assert (np.diff(sc) <= 1e-7).all()
+            if rule in ("max", "mixture"):
+                assert (np.diff(sc) <= 1e-5).all()
 
 
 def test_max_rule_keeps_best_interest_and_equals_exact_topk() -> None:
@@ -68,6 +80,31 @@ def test_max_rule_keeps_best_interest_and_equals_exact_topk() -> None:
         assert merged.interest[row].tolist() == (v[row] @ e[merged.items[row]].T).argmax(0).tolist()
 
 
+def test_mixture_rule_on_the_scored_union_equals_the_exact_mixture_topk() -> None:
+    rng = np.random.default_rng(3)
+    b, k_int, d, n_items, tau = 4, 3, 8, 60, 0.2
+    v = rng.standard_normal((b, k_int, d)).astype(np.float32)
+    e = rng.standard_normal((n_items, d)).astype(np.float32)
+    hist = [rng.choice(n_items, 9, replace=False) for _ in range(b)]
+    log_w = np.log(rng.dirichlet(np.ones(k_int), size=b))
+    s_ids, s_sc = search_interests(v, e, 15, exclude=hist)
+    u_ids, u_sc = score_union(s_ids, v, e)
+    for row in range(b):
+        union = set(s_ids[row][s_ids[row] >= 0].tolist())
+        assert all(set(u_ids[row, j][u_ids[row, j] >= 0].tolist()) == union for j in range(k_int))
+        kept = u_ids[row, 0] >= 0
+        np.testing.assert_allclose(u_sc[row][:, kept], v[row] @ e[u_ids[row, 0][kept]].T, rtol=1e-5, atol=1e-5)
+    merged = merge_interest_results(u_ids, u_sc, 10, exclude=hist, rule="mixture", log_weights=log_w, temperature=tau)
+    exact = logsumexp((v @ e.T) / tau + log_w[:, :, None], axis=1)  # [B, I]: the mixture over the catalogue
+    for row in range(b):
+        exact[row, hist[row]] = -np.inf
+        top = np.argsort(-exact[row], kind="stable")[:10]
+        assert merged.items[row].tolist() == top.tolist()
+        np.testing.assert_allclose(merged.scores[row], exact[row, top], rtol=1e-5)
+        terms = (v[row] @ e[top].T) / tau + log_w[row][:, None]
+        assert merged.interest[row].tolist() == terms.argmax(0).tolist()
+
+
 def test_weighted_rule_follows_weights() -> None:
     ids = np.array([[np.arange(0, 20), np.arange(100, 120)]])
     scores = np.tile(-np.arange(20, dtype=np.float32), (1, 2, 1))
@@ -84,3 +121,7 @@ def test_bad_inputs() -> None:
         merge_interest_results(np.zeros((1, 2)), np.zeros((1, 2)), 3)
     with pytest.raises(ValueError):
         merge_interest_results(np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), 3, rule="mmr")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        merge_interest_results(np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), 1, rule="mixture", temperature=0.0)
+    with pytest.raises(ValueError, match="log_weights"):
+        merge_interest_results(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), 1, rule="mixture", log_weights=np.zeros((1, 3)))

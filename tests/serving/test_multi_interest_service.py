@@ -88,7 +88,27 @@ def test_bundle_round_trip(tmp_path, mi_bundle, mi_service):
         assert again.for_user(user, 7).item_ids == mi_service.for_user(user, 7).item_ids
 
 
-@pytest.mark.parametrize("rule", ["max", "weighted"])
+def test_mixture_readout_model_round_trips_and_serves_its_own_rule(tmp_path, mi_bundle):
+    model = ComiRecSA(N_ITEMS, embedding_dim=8, num_interests=K, max_length=6, readout="mixture",
+                      merge_rule="mixture", normalize_interests=True)
+    config = SequentialTrainConfig(epochs=2, patience=2, num_negatives=0, batch_size=128,
+                                   learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
+    fit_sequential(model, _split(), config)
+    meta = {"model": "comirec_sa", "dataset": "synthetic", "snapshot_hash": "feed"}
+    bundle = MultiInterestBundle.from_model(model, mi_bundle.items, mi_bundle.users, mi_bundle.histories, meta)
+    loaded = MultiInterestBundle.load(bundle.write(tmp_path / "b"))
+    assert loaded.meta["merge_rule"] == "mixture"
+    assert loaded.model.readout_kind == "mixture" and loaded.model.normalize_interests
+    service = MultiInterestService(loaded)
+    history = [3, 14, 15, 27, 3, 8]
+    got = service.for_history([f"m{i}" for i in history], 9)
+    assert got.merge == "mixture"
+    items, scores, interest = recommend(model, [history], 9).row(0)
+    assert _idx(got.item_ids) == items.tolist() and got.interest.tolist() == interest.tolist()
+    assert np.allclose(got.scores, scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
 def test_service_equals_offline_recommend(mi_service, mi_bundle, rule):
     """The served answer is the offline evaluation path's answer (same model, merge and exclusion)."""
     model = mi_bundle.model
@@ -107,7 +127,7 @@ def test_service_equals_offline_recommend(mi_service, mi_bundle, rule):
 
 
 @pytest.mark.parametrize("index_kind", ["flat", "hnsw"])
-@pytest.mark.parametrize("rule", ["max", "weighted"])
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
 def test_never_duplicates_or_history_items(mi_bundle, index_kind, rule):
     index = build_index(mi_bundle.item_embeddings, IndexConfig(kind=index_kind, hnsw_m=4, hnsw_ef_search=8))
     service = MultiInterestService(mi_bundle, index)
