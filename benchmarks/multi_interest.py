@@ -181,6 +181,11 @@ def run_seed(
             train_s, best_epoch = result.train_seconds, result.best_epoch
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
+        if getattr(model, "merge_rule", None) == "mixture":
+            # the training/serving mismatch, measured: the same model served with the max merge
+            mismatch = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(50,), rule="max")
+            extra.update({"max_merge_recall@50": mismatch["recall@50"],
+                          "max_merge_diversity@50": mismatch["diversity@50"]})
         row = {"seed": seed, "model": name, "train_s": train_s, "best_epoch": best_epoch,
                "wall_s": time.perf_counter() - started, **metrics, **extra}
         with out.open("a") as fh:
@@ -213,6 +218,29 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def print_paired(rows: list[dict], baseline: str = "youtube_dnn") -> None:
+    """Per-seed paired differences against ``baseline`` (same split, same seed): mean ± std of
+    ΔRecall@50 and Δdiversity@50, and in how many seeds the row beats the baseline on BOTH."""
+    base = {r["seed"]: r for r in rows if r["model"] == baseline}
+    print(f"\npaired against {baseline} (seeds both rows have)")
+    print("| model | seeds | ΔR@50 | Δdiv@50 | seeds better on both |")
+    print("|---|---|---|---|---|")
+    for name in (m for m in ALL_MODELS if m != baseline):
+        pairs = [(r, base[r["seed"]]) for r in rows if r["model"] == name and r["seed"] in base]
+        if not pairs:
+            continue
+        d_recall = [r["recall@50"] - b["recall@50"] for r, b in pairs]
+        d_div = [r["diversity@50"] - b["diversity@50"] for r, b in pairs]
+        both = sum(dr > 0 and dd > 0 for dr, dd in zip(d_recall, d_div, strict=True))
+        print(f"| {name} | {len(pairs)} | {fmt(d_recall)} | {fmt(d_div)} | {both}/{len(pairs)} |")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results file; a (seed, model) pair written twice keeps its last row."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list({(r["seed"], r["model"]): r for r in rows}.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="2020,2021,2022")
@@ -234,10 +262,11 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
                      args.num_negatives, args.decorrelation)
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     print(f"\nml-100k sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
           f" (torch threads={args.threads}; timings on a shared 2-core machine)")
     print_table(rows)
+    print_paired(rows)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ the same candidates and the target's likelihood is their uniform mixture,
 so every interest gets gradient in proportion to its responsibility for the target (the hard
 readout gives it only to the winner). Such a model must be served with the ``"mixture"`` merge rule
 (:mod:`kgrec.serving.merge`), which ranks by the same mixture; served with ``"max"`` it ranks by
-something it was not trained for (on ml-100k: Recall@50 0.394 -> 0.372, seed 2020).
+something it was not trained for (``comirec_sa_mos`` on ml-100k, seeds 2025-2029: Recall@50
+0.407 -> 0.370, BENCHMARKS.md).
 """
 
 from __future__ import annotations
