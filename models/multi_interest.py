@@ -380,10 +380,12 @@ def merge_for_model(
     rule: MergeRule,
     exclude: Sequence[Sequence[int]],
     item_embeddings: np.ndarray,
+    weights: np.ndarray | None = None,
 ) -> MergedCandidates:
     """Merge searched per-interest lists ``ids/scores [B, K, n]`` with ``rule``, feeding the rule
     what the model says about its interests (round-robin weights, or mixture log-weights and the
-    exact re-scoring of the union for ``"mixture"``). Shared by :func:`recommend` and the service."""
+    exact re-scoring of the union for ``"mixture"``). Shared by :func:`recommend` and the service.
+    ``weights [B, K]``: round-robin weights the caller already has (default: the model's)."""
     v_np, mask_np = interests.float().cpu().numpy(), mask.cpu().numpy()
     if rule == "mixture":
         ids, scores = score_union(ids, v_np, item_embeddings)
@@ -392,7 +394,8 @@ def merge_for_model(
             ids, scores, k, exclude=exclude, interest_mask=mask_np, rule=rule,
             log_weights=log_weights, temperature=model.temperature,
         )
-    weights = model.interest_weights(histories, lengths, mask).double().cpu().numpy()
+    if weights is None:
+        weights = model.interest_weights(histories, lengths, mask).double().cpu().numpy()
     return merge_interest_results(ids, scores, k, exclude=exclude, interest_mask=mask_np, weights=weights, rule=rule)
 
 

@@ -395,7 +395,9 @@ class MultiInterestService:
 
         def merge(ids: np.ndarray, sc: np.ndarray):
             with torch.inference_mode():
-                return merge_for_model(self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb)
+                return merge_for_model(
+                    self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb, weights[None]
+                )
 
         n_items = self.n_items
         target = min(k, n_items - exclude.shape[0])

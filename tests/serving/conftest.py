@@ -79,3 +79,28 @@ MODEL_INFO = {
     "model": "bprmf",
     "dataset": "synthetic",
 }
+
+
+def _log_and_load_pyfunc(tmp_path, python_model, artifacts: dict, signature):
+    """Log ``python_model`` to a throwaway sqlite MLflow store under ``tmp_path`` and load it back
+    as the pyfunc a deployment would get; the global tracking URI is restored afterwards."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        exp = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=python_model, artifacts=artifacts, signature=signature,
+                pip_requirements=["kgrec"],  # skip requirement inference (slow subprocess)
+            )
+        return mlflow.pyfunc.load_model(info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session")
+def log_and_load_pyfunc():
+    """:func:`_log_and_load_pyfunc` (a fixture because test modules cannot import conftest)."""
+    return _log_and_load_pyfunc

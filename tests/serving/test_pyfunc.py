@@ -1,4 +1,3 @@
-import mlflow
 import pandas as pd
 import pytest
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
@@ -6,26 +5,14 @@ from kgrec.serving.pyfunc import TopKRecommender, signature
 
 
 @pytest.fixture(scope="module")
-def logged_model(tmp_path_factory, bundle):
+def logged_model(tmp_path_factory, bundle, log_and_load_pyfunc):
     tmp_path = tmp_path_factory.mktemp("mlflow")
     bundle_dir = bundle.write(tmp_path / "bundle")
     index, info = build_and_measure(bundle.item_embeddings, IndexConfig(kind="hnsw"))
     index_dir = save_index(index, tmp_path / "index", info)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        exp = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=exp):
-            model_info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=TopKRecommender(),
-                artifacts={"bundle": str(bundle_dir), "index": str(index_dir)},
-                signature=signature(),
-                pip_requirements=["kgrec"],  # skip requirement inference (slow subprocess)
-            )
-        yield mlflow.pyfunc.load_model(model_info.model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return log_and_load_pyfunc(
+        tmp_path, TopKRecommender(), {"bundle": str(bundle_dir), "index": str(index_dir)}, signature()
+    )
 
 
 def test_signature():

@@ -219,24 +219,12 @@ def test_a_ranker_that_fails_to_load_makes_the_service_unready(retrieval):
         assert c.get("/healthz").status_code == 200
 
 
-def test_ranker_pyfunc_scores_pairs_by_raw_id(tmp_path, ranker):
-    import mlflow
+def test_ranker_pyfunc_scores_pairs_by_raw_id(tmp_path, ranker, log_and_load_pyfunc):
     import pandas as pd
     from kgrec.serving.pyfunc import PairScorer, ranker_signature
 
     bundle_dir = ranker.write(tmp_path / "ranker")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        exp = mlflow.create_experiment("ranker-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=exp):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=PairScorer(), artifacts={"bundle": str(bundle_dir)},
-                signature=ranker_signature(), pip_requirements=["kgrec"],
-            )
-        model = mlflow.pyfunc.load_model(info.model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    model = log_and_load_pyfunc(tmp_path, PairScorer(), {"bundle": str(bundle_dir)}, ranker_signature())
     frame = pd.DataFrame({"user_id": ["u7", "u7", "ghost", "u3"], "item_id": ["i4", "i90", "i4", "nope"]})
     out = model.predict(frame)
     assert out["known"].tolist() == [True, True, False, False]
