@@ -51,12 +51,13 @@ from kgrec.models.comirec_sa import ComiRecSA
 from kgrec.models.config import TrainConfig
 from kgrec.models.interest_mixture import InterestMixture
 from kgrec.models.mind import MIND
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.multi_interest import MultiInterestModel, save_model
 from kgrec.models.sequential_evaluation import Popularity, category_matrix, evaluate_sequential
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
 from kgrec.models.trainer import fit
 from kgrec.models.youtube_dnn import YouTubeDNN
 from kgrec.models.zoo import build_model
+from kgrec.serving.merge import CONTROLLABLE_POOL
 
 D, K = 64, 4
 # torch-rechub 0.9.0 on the same protocol (README): Recall@50 (2 seeds), NDCG@50 (seed 2022), cos.
@@ -68,10 +69,13 @@ PEERS = {
     "comirec_sa": (0.238, 0.149, 0.87),
 }
 ALL_MODELS = (
-    "popularity", "youtube_dnn", "comirec_sa_k1", "mind", "comirec_dr", "comirec_sa", "comirec_dr_weighted",
+    "popularity", "youtube_dnn", "comirec_sa_k1", "mind", "comirec_dr", "comirec_sa", "comirec_sa_max",
+    "comirec_dr_max", "comirec_dr_weighted",
     "comirec_sa_weighted", "comirec_dr_mixture", "comirec_sa_mixture", "comirec_sa_mixture_decor", "mixture", "youtube_dnn_kginit",
     "comirec_sa_kginit", "comirec_sa_mixture_kginit", "comirec_sa_mixture_decor_kginit", "mixture_lightgcn",
 )
+#: lambdas of the controllable merge evaluated for every row (BENCHMARKS.md reports 0.5, the default)
+CONTROLLABLE_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 COLUMNS = ("recall@20", "recall@50", "hit@50", "ndcg@50", "diversity@50", "interest_similarity", "train_s")
 
 
@@ -111,10 +115,14 @@ def build(name: str, n_items: int) -> MultiInterestModel:
     if name == "comirec_sa_k1":
         return ComiRecSA(n_items, D, 1)
     if name.startswith("comirec_dr"):
+        if name.endswith("_max"):
+            return ComiRecDR(n_items, D, K, readout="max")
         if "_mixture" in name:
             return ComiRecDR(n_items, D, K, readout="mixture", merge_rule="mixture")
         return ComiRecDR(n_items, D, K, merge_rule=merge)
     if name.startswith("comirec_sa"):
+        if name.endswith("_max"):
+            return ComiRecSA(n_items, D, K, readout="max")
         if "_mixture" in name:
             return ComiRecSA(n_items, D, K, readout="mixture", merge_rule="mixture", normalize_interests=True)
         return ComiRecSA(n_items, D, K, merge_rule=merge)
@@ -123,13 +131,16 @@ def build(name: str, n_items: int) -> MultiInterestModel:
 
 def run_seed(
     seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: Snapshot, epochs: int, out: Path,
-    learning_rate: float, num_negatives: int, decorrelation: float,
+    learning_rate: float, num_negatives: int, decorrelation: float, mask_seen: bool, target_window: int,
+    save_models: Path | None = None,
 ) -> None:
     split = sequential_split(seq_snapshot, seed=seed)
     cats, _ = category_matrix(seq_snapshot.item_categories())
     config = SequentialTrainConfig(
-        seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate, num_negatives=num_negatives
+        seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate, num_negatives=num_negatives,
+        mask_seen=mask_seen, target_window=target_window,
     )
+    recipe = recipe_name(mask_seen, target_window)
     n_items = split.num_items
     trained: dict[str, object] = {}
     prior: tuple[np.ndarray, np.ndarray, dict] | None = None
@@ -181,17 +192,36 @@ def run_seed(
             train_s, best_epoch = result.train_seconds, result.best_epoch
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
+        valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, cats, ks=(50,))
+        extra.update({"valid_recall@50": valid["recall@50"], "valid_diversity@50": valid["diversity@50"]})
+        # the same model served with the controllable (diversity-aware) merge, per lambda, on
+        # validation (to choose) and test
+        for lam in CONTROLLABLE_LAMBDAS:
+            for part in ("valid", "test"):
+                _, inputs, targets = split.part(part)
+                ctrl = evaluate_sequential(model, inputs, targets, cats, ks=(20, 50), rule="controllable",
+                                           diversity_weight=lam)
+                extra.update({f"ctrl{lam:g}_{part}_{m}": ctrl[m] for m in ("recall@20", "recall@50", "ndcg@50",
+                                                                          "diversity@50")})
         if getattr(model, "merge_rule", None) == "mixture":
             # the training/serving mismatch, measured: the same model served with the max merge
             mismatch = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(50,), rule="max")
             extra.update({"max_merge_recall@50": mismatch["recall@50"],
                           "max_merge_diversity@50": mismatch["diversity@50"]})
-        row = {"seed": seed, "model": name, "train_s": train_s, "best_epoch": best_epoch,
+        if save_models is not None:
+            save_model(model, save_models / recipe / str(seed) / name)
+        row = {"seed": seed, "model": name, "recipe": recipe, "train_s": train_s, "best_epoch": best_epoch,
                "wall_s": time.perf_counter() - started, **metrics, **extra}
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"seed {seed} {name:22s} R@50={metrics['recall@50']:.4f} div@50={metrics['diversity@50']:.4f} "
+        print(f"seed {seed} {name:22s} [{recipe}] R@50={metrics['recall@50']:.4f} div@50={metrics['diversity@50']:.4f} "
               f"sim={metrics['interest_similarity']:.3f} train={train_s:.1f}s epoch={best_epoch}", flush=True)
+
+
+def recipe_name(mask_seen: bool, target_window: int) -> str:
+    """Short tag of the training recipe a row was trained with (``base`` = next item, no masking)."""
+    parts = (["seen"] if mask_seen else []) + ([f"w{target_window}"] if target_window > 1 else [])
+    return "+".join(parts) or "base"
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -203,14 +233,24 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(vals) > 1 else f"{mean:.{digits}f}"
 
 
+def _groups(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """``(model, recipe, rows)`` in table order."""
+    recipes = sorted({r.get("recipe", "base") for r in rows}, key=lambda x: (x != "base", x))
+    out = []
+    for name in (m for m in ALL_MODELS if any(r["model"] == m for r in rows)):
+        for recipe in recipes:
+            rs = [r for r in rows if r["model"] == name and r.get("recipe", "base") == recipe]
+            if rs:
+                out.append((name, recipe, rs))
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
-    names = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
-    header = ["model", "n"] + list(COLUMNS) + ["peer R@50", "peer NDCG@50", "peer cos"]
+    header = ["model", "recipe", "n"] + list(COLUMNS) + ["peer R@50", "peer NDCG@50", "peer cos"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name in names:
-        rs = [r for r in rows if r["model"] == name]
-        cells = [name, str(len(rs))]
+    for name, recipe, rs in _groups(rows):
+        cells = [name, recipe, str(len(rs))]
         for col in COLUMNS:
             cells.append(fmt([r.get(col) for r in rs], 1 if col == "train_s" else 3))
         peer = PEERS.get(name)
@@ -218,27 +258,65 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def print_paired(rows: list[dict], baseline: str = "youtube_dnn") -> None:
-    """Per-seed paired differences against ``baseline`` (same split, same seed): mean ± std of
-    ΔRecall@50 and Δdiversity@50, and in how many seeds the row beats the baseline on BOTH."""
-    base = {r["seed"]: r for r in rows if r["model"] == baseline}
-    print(f"\npaired against {baseline} (seeds both rows have)")
-    print("| model | seeds | ΔR@50 | Δdiv@50 | seeds better on both |")
-    print("|---|---|---|---|---|")
-    for name in (m for m in ALL_MODELS if m != baseline):
-        pairs = [(r, base[r["seed"]]) for r in rows if r["model"] == name and r["seed"] in base]
-        if not pairs:
+def print_controllable(rows: list[dict], lam: float = 0.5) -> None:
+    """Every row served with the controllable merge at ``lam`` (test), next to its own max-merge figures."""
+    key = f"ctrl{lam:g}_test_"
+    print(f"\ncontrollable merge, lambda = {lam:g}, pool {CONTROLLABLE_POOL} x k (test)")
+    print("| model | recipe | n | R@50 | div@50 | ΔR@50 vs own list | Δdiv@50 vs own list |")
+    print("|---|---|---|---|---|---|---|")
+    for name, recipe, rs in _groups(rows):
+        rs = [r for r in rs if key + "recall@50" in r]
+        if not rs:
             continue
-        d_recall = [r["recall@50"] - b["recall@50"] for r, b in pairs]
-        d_div = [r["diversity@50"] - b["diversity@50"] for r, b in pairs]
+        d_r = [r[key + "recall@50"] - r["recall@50"] for r in rs]
+        d_d = [r[key + "diversity@50"] - r["diversity@50"] for r in rs]
+        print(f"| {name} | {recipe} | {len(rs)} | {fmt([r[key + 'recall@50'] for r in rs])} | "
+              f"{fmt([r[key + 'diversity@50'] for r in rs])} | {fmt(d_r)} | {fmt(d_d)} |")
+
+
+def print_lambda_sweep(rows: list[dict]) -> None:
+    """Test Recall@50 / diversity@50 of every row at each controllable lambda (0 = its max list)."""
+    print("\ncontrollable merge, lambda sweep (test R@50 / div@50, mean over seeds; 0 = the max list)")
+    print("| model | recipe | n | " + " | ".join(f"λ = {lam:g}" for lam in (0, *CONTROLLABLE_LAMBDAS)) + " |")
+    print("|---|---|---|" + "---|" * (1 + len(CONTROLLABLE_LAMBDAS)))
+    for name, recipe, rs in _groups(rows):
+        last = f"ctrl{CONTROLLABLE_LAMBDAS[-1]:g}_test_recall@50"
+        if name in ("popularity", "mixture") or not all(last in r for r in rs):  # mixture: weighted rule
+            continue
+        cells = []
+        for lam in (0, *CONTROLLABLE_LAMBDAS):
+            # lambda 0 is the max list: the row's own list unless its own rule is another one
+            key = f"ctrl{lam:g}_test_" if lam else ("max_merge_" if "max_merge_recall@50" in rs[0] else "")
+            cells.append(f"{np.mean([r[key + 'recall@50'] for r in rs]):.3f} / "
+                         f"{np.mean([r[key + 'diversity@50'] for r in rs]):.3f}")
+        print(f"| {name} | {recipe} | {len(rs)} | " + " | ".join(cells) + " |")
+
+
+def print_paired(rows: list[dict], baseline: str = "youtube_dnn", lam: float | None = None) -> None:
+    """Per-seed paired differences against ``baseline`` trained with the same recipe and served
+    with its own list (same split, same seed): mean ± std of ΔRecall@50 and Δdiversity@50, and in
+    how many seeds the row beats the baseline on BOTH. ``lam``: the row is served with the
+    controllable merge at that lambda."""
+    base = {(r["seed"], r.get("recipe", "base")): r for r in rows if r["model"] == baseline}
+    key = "" if lam is None else f"ctrl{lam:g}_test_"
+    served = "its own merge" if lam is None else f"the controllable merge, lambda = {lam:g}"
+    print(f"\npaired against {baseline} (same recipe, seeds both rows have), rows served with {served}")
+    print("| model | recipe | seeds | ΔR@50 | Δdiv@50 | seeds better on both |")
+    print("|---|---|---|---|---|---|")
+    for name, recipe, rs in _groups(rows):
+        pairs = [(r, base[(r["seed"], recipe)]) for r in rs if (r["seed"], recipe) in base and key + "recall@50" in r]
+        if not pairs or (name == baseline and lam is None):
+            continue
+        d_recall = [r[key + "recall@50"] - b["recall@50"] for r, b in pairs]
+        d_div = [r[key + "diversity@50"] - b["diversity@50"] for r, b in pairs]
         both = sum(dr > 0 and dd > 0 for dr, dd in zip(d_recall, d_div, strict=True))
-        print(f"| {name} | {len(pairs)} | {fmt(d_recall)} | {fmt(d_div)} | {both}/{len(pairs)} |")
+        print(f"| {name} | {recipe} | {len(pairs)} | {fmt(d_recall)} | {fmt(d_div)} | {both}/{len(pairs)} |")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a (seed, model) pair written twice keeps its last row."""
+    """Rows of a results file; a (seed, model, recipe) written twice keeps its last row."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return list({(r["seed"], r["model"]): r for r in rows}.values())
+    return list({(r["seed"], r["model"], r.get("recipe", "base")): r for r in rows}.values())
 
 
 def main() -> None:
@@ -251,6 +329,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--num-negatives", type=int, default=0, help="per batch; 0 = exact softmax")
     parser.add_argument("--decorrelation", type=float, default=1.0, help="penalty weight of the _decor rows")
+    parser.add_argument("--mask-seen", action="store_true", help="train without the user's earlier items as negatives")
+    parser.add_argument("--target-window", type=int, default=1, help="predict one of the next W items (1: the next)")
+    parser.add_argument("--save-models", type=Path, help="write every trained model to DIR/<recipe>/<seed>/<row>")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,12 +342,15 @@ def main() -> None:
         kg_snapshot = load_snapshot(ingest(load_spec("ml-100k"), workdir).snapshot_dir)
         for seed in (int(s) for s in args.seeds.split(",")):
             run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
-                     args.num_negatives, args.decorrelation)
+                     args.num_negatives, args.decorrelation, args.mask_seen, args.target_window, args.save_models)
     rows = read_rows(out)
     print(f"\nml-100k sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
           f" (torch threads={args.threads}; timings on a shared 2-core machine)")
     print_table(rows)
     print_paired(rows)
+    print_controllable(rows)
+    print_paired(rows, lam=0.5)
+    print_lambda_sweep(rows)
 
 
 if __name__ == "__main__":

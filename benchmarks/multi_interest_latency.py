@@ -1,18 +1,19 @@
 """Serving latency of multi-interest requests: POST /v1/candidates with a real ml-100k history.
 
 1. Unless ``--workdir`` already holds one, registers a ``--model`` champion (default
-   ``comirec_sa_mos``: ComiRec-SA with the mixture readout, K = 4, d = 64, L = 20, served with the
-   ``mixture`` merge): ``kgrec pipeline --dataset ml-100k-seq --models MODEL --registered-model NAME``
-   in a fresh working directory.
+   ``comirec_sa_max``: ComiRec-SA trained on the max merge's score, K = 4, d = 64, L = 20):
+   ``kgrec pipeline --dataset ml-100k-seq --models MODEL --registered-model NAME`` in a fresh
+   working directory.
 2. The request bodies are the TEST users' input sequences of the sequential split (seed 2020) --
    ordered raw item ids, oldest first, the last 500 (the API's limit) -- cycled to ``--requests``.
 3. In-process baseline: ``MultiInterestService.for_history(ids, k)`` on the same loaded champion.
 4. Live service: ``kgrec serve`` as a child process (serving/process.py) on loopback; after 200
-   warm-up requests, ``--requests`` sequential POSTs over one keep-alive connection, per merge rule.
-   Target from the issue: p99 <= 10 ms.
+   warm-up requests, ``--requests`` sequential POSTs over one keep-alive connection, per merge rule
+   (``controllable`` with the model's lambda, 0.5, on a pool of 4k). Target from the issue: p99 <= 10 ms.
 
     .venv/bin/python benchmarks/multi_interest_latency.py [--requests 2000] [--k 50]
-        [--model comirec_sa_mos] [--merges max,weighted,mixture] [--workdir DIR --model-name NAME] [--epochs N]
+        [--model comirec_sa_max] [--merges max,weighted,controllable] [--workdir DIR --model-name NAME]
+        [--epochs N]
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--workdir", type=Path, help="KGREC_HOME holding --model-name (skips training)")
     parser.add_argument("--model-name", default=DEFAULT_NAME)
-    parser.add_argument("--model", default="comirec_sa_mos", help="sequential model to register as champion")
+    parser.add_argument("--model", default="comirec_sa_max", help="sequential model to register as champion")
     parser.add_argument("--epochs", type=int, help="training epochs of the champion")
-    parser.add_argument("--merges", default="max,weighted,mixture")
+    parser.add_argument("--merges", default="max,weighted,controllable")
     args = parser.parse_args()
 
     from quality import machine  # noqa: E402  (sibling script)

@@ -6,7 +6,8 @@ re-ranked list; no index).
 
 Two branches share the registration steps: embedding retrievers (bprmf, lightgcn, kgat) train on
 the random/temporal split's graph; sequential / multi-interest generators (youtube_dnn, mind,
-comirec_dr, comirec_sa, comirec_sa_mos, mixture) on the sequential split with the same seed. One run may list both;
+comirec_dr, comirec_sa, comirec_sa_mos, comirec_sa_max, mixture) on the sequential split with the
+same seed. One run may list both;
 each model is one MLflow run in the same experiment and one version of the dataset's registered
 model, promoted on its own selection metric.
 

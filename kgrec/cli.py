@@ -85,6 +85,7 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         for source, reasons in ingest["quarantined"].items()
         for reason, n in reasons.items()
     }
+    width = max([11, *(len(m["model"]) for m in result["models"])])
     lines = [
         "",
         f"kgrec pipeline on {result['dataset']} (snapshot {result['snapshot_hash'][:12]})",
@@ -92,7 +93,7 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         f"quarantined {sum(quarantined.values()):,} {quarantined or ''}; "
         f"excluded by policy {ingest['excluded']}",
         "",
-        f"  {'model':<11} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid (selection)':>19} "
+        f"  {'model':<{width}} {'epochs':>6} {'best':>5} {'s/epoch':>8} {'valid (selection)':>19} "
         f"{'test R@20':>10} {'test R@50':>10} {'test N@20':>10} {'div@50':>7} {'version':>8}  alias",
     ]
     for m in result["models"]:
@@ -100,7 +101,7 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         selection = m.get("selection_metric", "recall@20")
         valid = f"{_fmt(m['valid'].get(selection))} {selection.replace('recall', 'R')}"
         lines.append(
-            f"  {m['model']:<11} {m['epochs_run']:>6} {m['best_epoch']:>5} "
+            f"  {m['model']:<{width}} {m['epochs_run']:>6} {m['best_epoch']:>5} "
             f"{m['seconds_per_epoch']:>8.3f} {valid:>19} "
             f"{_fmt(m['test'].get('recall@20')):>10} {_fmt(m['test'].get('recall@50')):>10} "
             f"{_fmt(m['test'].get('ndcg@20')):>10} {_fmt(m['test'].get('diversity@50')):>7} "
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", default="bprmf,lightgcn",
         help="comma-separated model names: bprmf, lightgcn, kgat (embedding retrievers); youtube_dnn, "
-        "mind, comirec_dr, comirec_sa, comirec_sa_mos, mixture (sequential / multi-interest, on the sequential split)",
+        "mind, comirec_dr, comirec_sa, comirec_sa_mos, comirec_sa_max, mixture (sequential / multi-interest, "
+        "on the sequential split)",
     )
     p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
     p.add_argument("--split", choices=["random", "temporal"], default="random",

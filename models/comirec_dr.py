@@ -28,7 +28,7 @@ class ComiRecDR(MultiInterestModel):
         routing_iterations: routing rounds.
         temperature: sampled-softmax temperature.
         merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
-        readout: training readout, ``"hard"`` or ``"mixture"`` (:mod:`kgrec.models.multi_interest`).
+        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.multi_interest`).
     """
 
     def __init__(

@@ -21,7 +21,8 @@ class ComiRecSA(MultiInterestModel):
     with :math:`W_1 \in \mathbb{R}^{d_a \times d}`, :math:`W_2 \in \mathbb{R}^{d_a \times K}` and the
     softmax over the (non-padding) history positions, i.e. in row form ``A = softmax(W2 tanh(W1 H^T))``
     and ``interests = A H``. The attention width is :math:`d_a = 4d` as in the paper. Training uses
-    the hard readout (or the mixture of softmaxes, ``readout="mixture"``) and sampled softmax. With
+    the hard readout (or the mixture of softmaxes, ``readout="mixture"``, or the softmax of the max
+    merge's score, ``readout="max"``) and sampled softmax. With
 ``normalize_interests`` every interest is scaled to unit length, so no interest outranks the others
 by its norm alone and the temperature alone sets the softmax's sharpness.
 
@@ -34,7 +35,7 @@ by its norm alone and the temperature alone sets the softmax's sharpness.
         positional: add learned positional embeddings to ``H`` before the attention.
         temperature: sampled-softmax temperature.
         merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
-        readout: training readout, ``"hard"`` or ``"mixture"`` (:mod:`kgrec.models.multi_interest`).
+        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.multi_interest`).
         normalize_interests: L2-normalise the interest vectors.
     """
 

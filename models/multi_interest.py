@@ -37,6 +37,19 @@ readout gives it only to the winner). Such a model must be served with the ``"mi
 (:mod:`kgrec.serving.merge`), which ranks by the same mixture; served with ``"max"`` it ranks by
 something it was not trained for (``comirec_sa_mos`` on ml-100k, seeds 2025-2029: Recall@50
 0.407 -> 0.370, BENCHMARKS.md).
+
+``readout="max"`` trains exactly the score the ``"max"`` merge serves,
+:math:`s(i) = \max_j \langle v_j, e_i\rangle` over the active interests, with one softmax over the
+candidates:
+
+.. math:: \mathcal{L} = -\log \frac{\exp(s(t) / \tau)}{\exp(s(t) / \tau) + \sum_n \exp(s(n) / \tau)}
+
+so an interest is also pushed down on every negative it ranks highest (the hard readout scores the
+negatives with the target's interest only, so the other interests never see them).
+
+``seen`` (``[B, I]`` bool, :func:`kgrec.models.sequential_trainer.seen_mask`) drops the items a user
+already had from the negatives: retrieval never returns them, and as negatives they pull every
+interest away from the very items that define it.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from kgrec.serving.merge import (
     MergedCandidates,
     MergeRule,
     merge_interest_results,
+    pool_per_interest,
     score_union,
     search_interests,
 )
@@ -70,9 +84,10 @@ MODEL_CLASSES: dict[str, str] = {
     "Popularity": "kgrec.models.sequential_evaluation",
 }
 
-#: Training readouts (module docstring): ComiRec's argmax interest, or the mixture of softmaxes.
-Readout = Literal["hard", "mixture"]
-READOUTS: tuple[str, ...] = ("hard", "mixture")
+#: Training readouts (module docstring): ComiRec's argmax interest, the mixture of softmaxes, or
+#: the softmax of the max merge's score.
+Readout = Literal["hard", "mixture", "max"]
+READOUTS: tuple[str, ...] = ("hard", "mixture", "max")
 
 
 def squash(x: Tensor, dim: int = -1, eps: float = 1e-9) -> Tensor:
@@ -191,6 +206,8 @@ class MultiInterestModel(torch.nn.Module, ABC):
         self.max_length = int(max_length)
         self.temperature = float(temperature)
         self.merge_rule: MergeRule = merge_rule
+        #: lambda of the ``"controllable"`` merge (saved with the model, like ``merge_rule``)
+        self.diversity_weight = 0.0
         self.hparams: dict[str, Any] = {}
         # Optional L2 pull of the item embeddings toward given prior vectors (KG-aware init).
         self.prior_weight = 0.0
@@ -233,17 +250,21 @@ class MultiInterestModel(torch.nn.Module, ABC):
         return (-torch.log(active) - log_z).masked_fill(~mask, float("-inf"))
 
     def loss(
-        self, histories: Tensor, lengths: Tensor, targets: Tensor, negatives: Tensor, decorrelation: float = 0.0
+        self, histories: Tensor, lengths: Tensor, targets: Tensor, negatives: Tensor, decorrelation: float = 0.0,
+        seen: Tensor | None = None,
     ) -> Tensor:
         """Sampled-softmax loss (module docstring) of a batch; ``negatives [N]`` shared by the batch
         (every item for the exact softmax). ``decorrelation`` :math:`\lambda` adds
         :math:`\lambda \cdot \mathrm{mean}_{j \ne k} \cos^2(v_j, v_k)` over each user's active
         interest pairs (averaged over users with two or more), which keeps the mixture readout's
-        interests from collapsing onto one direction."""
+        interests from collapsing onto one direction. ``seen [B, I]``: items left out of each row's
+        negatives (module docstring)."""
         v, mask = self.interests(histories, lengths)
         items = self.item_embeddings()
         target_emb = items[targets]
         is_target = negatives[None, :] == targets[:, None]  # [B, N]
+        if seen is not None:  # items the user already had: never candidates, so never negatives
+            is_target = is_target | seen[:, negatives]
         if self.readout_kind == "mixture":
             pos = (v * target_emb[:, None, :]).sum(-1, keepdim=True)  # [B, K, 1]
             neg = torch.einsum("bkd,nd->bkn", v, items[negatives]).masked_fill(is_target[:, None, :], float("-inf"))
@@ -251,6 +272,16 @@ class MultiInterestModel(torch.nn.Module, ABC):
             log_p = (logits[..., 0] - torch.logsumexp(logits, dim=2)).masked_fill(~mask, float("-inf"))
             active = mask.sum(1).clamp(min=1).to(log_p.dtype)
             loss = -(torch.logsumexp(log_p, dim=1) - torch.log(active)).mean()
+        elif self.readout_kind == "max":
+            # The softmax of the score the max merge serves: every interest is scored on every
+            # candidate, so an interest that ranks a negative high is pushed down too.
+            pos = (v * target_emb[:, None, :]).sum(-1).masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
+            neg = torch.einsum("bkd,nd->bkn", v, items[negatives]).masked_fill(~mask[:, :, None], float("-inf"))
+            neg = neg.amax(1).masked_fill(is_target, float("-inf"))
+            logits = torch.cat([pos, neg], 1) / self.temperature
+            loss = torch.nn.functional.cross_entropy(
+                logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device)
+            )
         else:
             user = self.readout(v, mask, target_emb)
             pos = (user * target_emb).sum(-1, keepdim=True)
@@ -335,16 +366,21 @@ def recommend(
     rule: MergeRule | None = None,
     exclude: Sequence[Sequence[int]] | None = None,
     batch_size: int = 1024,
+    categories: np.ndarray | None = None,
+    diversity: float | None = None,
 ) -> MergedCandidates:
     """Top-``k`` candidates for time-ordered ``item_idx`` histories -- the evaluation AND serving path.
 
     Interests come from the last ``model.max_length`` items; every interest is searched exactly
-    (:func:`kgrec.serving.merge.search_interests`, ``k`` per interest after masking) and the lists
-    are merged with ``rule`` (default ``model.merge_rule``) by
-    :func:`kgrec.serving.merge.merge_interest_results`. ``exclude`` defaults to the FULL histories
-    (every history item is masked, not only the last ``max_length``).
+    (:func:`kgrec.serving.merge.search_interests`, ``k`` per interest after masking -- more for the
+    ``"controllable"`` rule's pool) and the lists are merged with ``rule`` (default
+    ``model.merge_rule``) by :func:`kgrec.serving.merge.merge_interest_results`. ``exclude``
+    defaults to the FULL histories (every history item is masked, not only the last
+    ``max_length``). ``categories`` (``[I, G]`` bool) and ``diversity`` (default
+    ``model.diversity_weight``) feed the ``"controllable"`` rule.
     """
     rule = rule or model.merge_rule
+    per_interest = pool_per_interest(k, rule)
     exclude = histories if exclude is None else exclude
     was_training = model.training
     model.eval()
@@ -358,8 +394,13 @@ def recommend(
             h, n = pad_histories(chunk, model.max_length, device)
             v, mask = model.interests(h, n)
             v_np, mask_np = v.float().cpu().numpy(), mask.cpu().numpy()
-            ids, scores = search_interests(v_np, item_emb, k, exclude=excl, interest_mask=mask_np)
-            parts.append(merge_for_model(model, h, n, v, mask, ids, scores, k, rule, excl, item_emb))
+            ids, scores = search_interests(v_np, item_emb, per_interest, exclude=excl, interest_mask=mask_np)
+            parts.append(
+                merge_for_model(
+                    model, h, n, v, mask, ids, scores, k, rule, excl, item_emb,
+                    categories=categories, diversity=diversity,
+                )
+            )
     finally:
         model.train(was_training)
     if not parts:
@@ -381,12 +422,22 @@ def merge_for_model(
     exclude: Sequence[Sequence[int]],
     item_embeddings: np.ndarray,
     weights: np.ndarray | None = None,
+    categories: np.ndarray | None = None,
+    diversity: float | None = None,
 ) -> MergedCandidates:
     """Merge searched per-interest lists ``ids/scores [B, K, n]`` with ``rule``, feeding the rule
     what the model says about its interests (round-robin weights, or mixture log-weights and the
     exact re-scoring of the union for ``"mixture"``). Shared by :func:`recommend` and the service.
-    ``weights [B, K]``: round-robin weights the caller already has (default: the model's)."""
+    ``weights [B, K]``: round-robin weights the caller already has (default: the model's).
+    ``"controllable"`` needs ``categories``; ``diversity`` defaults to ``model.diversity_weight``."""
     v_np, mask_np = interests.float().cpu().numpy(), mask.cpu().numpy()
+    if rule == "controllable":
+        if categories is None:
+            raise ValueError("the controllable merge needs item categories (none were given)")
+        return merge_interest_results(
+            ids, scores, k, exclude=exclude, interest_mask=mask_np, rule=rule, categories=categories,
+            diversity=model.diversity_weight if diversity is None else diversity,
+        )
     if rule == "mixture":
         ids, scores = score_union(ids, v_np, item_embeddings)
         log_weights = model.mixture_log_weights(interests, mask).double().cpu().numpy()
@@ -407,7 +458,10 @@ def save_model(model: MultiInterestModel, directory: str | Path) -> Path:
     name = type(model).__name__
     if name not in MODEL_CLASSES:
         raise ValueError(f"{name} is not a registered multi-interest model ({sorted(MODEL_CLASSES)})")
-    meta = {"class": name, "hparams": model.hparams, "merge_rule": model.merge_rule}
+    meta = {
+        "class": name, "hparams": model.hparams, "merge_rule": model.merge_rule,
+        "diversity_weight": model.diversity_weight,
+    }
     (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
     torch.save(model.state_dict(), directory / "state.pt")
     return directory
@@ -422,6 +476,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     state = torch.load(directory / "state.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     model.merge_rule = meta.get("merge_rule", model.merge_rule)
+    model.diversity_weight = float(meta.get("diversity_weight", 0.0))
     return model.eval()
 
 

@@ -97,6 +97,7 @@ def evaluate_sequential(
     ks: Sequence[int] = (20, 50),
     rule: MergeRule | None = None,
     diversity_k: int = 50,
+    diversity_weight: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on held-out users (module docstring).
 
@@ -109,6 +110,8 @@ def evaluate_sequential(
         ks: cut-offs for recall / hit / NDCG.
         rule: merge rule (default ``model.merge_rule``, as in serving).
         diversity_k: the K of ``diversity@K``.
+        diversity_weight: :math:`\lambda` of the ``"controllable"`` rule (default: the model's);
+            that rule chooses by ``categories``, so it needs them.
 
     Returns:
         ``{"recall@K", "hit@K", "ndcg@K", "diversity@K", "interest_similarity", "num_users"}``.
@@ -119,7 +122,7 @@ def evaluate_sequential(
     if not keep:
         return {"num_users": 0}
     max_k = max(max(ks), diversity_k)
-    merged = recommend(model, inputs, max_k, rule=rule)
+    merged = recommend(model, inputs, max_k, rule=rule, categories=categories, diversity=diversity_weight)
     per_user = ranking_metrics(merged.items, targets, ks)
     result: dict[str, Any] = {name: float(values.mean()) for name, values in per_user.items()}
     if categories is not None:

@@ -158,6 +158,10 @@ def train_sequential_and_log(
     if split.num_items != snapshot.n_items:
         raise ValueError(f"split has {split.num_items} items, snapshot {snapshot.n_items}")
     categories = item_categories(snapshot) if categories is None else categories
+    if config.merge_rule == "controllable" and categories is None:
+        raise ValueError(
+            f"{config.model}: merge_rule 'controllable' chooses by item categories and {snapshot.name} has none"
+        )
     params = {**config.to_dict(), **sequence_data_params(snapshot, split), **(extra_params or {})}
     tags = {"kgrec.model": config.model, "kgrec.dataset": snapshot.name, "kgrec.bundle_kind": KIND}
     train_config = config.train_config()

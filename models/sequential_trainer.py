@@ -2,7 +2,11 @@
 
 Samples: for every training user's sequence :math:`s_1 \\dots s_n` and every position
 ``t = min_history .. n-1`` (0-based), the history :math:`s_{\\max(0, t-L)} \\dots s_{t-1}` (the last
-``L = model.max_length`` items before ``t``) predicts the next item :math:`s_t`. Each epoch shuffles
+``L = model.max_length`` items before ``t``) predicts the next item :math:`s_t` -- or, with
+``target_window = W > 1``, an item drawn anew each epoch uniformly from :math:`s_t \dots s_{t+W-1}`
+(evaluation asks for the next 20% of a sequence, not the next item). With ``mask_seen`` the
+user's items before ``t`` (the whole prefix, not only the window) are left out of the negatives,
+as evaluation and serving never return them (:meth:`MultiInterestModel.loss`). Each epoch shuffles
 all samples into mini-batches; each batch draws ``num_negatives`` uniform negatives shared by the
 batch (sampled softmax, :meth:`MultiInterestModel.loss`), or with ``num_negatives = 0`` scores every
 item (exact softmax: affordable while ``batch x K x items`` fits in memory, e.g. ml-100k's 1,682
@@ -48,6 +52,12 @@ class SequentialTrainConfig:
     weight_decay: float = 0.0
     #: Weight of the interest decorrelation penalty (:meth:`MultiInterestModel.loss`); 0 = off.
     decorrelation: float = 0.0
+    #: Each epoch, every history predicts an item drawn uniformly from the next ``target_window``
+    #: items of its sequence (1 = the next item).
+    target_window: int = 1
+    #: Drop every item the user had before the target (the whole prefix, not only the window)
+    #: from the softmax's negatives, as evaluation and serving never return them.
+    mask_seen: bool = False
     #: Stop after this many seconds of training (None: no limit); the best epoch is still restored.
     time_budget_s: float | None = None
 
@@ -74,6 +84,17 @@ def training_samples(
     sequences: list[np.ndarray], max_length: int, min_history: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All sliding samples: ``(histories [N, L] left-aligned, lengths [N], targets [N])`` (vectorised)."""
+    hist, length, flat, target_pos, _, _ = sliding_windows(sequences, max_length, min_history)
+    return hist, length, flat[target_pos]
+
+
+def sliding_windows(
+    sequences: list[np.ndarray], max_length: int, min_history: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every sliding window: ``(histories [N, L], lengths [N], flat [T], target_pos [N], ahead [N],
+    seq_start [N])`` where ``flat`` is the concatenated sequences, ``flat[target_pos]`` the next item
+    after each history, ``ahead`` how many items of the sequence remain from there (>= 1) and
+    ``flat[seq_start:target_pos]`` everything the user had before it."""
     if min_history < 1:
         raise ValueError("min_history must be >= 1")
     lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
@@ -89,7 +110,29 @@ def training_samples(
     offsets = np.arange(max_length)[None, :]
     valid = offsets < length[:, None]
     hist = np.where(valid, flat[np.where(valid, first[:, None] + offsets, 0)], 0)
-    return hist, length, flat[target_pos]
+    ahead = (starts + lens)[seq_of] - target_pos
+    return hist, length, flat, target_pos, ahead, starts[seq_of]
+
+
+def window_targets(
+    flat: torch.Tensor, target_pos: torch.Tensor, reach: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One target per sample: ``flat[target_pos + j]`` with ``j`` uniform in ``[0, reach)``
+    (``reach`` = how many of the next items are eligible; all ones = the next item, no draw)."""
+    if bool((reach <= 1).all()):
+        return flat[target_pos]
+    offset = (torch.rand(len(reach), generator=generator, dtype=torch.float64) * reach).long()
+    return flat[target_pos + offset]
+
+
+def seen_mask(flat: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, num_items: int) -> torch.Tensor:
+    """``[B, I]`` bool: row ``b`` marks the items ``flat[starts[b]:ends[b]]``."""
+    counts = ends - starts
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    mask = torch.zeros(len(counts), num_items, dtype=torch.bool)
+    mask[rows, flat[torch.repeat_interleave(starts, counts) + offsets]] = True
+    return mask
 
 
 def fit_sequential(
@@ -114,9 +157,16 @@ def fit_sequential(
     torch.manual_seed(config.seed)
     if reset:
         model.reset_parameters()
-    hist, lengths, targets = training_samples(split.train_sequences, model.max_length, config.min_history)
-    hist_t, len_t, tgt_t = (torch.from_numpy(a) for a in (hist, lengths, targets))
-    n = len(tgt_t)
+    if config.target_window < 1:
+        raise ValueError(f"target_window must be >= 1, got {config.target_window}")
+    hist, lengths, flat, target_pos, ahead, seq_start = sliding_windows(
+        split.train_sequences, model.max_length, config.min_history
+    )
+    hist_t, len_t = torch.from_numpy(hist), torch.from_numpy(lengths)
+    flat_t, pos_t = torch.from_numpy(flat), torch.from_numpy(target_pos)
+    reach_t = torch.from_numpy(np.minimum(ahead, config.target_window))
+    start_t = torch.from_numpy(seq_start)
+    n = len(pos_t)
     if n == 0:
         raise ValueError("no training samples")
     generator = torch.Generator().manual_seed(config.seed)
@@ -130,6 +180,7 @@ def fit_sequential(
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=generator)
+        tgt_t = window_targets(flat_t, pos_t, reach_t, generator)
         total = 0.0
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size]
@@ -139,7 +190,8 @@ def fit_sequential(
                 if config.num_negatives
                 else all_items
             )
-            loss = model.loss(hist_t[idx, :width], len_t[idx], tgt_t[idx], negatives, config.decorrelation)
+            seen = seen_mask(flat_t, start_t[idx], pos_t[idx], model.num_items) if config.mask_seen else None
+            loss = model.loss(hist_t[idx, :width], len_t[idx], tgt_t[idx], negatives, config.decorrelation, seen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

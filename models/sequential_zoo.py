@@ -11,6 +11,8 @@ embedding retrievers (``kgrec.models.zoo.MODEL_NAMES``):
 ``comirec_sa``   ComiRec-SA, self-attention
 ``comirec_sa_mos`` ComiRec-SA trained with the mixture-of-softmaxes readout, unit-length interests
                  and the interest decorrelation penalty, served with the ``mixture`` merge
+``comirec_sa_max`` ComiRec-SA trained on the softmax of the score the ``max`` merge serves
+                 (``readout="max"``)
 ``mixture``      kNN-Embed-style interest mixture over the item vectors of a YouTube-DNN trained
                  first with the same configuration (not trained by gradient descent itself)
 ==============  ==============================================================================
@@ -34,12 +36,16 @@ from kgrec.models.sequential_trainer import SequentialTrainConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SEQUENTIAL_MODEL_NAMES: tuple[str, ...] = (
-    "youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "mixture",
+    "youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "comirec_sa_max", "mixture",
 )
+
+#: Names that build a ComiRec-SA (the presets differ in how it is trained and served).
+COMIREC_SA_VARIANTS: tuple[str, ...] = ("comirec_sa", "comirec_sa_mos", "comirec_sa_max")
 
 #: Per-model defaults that differ from the field defaults (a named preset; overrides still win).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "comirec_sa_mos": {"readout": "mixture", "normalize_interests": True, "decorrelation": 1.0},
+    "comirec_sa_max": {"readout": "max"},
 }
 
 #: The promotion gate's metric for sequential models (MLflow key of validation Recall@50).
@@ -57,19 +63,26 @@ class SequentialModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Literal["youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "mixture"] = "comirec_sa"
+    model: Literal[
+        "youtube_dnn", "mind", "comirec_dr", "comirec_sa", "comirec_sa_mos", "comirec_sa_max", "mixture"
+    ] = "comirec_sa"
     # architecture
     embedding_dim: int = Field(64, ge=1, le=4096)
     num_interests: int = Field(4, ge=1, le=64, description="K (MIND: the maximum; mixture: kept components)")
     max_length: int = Field(20, ge=1, le=1000, description="most recent history items used (L)")
     temperature: float = Field(0.1, gt=0.0, description="sampled-softmax temperature")
-    merge_rule: Literal["max", "weighted", "mixture"] | None = Field(
+    merge_rule: Literal["max", "weighted", "mixture", "controllable"] | None = Field(
         None,
         description="retrieval merge rule (None: the model's own -- mixture model: weighted; "
-        "mixture readout: mixture; else max)",
+        "mixture readout: mixture; else max); controllable needs item categories",
     )
-    readout: Literal["hard", "mixture"] = Field(
-        "hard", description="ComiRec-DR/SA training readout: argmax interest or mixture of softmaxes"
+    diversity_weight: float = Field(
+        0.5, ge=0.0, le=100.0, description="lambda of the controllable merge (used with merge_rule=controllable)"
+    )
+    readout: Literal["hard", "mixture", "max"] = Field(
+        "hard",
+        description="ComiRec-DR/SA training readout: argmax interest, mixture of softmaxes, or the softmax of "
+        "the max merge's score",
     )
     normalize_interests: bool = Field(False, description="ComiRec-SA: unit-length interest vectors")
     hidden_dim: int = Field(0, ge=0, description="YouTube-DNN MLP width (0: mean pooling)")
@@ -90,6 +103,8 @@ class SequentialModelConfig(BaseModel):
     ks: tuple[int, ...] = (20, 50)
     weight_decay: float = Field(0.0, ge=0.0)
     decorrelation: float = Field(0.0, ge=0.0, description="weight of the interest decorrelation penalty")
+    mask_seen: bool = Field(False, description="leave the user's earlier items out of the softmax's negatives")
+    target_window: int = Field(1, ge=1, le=1000, description="predict an item drawn from the next W (1: the next)")
     time_budget_s: float | None = Field(None, gt=0.0)
     # Per-batch tensors are tiny (B=256, L=20, d=64): OpenMP fan-out costs far more than it saves,
     # on a busy 2-core machine 20x more. None leaves torch's thread count alone.
@@ -109,9 +124,9 @@ class SequentialModelConfig(BaseModel):
             raise ValueError(
                 f"selection_metric {self.selection_metric!r} must be <recall|ndcg|hit>@K with K in ks={self.ks}"
             )
-        if self.readout == "mixture" and self.model not in ("comirec_dr", "comirec_sa", "comirec_sa_mos"):
-            raise ValueError(f"readout='mixture' is for comirec_dr / comirec_sa, not {self.model}")
-        if self.normalize_interests and self.model not in ("comirec_sa", "comirec_sa_mos"):
+        if self.readout != "hard" and self.model not in ("comirec_dr", *COMIREC_SA_VARIANTS):
+            raise ValueError(f"readout={self.readout!r} is for comirec_dr / comirec_sa, not {self.model}")
+        if self.normalize_interests and self.model not in COMIREC_SA_VARIANTS:
             raise ValueError(f"normalize_interests is for comirec_sa, not {self.model}")
         if self.model == "mixture" and self.num_interests > self.num_clusters:
             raise ValueError(
@@ -144,6 +159,8 @@ class SequentialModelConfig(BaseModel):
             ks=self.ks,
             weight_decay=self.weight_decay,
             decorrelation=self.decorrelation,
+            mask_seen=self.mask_seen,
+            target_window=self.target_window,
             time_budget_s=self.time_budget_s,
         )
 
@@ -178,7 +195,7 @@ def build_sequential_model(config: SequentialModelConfig, num_items: int) -> Mul
             num_items, num_interests=config.num_interests, routing_iterations=config.routing_iterations,
             temperature=config.temperature, readout=config.readout, **common, **rule,
         )
-    elif config.model in ("comirec_sa", "comirec_sa_mos"):
+    elif config.model in COMIREC_SA_VARIANTS:
         from kgrec.models.comirec_sa import ComiRecSA
 
         model = ComiRecSA(
@@ -196,4 +213,5 @@ def build_sequential_model(config: SequentialModelConfig, num_items: int) -> Mul
         raise ValueError(f"unknown sequential model {config.model!r}")
     if config.merge_rule and config.model in ("youtube_dnn", "mixture"):
         model.merge_rule = config.merge_rule
+    model.diversity_weight = config.diversity_weight
     return model

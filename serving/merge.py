@@ -29,6 +29,24 @@ Rules (``rule=``):
   (:func:`score_union`), so the only approximation is that an item outside every interest's
   top-``n`` list is not a candidate.
 
+* ``"controllable"`` -- the controllable aggregation of ComiRec (Cen et al., KDD 2020, Sec. 3.4),
+  diversity-aware: the candidate pool is the ``CONTROLLABLE_POOL x k`` best items of the ``"max"``
+  merge, each scored by its max inner product :math:`f(i)`; the ``k`` items are then chosen
+  greedily, step ``t`` taking the pool item with the largest
+
+  .. math:: \hat f(i) + \lambda \frac{1}{t} \sum_{j \in S_t} g(i, j)
+
+  where :math:`S_t` are the ``t`` items already chosen, :math:`g(i, j) = 1` when the category sets
+  of ``i`` and ``j`` are disjoint (the ``categories`` multi-hot; an item without categories is
+  disjoint from every item) and :math:`\hat f` is :math:`f` standardised over the user's pool. The
+  paper adds :math:`\lambda \sum_{j} g(i, j)`; we standardise and average so that one
+  ``diversity`` :math:`\lambda` means the same for every model and every position of the list.
+  :math:`\lambda = 0` is exactly the ``"max"`` list. ComiRec pools the union of the interests'
+  top-``k`` lists; we pool the top ``CONTROLLABLE_POOL x k`` of their max instead, so that the pool
+  has the same size for a single vector and for ``K`` interests however much those overlap (so
+  callers search that many per interest, :func:`pool_per_interest`). The score is :math:`f(i)` and
+  the order is the pick order.
+
 Always: items in ``exclude`` (the user's history) are never returned, no item is returned twice,
 entries with id ``< 0`` (faiss's "no result") and interests masked out by ``interest_mask`` are
 ignored. Rows with fewer than ``k`` valid candidates are padded with item ``-1``, score ``-inf``,
@@ -43,8 +61,16 @@ from typing import Literal
 
 import numpy as np
 
-MergeRule = Literal["max", "weighted", "mixture"]
-MERGE_RULES: tuple[str, ...] = ("max", "weighted", "mixture")
+MergeRule = Literal["max", "weighted", "mixture", "controllable"]
+MERGE_RULES: tuple[str, ...] = ("max", "weighted", "mixture", "controllable")
+#: ``"controllable"`` chooses ``k`` items from a pool of this many times ``k`` candidates.
+CONTROLLABLE_POOL = 4
+
+
+def pool_per_interest(k: int, rule: str) -> int:
+    """How many non-history candidates each interest must supply for ``rule`` to be exact: ``k``,
+    or ``CONTROLLABLE_POOL x k`` for ``"controllable"`` (its pool)."""
+    return CONTROLLABLE_POOL * k if rule == "controllable" else k
 
 
 @dataclass(frozen=True)
@@ -105,6 +131,8 @@ def merge_interest_results(
     rule: MergeRule = "max",
     log_weights: np.ndarray | None = None,
     temperature: float = 1.0,
+    categories: np.ndarray | None = None,
+    diversity: float = 0.0,
 ) -> MergedCandidates:
     """Merge ``K`` per-interest result lists into the top-``k`` candidates per user.
 
@@ -119,6 +147,8 @@ def merge_interest_results(
         log_weights: ``[B, K]`` per-interest log mixture weights over normalisers (``"mixture"``
             only; default 0).
         temperature: softmax temperature :math:`\tau` (``"mixture"`` only).
+        categories: ``[I, G]`` bool item categories (``"controllable"`` only; required there).
+        diversity: :math:`\lambda \ge 0` (``"controllable"`` only).
 
     Returns:
         :class:`MergedCandidates` with ``[B, k]`` arrays.
@@ -132,6 +162,8 @@ def merge_interest_results(
         return _merge_weighted(ids, scores, valid, k, weights)
     if rule == "mixture":
         return _merge_mixture(ids, scores, valid, k, log_weights, temperature)
+    if rule == "controllable":
+        return _merge_controllable(ids, scores, valid, k, categories, diversity)
     raise ValueError(f"unknown merge rule {rule!r}; known: {MERGE_RULES}")
 
 
@@ -249,6 +281,46 @@ def _merge_mixture(
         items[row, :m] = row_ids[starts][rank]
         out_scores[row, :m] = merged[rank]
         interest[row, :m] = row_source[starts][rank]
+    return MergedCandidates(items, out_scores, interest)
+
+
+def _merge_controllable(
+    ids: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int, categories: np.ndarray | None,
+    diversity: float,
+) -> MergedCandidates:
+    if categories is None:
+        raise ValueError("the controllable merge needs item categories")
+    if not (np.isfinite(diversity) and diversity >= 0):
+        raise ValueError(f"diversity must be finite and >= 0, got {diversity}")
+    categories = np.asarray(categories, dtype=bool)
+    valid_ids = ids[valid]
+    if valid_ids.size and valid_ids.max() >= categories.shape[0]:
+        raise ValueError(f"categories cover {categories.shape[0]} items, got item id {valid_ids.max()}")
+    b = ids.shape[0]
+    # The pool: the max merge's best CONTROLLABLE_POOL x k, with their max scores, best first.
+    pool = _merge_max(ids, scores, valid, CONTROLLABLE_POOL * k)
+    if diversity == 0:
+        return _pad(pool.items[:, :k], pool.scores[:, :k], pool.interest[:, :k], k)
+    items = np.full((b, k), -1, np.int64)
+    out_scores = np.full((b, k), -np.inf, np.float32)
+    interest = np.full((b, k), -1, np.int64)
+    for row in range(b):
+        cand, f, src = pool.row(row)
+        if cand.size == 0:
+            continue
+        f64 = f.astype(np.float64)
+        spread = f64.std()
+        relevance = (f64 - f64.mean()) / spread if spread > 0 else np.zeros_like(f64)
+        cats = categories[cand].astype(np.float32)
+        distinct = np.zeros(cand.size)  # number of chosen items each candidate is disjoint from
+        free = np.ones(cand.size, dtype=bool)
+        for t in range(min(k, cand.size)):
+            gain = relevance + (diversity / t) * distinct if t else relevance.copy()
+            j = int(np.argmax(np.where(free, gain, -np.inf)))  # ties: the better-scored candidate
+            free[j] = False
+            # one column per pick, not the [P, P] overlap matrix: k = 1,000 makes P = 4,000
+            distinct += (cats @ cats[j]) == 0
+            items[row, t], out_scores[row, t], interest[row, t] = cand[j], f[j], src[j]
     return MergedCandidates(items, out_scores, interest)
 
 

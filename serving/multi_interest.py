@@ -25,8 +25,11 @@ Multi-interest bundle (a directory; ``meta.json`` ``kind = "multi_interest"``)::
 3. the lists are merged by :func:`kgrec.models.multi_interest.merge_for_model` with the model's
    documented rule (``max``: max inner product + de-duplication; ``mixture`` for a model trained
    with the mixture readout) or the one the request asks for (``weighted``: weighted round-robin by
-   interest weight), every history item excluded -- the same function as offline evaluation
-   (:func:`kgrec.models.multi_interest.recommend`);
+   interest weight; ``controllable``: ComiRec's diversity-aware greedy over item categories, with
+   the model's :math:`\lambda` or the request's ``diversity``, choosing among the max merge's
+   best ``4k``, so each interest then searches ``4k + |history|``), every history item excluded --
+   the same function as offline
+   evaluation (:func:`kgrec.models.multi_interest.recommend`);
 4. if an approximate index returned too few usable items, the request is answered by an exact
    scan instead.
 
@@ -54,6 +57,7 @@ from kgrec.models.multi_interest import (
     pad_histories,
     save_model,
 )
+from kgrec.models.sequential_evaluation import category_matrix
 from kgrec.serving.bundle import BundleError, _check_ids, id_lookup, write_meta
 from kgrec.serving.candidates import (
     CandidateResult,
@@ -64,7 +68,7 @@ from kgrec.serving.candidates import (
 )
 from kgrec.serving.files import atomic_directory
 from kgrec.serving.index import index_kind, index_over
-from kgrec.serving.merge import MERGE_RULES, search_interests
+from kgrec.serving.merge import MERGE_RULES, pool_per_interest, search_interests
 from torch import Tensor
 
 KIND = "multi_interest"
@@ -227,6 +231,7 @@ class MultiInterestResult(CandidateResult):
     interest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [n]
     interest_weights: list[float] = field(default_factory=list)  # [K]; 0 = inactive interest
     merge: str = "max"
+    diversity: float | None = None  # lambda of the controllable merge (None for the other rules)
 
     def records(self) -> list[dict[str, Any]]:
         """``[{"item_id", "score", "name", "interest"}]`` (the HTTP payload)."""
@@ -236,13 +241,17 @@ class MultiInterestResult(CandidateResult):
         ]
 
     def response_fields(self) -> dict[str, Any]:
-        return {"merge": self.merge, "interest_weights": self.interest_weights}
+        fields = {"merge": self.merge, "interest_weights": self.interest_weights}
+        if self.diversity is not None:
+            fields["diversity"] = self.diversity
+        return fields
 
 
 class MultiInterestService:
     """Candidates from a multi-interest model (module docstring); same interface as
-    :class:`~kgrec.serving.candidates.CandidateService`, plus ``merge`` (``"max"`` / ``"weighted"``,
-    default: the model's rule)."""
+    :class:`~kgrec.serving.candidates.CandidateService`, plus ``merge`` (a rule of
+    :data:`~kgrec.serving.merge.MERGE_RULES`, default: the model's) and ``diversity`` (the
+    controllable rule's :math:`\lambda`, default: the model's)."""
 
     kind = KIND
     supports_merge = True
@@ -275,6 +284,10 @@ class MultiInterestService:
         self._item_ids: list[str] = items["item_id"].to_list()
         self._item_names: list[str | None] = items["name"].to_list()
         self._item_index: dict[str, int] = dict(zip(self._item_ids, range(len(self._item_ids))))
+        category_lists = items["categories"].to_list()
+        self._categories = category_matrix(category_lists)[0] if any(category_lists) else None
+        if self.merge_rule == "controllable" and self._categories is None:
+            raise BundleError("the model's merge rule is 'controllable' but its items have no categories")
         # warm-up: the first torch call of a process pays one-off dispatch costs
         self._interests(np.zeros(1, np.int64))
 
@@ -299,38 +312,43 @@ class MultiInterestService:
         return self._seen[self._resolve_user(user_id)]
 
     def info(self) -> dict[str, Any]:
+        rules = [r for r in MERGE_RULES if r != "controllable" or self._categories is not None]
         return {"kind": KIND, "num_interests": self.num_interests, "merge_rule": self.merge_rule,
-                "max_length": self.max_length, "merge_rules": list(MERGE_RULES)}
+                "diversity_weight": self.model.diversity_weight, "max_length": self.max_length,
+                "merge_rules": rules}
 
     # ------------------------------------------------------------------ public API
-    def for_user(self, user_id: str, k: int = 100, merge: str | None = None) -> MultiInterestResult:
+    def for_user(
+        self, user_id: str, k: int = 100, merge: str | None = None, diversity: float | None = None
+    ) -> MultiInterestResult:
         """Top-``k`` for a known user from their stored history (every history item excluded)."""
-        k, rule = self._check_k(k), self._check_merge(merge)
+        k, (rule, lam) = self._check_k(k), self._check_merge(merge, diversity)
         u = self._resolve_user(user_id)
-        return self._retrieve(self._histories[u], self._seen[u], k, rule, user_id=str(user_id))
+        return self._retrieve(self._histories[u], self._seen[u], k, rule, lam, user_id=str(user_id))
 
     def for_history(
-        self, item_ids: Iterable[str | int], k: int = 100, merge: str | None = None
+        self, item_ids: Iterable[str | int], k: int = 100, merge: str | None = None,
+        diversity: float | None = None,
     ) -> MultiInterestResult:
         """Top-``k`` for an ordered history of raw item ids (oldest first; the last ``max_length``
         known items feed the model). Unknown ids are reported and skipped; history items are excluded."""
-        k, rule = self._check_k(k), self._check_merge(merge)
+        k, (rule, lam) = self._check_k(k), self._check_merge(merge, diversity)
         history, unknown = resolve_history(item_ids, self._item_index)
         return self._retrieve(
-            history, np.unique(history), k, rule, unknown_item_ids=list(dict.fromkeys(unknown))
+            history, np.unique(history), k, rule, lam, unknown_item_ids=list(dict.fromkeys(unknown))
         )
 
     def for_users(
-        self, user_ids: Sequence[str], k: int = 20, merge: str | None = None
+        self, user_ids: Sequence[str], k: int = 20, merge: str | None = None, diversity: float | None = None
     ) -> list[MultiInterestResult | None]:
         """``for_user`` over many users; unknown users give ``None`` (used by the pyfunc model)."""
-        k, rule = self._check_k(k), self._check_merge(merge)
+        k, (rule, lam) = self._check_k(k), self._check_merge(merge, diversity)
         out: list[MultiInterestResult | None] = []
         for user_id in (str(u) for u in user_ids):
             u = self._user_index.get(user_id)
             out.append(
                 None if u is None
-                else self._retrieve(self._histories[u], self._seen[u], k, rule, user_id=user_id)
+                else self._retrieve(self._histories[u], self._seen[u], k, rule, lam, user_id=user_id)
             )
         return out
 
@@ -349,12 +367,22 @@ class MultiInterestService:
             raise InvalidRequestError(f"k must be between 1 and the catalogue size {self.n_items}, got {k}")
         return k
 
-    def _check_merge(self, merge: str | None) -> str:
-        if merge is None:
-            return self.merge_rule
-        if merge not in MERGE_RULES:
-            raise InvalidRequestError(f"unknown merge rule {merge!r}; choose from {list(MERGE_RULES)}")
-        return merge
+    def _check_merge(self, merge: str | None, diversity: float | None = None) -> tuple[str, float | None]:
+        """``(rule, lambda)``: lambda is None unless the rule is ``controllable``."""
+        rule = self.merge_rule if merge is None else merge
+        if rule not in MERGE_RULES:
+            raise InvalidRequestError(f"unknown merge rule {rule!r}; choose from {list(MERGE_RULES)}")
+        if rule != "controllable":
+            if diversity is not None:
+                raise InvalidRequestError(f"diversity applies to the controllable merge only, not {rule!r}")
+            return rule, None
+        if self._categories is None:
+            raise InvalidRequestError("the controllable merge needs item categories; this model's items have none")
+        if diversity is None:
+            return rule, float(self.model.diversity_weight)
+        if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or not 0 <= diversity < float("inf"):
+            raise InvalidRequestError(f"diversity must be a finite number >= 0, got {diversity!r}")
+        return rule, float(diversity)
 
     def _resolve_user(self, user_id: str) -> int:
         u = self._user_index.get(str(user_id))
@@ -384,6 +412,7 @@ class MultiInterestService:
         exclude: np.ndarray,
         k: int,
         rule: str,
+        diversity: float | None = None,
         user_id: str | None = None,
         unknown_item_ids: list[str] | None = None,
     ) -> MultiInterestResult:
@@ -396,12 +425,14 @@ class MultiInterestService:
         def merge(ids: np.ndarray, sc: np.ndarray):
             with torch.inference_mode():
                 return merge_for_model(
-                    self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb, weights[None]
+                    self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb, weights[None],
+                    categories=self._categories, diversity=diversity,
                 )
 
         n_items = self.n_items
         target = min(k, n_items - exclude.shape[0])
-        n_search = min(n_items, k + exclude.shape[0])
+        per_interest = pool_per_interest(k, rule)
+        n_search = min(n_items, per_interest + exclude.shape[0])
         items = scores = source = None
         active = np.flatnonzero(mask)
         if target <= 0 or active.size == 0:
@@ -416,7 +447,9 @@ class MultiInterestService:
             if items.shape[0] < target:  # an approximate index came back short
                 items = None
         if items is None:  # exact scan (also for searches as large as the catalogue)
-            ids, sc = search_interests(v[None], self._item_emb, k, exclude=[exclude], interest_mask=mask[None])
+            ids, sc = search_interests(
+                v[None], self._item_emb, per_interest, exclude=[exclude], interest_mask=mask[None]
+            )
             items, scores, source = merge(ids, sc).row(0)
         il = items.tolist()
         return MultiInterestResult(
@@ -429,4 +462,5 @@ class MultiInterestService:
             interest=source,
             interest_weights=[round(float(w), 6) for w in weights],
             merge=rule,
+            diversity=diversity,
         )

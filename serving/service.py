@@ -12,11 +12,12 @@ Endpoints::
     GET  /healthz                              liveness
     GET  /readyz                               200 + model info when loaded, else 503 + error
     GET  /v1/model                             model info (+ index kind, catalogue size)
-    GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted|mixture]
+    GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted|mixture|controllable][&diversity=0.5]
                                                known user, seen items excluded
     GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
                                                top attention paths user -> item (KGAT models)
-    POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted"|"mixture" (optional)}
+    POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted"|"mixture"|"controllable",
+                         "diversity": 0.5}  (merge and diversity optional)
                                                unseen user from an ORDERED item history (oldest
                                                first; history excluded)
     GET  /v1/users/{user_id}/ranked?k=20&n=200 two-stage: the retriever's top n re-ranked by the
@@ -30,8 +31,10 @@ service unready: a deployment asked for two stages must not silently serve one.
 
 Multi-interest retrievers compute the user's interests from the (last ``max_length`` items of the)
 history, search the index once per interest and merge the lists (``merge``: the model's rule by
-default); every candidate then carries ``interest`` (the index of the interest it came from) and the
-answer adds ``merge`` and ``interest_weights``. Embedding retrievers ignore ``merge``.
+default; ``diversity`` is the controllable merge's lambda and a 422 with any other rule); every
+candidate then carries ``interest`` (the index of the interest it came from) and the answer adds
+``merge`` and ``interest_weights`` (and ``diversity`` for the controllable merge). Embedding
+retrievers ignore ``merge`` and ``diversity``.
 
 Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``n`` / ``merge`` / body
 422, all posted items unknown 422, model (or ranker) not loaded 503.
@@ -70,7 +73,9 @@ MAX_HISTORY = 500
 
 Loader = Callable[[], "tuple[CandidateService | MultiInterestService, dict[str, Any]]"]
 RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
-MergeParam = Literal["max", "weighted", "mixture"]
+MergeParam = Literal["max", "weighted", "mixture", "controllable"]
+#: Upper bound of the controllable merge's lambda in a request (beyond it the list is pure diversity).
+MAX_DIVERSITY = 100.0
 
 
 class HistoryRequest(BaseModel):
@@ -81,6 +86,7 @@ class HistoryRequest(BaseModel):
     item_ids: list[str] = Field(..., min_length=1, max_length=MAX_HISTORY)
     k: int = Field(100, ge=1, le=MAX_K)
     merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
+    diversity: float | None = Field(None, ge=0.0, le=MAX_DIVERSITY)  # lambda of merge="controllable"
 
 
 class ServiceUnavailable(Exception):
@@ -131,8 +137,10 @@ def _is_service(service: Any) -> bool:
     return isinstance(service, MultiInterestService)
 
 
-def _merge_kwargs(service: Any, merge: str | None) -> dict[str, Any]:
-    return {"merge": merge} if merge is not None and getattr(service, "supports_merge", False) else {}
+def _merge_kwargs(service: Any, merge: str | None, diversity: float | None) -> dict[str, Any]:
+    if not getattr(service, "supports_merge", False):
+        return {}
+    return {key: value for key, value in (("merge", merge), ("diversity", diversity)) if value is not None}
 
 
 def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) -> FastAPI:
@@ -222,10 +230,11 @@ def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) ->
         user_id: str,
         k: int = Query(100, ge=1, le=MAX_K),
         merge: MergeParam | None = Query(None),
+        diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
     ) -> Response:
         t0 = time.perf_counter()
         service = state.require()
-        result = service.for_user(user_id, k, **_merge_kwargs(service, merge))
+        result = service.for_user(user_id, k, **_merge_kwargs(service, merge, diversity))
         return _json(
             {
                 "user_id": user_id,
@@ -278,7 +287,7 @@ def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) ->
     async def history_candidates(body: HistoryRequest) -> Response:
         t0 = time.perf_counter()
         service = state.require()
-        result = service.for_history(body.item_ids, body.k, **_merge_kwargs(service, body.merge))
+        result = service.for_history(body.item_ids, body.k, **_merge_kwargs(service, body.merge, body.diversity))
         return _json(
             {
                 "k": body.k,

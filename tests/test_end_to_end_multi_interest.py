@@ -64,6 +64,20 @@ def test_sequential_models_are_tracked_registered_and_promoted(pipeline_run):
     assert {"best_valid_recall_at_50", "test_ndcg_at_50", "test_diversity_at_50"} <= set(run.data.metrics)
 
 
+def genre_diversity(env: dict[str, str]):
+    """diversity@K of a list of raw ml-100k item ids, from the snapshot the pipeline ingested."""
+    import numpy as np
+    from kgrec.features.ingest import ingest
+    from kgrec.features.snapshot import load_snapshot
+    from kgrec.features.spec import load_spec
+    from kgrec.models.sequential_evaluation import category_matrix, diversity
+
+    snapshot = load_snapshot(ingest(load_spec("ml-100k-seq"), Path(env["KGREC_HOME"]) / "snapshots").snapshot_dir)
+    categories, _ = category_matrix(snapshot.item_categories())
+    index = dict(zip(snapshot.items["item_id"].to_list(), snapshot.items["item_idx"].to_list()))
+    return lambda item_ids: float(diversity(np.array([[index[i] for i in item_ids]]), categories)[0])
+
+
 def test_service_answers_an_ordered_history_over_loopback(pipeline_run):
     result, env = pipeline_run
     with running_service(result["registered_model"], env) as base_url, httpx.Client(
@@ -83,6 +97,17 @@ def test_service_answers_an_ordered_history_over_loopback(pipeline_run):
             assert other.status_code == 200 and other.json()["merge"] == rule
             other_ids = [c["item_id"] for c in other.json()["candidates"]]
             assert len(other_ids) == len(set(other_ids)) == 50 and not set(history) & set(other_ids)
+        # ComiRec's controllable aggregation over the ml-100k genres: lambda 0 is the max list, a
+        # large lambda spreads the list over more genre-disjoint pairs
+        def ids_of(**extra):
+            answer = client.post("/v1/candidates", json={"item_ids": history, "k": 50, **extra})
+            assert answer.status_code == 200, answer.text
+            return [c["item_id"] for c in answer.json()["candidates"]]
+        assert ids_of(merge="controllable", diversity=0) == ids_of(merge="max")
+        spread = ids_of(merge="controllable", diversity=5)
+        assert len(spread) == len(set(spread)) == 50 and not set(history) & set(spread)
+        share = genre_diversity(env)
+        assert share(spread) > share(ids_of(merge="max")) + 0.05
         user = client.get("/v1/users/1/candidates", params={"k": 20})
         assert user.status_code == 200 and len(user.json()["candidates"]) == 20
         assert client.post("/v1/candidates", json={"item_ids": history, "merge": "mmr"}).status_code == 422

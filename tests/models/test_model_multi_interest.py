@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,14 @@ from kgrec.models.sequential_evaluation import (
     interest_similarity,
     ranking_metrics,
 )
-from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential, training_samples
+from kgrec.models.sequential_trainer import (
+    SequentialTrainConfig,
+    fit_sequential,
+    seen_mask,
+    sliding_windows,
+    training_samples,
+    window_targets,
+)
 from kgrec.models.youtube_dnn import YouTubeDNN
 
 
@@ -96,8 +104,11 @@ def _planted_split(seed: int = 0) -> tuple[SequenceSplit, list[np.ndarray]]:
         (MIND, {}),
         (ComiRecSA, {"readout": "mixture", "normalize_interests": True}),
         (ComiRecDR, {"readout": "mixture"}),
+        (ComiRecSA, {"readout": "max"}),
+        (ComiRecDR, {"readout": "max"}),
     ],
-    ids=["comirec_dr", "comirec_sa", "mind", "comirec_sa-mixture", "comirec_dr-mixture"],
+    ids=["comirec_dr", "comirec_sa", "mind", "comirec_sa-mixture", "comirec_dr-mixture", "comirec_sa-max",
+         "comirec_dr-max"],
 )
 def test_planted_interests_are_recovered(cls, options) -> None:
     threads = torch.get_num_threads()
@@ -150,6 +161,77 @@ def test_mixture_readout_loss_is_the_mixture_of_softmaxes_and_trains_every_inter
     best = logits[torch.arange(3), :, targets].argmax(1)
     expected = torch.nn.functional.cross_entropy(logits[torch.arange(3), best], targets)
     assert hard.loss(h, n, targets, every_item).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_max_readout_is_the_softmax_of_the_max_merge_score() -> None:
+    torch.manual_seed(4)
+    model = ComiRecSA(30, embedding_dim=8, num_interests=3, max_length=6, temperature=0.5, readout="max")
+    h, n = pad_histories([[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], 6)
+    targets, every_item = torch.tensor([13, 14, 15]), torch.arange(30)
+    loss = model.loss(h, n, targets, every_item)
+    v, _ = model.interests(h, n)
+    served = (v @ model.item_embeddings().T).amax(1) / 0.5  # [B, I]: what the max merge ranks by
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(served, targets).item(), rel=1e-5)
+    loss.backward()
+    # every interest that tops some item's score gets gradient, not only the target's winner
+    winners = (v @ model.item_embeddings().T).argmax(1).unique()
+    assert len(winners) > 1 and (model.w2.weight.grad.abs().sum(1)[winners] > 0).all()
+
+
+@pytest.mark.parametrize("readout", ["hard", "mixture", "max"])
+def test_seen_items_leave_the_softmax(readout: str) -> None:
+    torch.manual_seed(5)
+    model = ComiRecSA(30, embedding_dim=8, num_interests=2, max_length=6, temperature=0.5, readout=readout)
+    h, n = pad_histories([[1, 2, 3], [4, 5, 6, 7]], 6)
+    targets, every_item = torch.tensor([8, 9]), torch.arange(30)
+    seen = torch.zeros(2, 30, dtype=torch.bool)
+    seen[0, [1, 2, 3, 20]] = True  # item 20: seen before the window, still never a candidate
+    seen[1, [4, 5, 6, 7]] = True
+    # the masked loss equals the loss over a catalogue without each row's seen items
+    masked = model.loss(h, n, targets, every_item, seen=seen)
+    rows = [model.loss(h[b : b + 1], n[b : b + 1], targets[b : b + 1], every_item[~seen[b]]) for b in range(2)]
+    assert masked.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    assert masked.item() < model.loss(h, n, targets, every_item).item()
+
+
+def test_seen_mask_and_window_targets() -> None:
+    sequences = [np.array([5, 6, 7, 8]), np.array([1, 2, 3])]
+    hist, lengths, flat, pos, ahead, start = sliding_windows(sequences, max_length=2)
+    assert flat[pos].tolist() == [6, 7, 8, 2, 3] and ahead.tolist() == [3, 2, 1, 2, 1]
+    mask = seen_mask(torch.from_numpy(flat), torch.from_numpy(start), torch.from_numpy(pos), 10)
+    # every item before the target, beyond the 2-item window too (row 2: 5, 6, 7)
+    assert [np.flatnonzero(row).tolist() for row in mask.numpy()] == [[5], [5, 6], [5, 6, 7], [1], [1, 2]]
+    gen = torch.Generator().manual_seed(0)
+    flat_t, pos_t = torch.from_numpy(flat), torch.from_numpy(pos)
+    reach = torch.from_numpy(np.minimum(ahead, 2))
+    drawn = torch.stack([window_targets(flat_t, pos_t, reach, gen) for _ in range(200)])
+    # each sample draws from its next two items, never past the end of its own sequence
+    assert [sorted(set(col.tolist())) for col in drawn.T] == [[6, 7], [7, 8], [8], [2, 3], [3]]
+    assert window_targets(flat_t, pos_t, torch.ones_like(reach), gen).tolist() == flat[pos].tolist()
+
+
+def test_fit_with_seen_masking_and_a_target_window_learns() -> None:
+    # two of four groups of ten items per user, each item at most once (as in MovieLens): the
+    # targets are the user's groups' items not seen yet, 4 of the 8 left in their two groups
+    rng = np.random.default_rng(0)
+    groups = np.arange(40).reshape(4, 10)
+    sequences = [rng.permutation(groups[rng.choice(4, 2, replace=False)].ravel())[:16] for _ in range(230)]
+    split = SequenceSplit(
+        num_users=230, num_items=40, train_users=np.arange(200), train_sequences=sequences[:200],
+        valid_users=np.arange(200, 230), valid_inputs=[q[:12] for q in sequences[200:]],
+        valid_targets=[q[12:] for q in sequences[200:]], test_users=np.arange(0), test_inputs=[],
+        test_targets=[], seed=0,
+    )
+    config = SequentialTrainConfig(epochs=6, patience=6, num_negatives=0, batch_size=128, learning_rate=1e-2,
+                                   ks=(5,), selection_metric="recall@5", seed=1, mask_seen=True, target_window=4)
+    torch.manual_seed(1)
+    model = ComiRecSA(40, embedding_dim=8, num_interests=2, max_length=20, readout="max")
+    before = evaluate_sequential(model, split.valid_inputs, split.valid_targets, ks=(5,))["recall@5"]
+    result = fit_sequential(model, split, config)
+    # random ranking of the 28 unseen items finds 5/28 of the targets; the groups' 8 hold all 4
+    assert before < 0.3 and result.best_valid["recall@5"] > 0.5
+    with pytest.raises(ValueError, match="target_window"):
+        fit_sequential(model, split, dataclasses.replace(config, target_window=0))
 
 
 def test_decorrelation_penalty_is_the_mean_squared_cosine_between_interests() -> None:

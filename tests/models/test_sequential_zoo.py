@@ -53,10 +53,36 @@ def test_config_is_validated():
         SequentialModelConfig(model="comirec_dr", normalize_interests=True)
 
 
-def test_the_mos_preset_and_its_overrides():
+def test_the_presets_and_their_overrides():
     model = build_sequential_model(SequentialModelConfig.for_model("comirec_sa_mos"), 30)
     assert model.readout_kind == "mixture" and model.normalize_interests and model.merge_rule == "mixture"
     config = SequentialModelConfig.for_model("comirec_sa_mos", decorrelation=0.0, merge_rule="max")
     assert config.decorrelation == 0.0 and build_sequential_model(config, 30).merge_rule == "max"
     # the plain comirec_sa keeps the paper's hard readout
     assert build_sequential_model(SequentialModelConfig.for_model("comirec_sa"), 30).readout_kind == "hard"
+    model = build_sequential_model(SequentialModelConfig.for_model("comirec_sa_max"), 30)
+    assert model.readout_kind == "max" and model.merge_rule == "max" and model.diversity_weight == 0.5
+    config = SequentialModelConfig.for_model("comirec_sa_max", merge_rule="controllable", diversity_weight=2.0)
+    assert build_sequential_model(config, 30).diversity_weight == 2.0
+    with pytest.raises(ValidationError, match="readout"):
+        SequentialModelConfig(model="mind", readout="max")
+    with pytest.raises(ValidationError, match="diversity_weight"):
+        SequentialModelConfig(diversity_weight=-1.0)
+
+
+def test_the_controllable_merge_needs_a_catalogue_with_categories():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from kgrec.features.sequences import SequenceSplit
+    from kgrec.models.sequential_experiment import train_sequential_and_log
+
+    split = SequenceSplit(
+        num_users=2, num_items=20, train_users=np.arange(1), train_sequences=[np.arange(5)],
+        valid_users=np.arange(1, 2), valid_inputs=[np.arange(3)], valid_targets=[np.arange(3, 5)],
+        test_users=np.arange(0), test_inputs=[], test_targets=[], seed=0,
+    )
+    no_genres = SimpleNamespace(n_items=20, has_categories=False, name="toy")
+    config = SequentialModelConfig.for_model("comirec_sa", merge_rule="controllable")
+    with pytest.raises(ValueError, match="categories"):  # before any training or MLflow run
+        train_sequential_and_log(no_genres, split, config)

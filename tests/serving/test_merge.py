@@ -16,7 +16,7 @@ def _random_lists(rng, b, k_int, n, n_items):
     return ids, scores
 
 
-@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture", "controllable"])
 def test_never_duplicates_or_history_items(rule: str) -> None:
     rng = np.random.default_rng(0)
     for _trial in range(30):
@@ -27,9 +27,10 @@ def test_never_duplicates_or_history_items(rule: str) -> None:
         weights = rng.random((b, k_int))
         k = int(rng.integers(1, 40))
         log_weights = np.log(weights)
+        categories = rng.random((n_items, 4)) < 0.3
         out = merge_interest_results(
             ids, scores, k, exclude=history, interest_mask=mask, weights=weights, rule=rule,
-            log_weights=log_weights, temperature=0.5,
+            log_weights=log_weights, temperature=0.5, categories=categories, diversity=float(rng.random() * 2),
         )
         assert out.items.shape == out.scores.shape == out.interest.shape == (b, k)
         for row in range(b):
@@ -41,6 +42,11 @@ def test_never_duplicates_or_history_items(rule: str) -> None:
             for item, s, j in zip(items, sc, src, strict=True):
                 assert mask[row, j]
                 pos = np.flatnonzero(ids[row, j] == item)
+                if rule == "controllable":  # the max merge's score and source, in pick order
+                    holders, where = np.nonzero((ids[row] == item) & mask[row][:, None])
+                    assert s == pytest.approx(scores[row, holders, where].max())
+                    assert j == holders[np.argmax(scores[row, holders, where])]
+                    continue
                 if rule != "mixture":
                     assert pos.size == 1 and scores[row, j, pos[0]] == pytest.approx(s)
                     continue
@@ -125,3 +131,63 @@ def test_bad_inputs() -> None:
         merge_interest_results(np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), 1, rule="mixture", temperature=0.0)
     with pytest.raises(ValueError, match="log_weights"):
         merge_interest_results(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)), 1, rule="mixture", log_weights=np.zeros((1, 3)))
+
+
+def _controllable_reference(ids, scores, k, exclude, categories, lam):
+    """ComiRec's greedy aggregation written out plainly, one user: pool = the 4k distinct valid
+    candidates with the best max score; each step adds the best standardised score plus lam times
+    the share of already-chosen items whose category sets are disjoint from the candidate's."""
+    best: dict[int, float] = {}
+    for j in range(ids.shape[0]):
+        for item, score in zip(ids[j].tolist(), scores[j].tolist(), strict=True):
+            if item >= 0 and item not in exclude:
+                best[item] = max(best.get(item, -np.inf), score)
+    pool = sorted(best, key=lambda i: (-best[i], i))[: 4 * k]
+    f = np.array([best[i] for i in pool], dtype=np.float64)
+    z = (f - f.mean()) / f.std() if f.std() > 0 else np.zeros_like(f)
+    chosen: list[int] = []
+    for _ in range(min(k, len(pool))):
+        def gain(p: int) -> float:
+            if not chosen:
+                return z[p]
+            disjoint = sum(not (categories[pool[p]] & categories[pool[c]]).any() for c in chosen)
+            return z[p] + lam * disjoint / len(chosen)
+        chosen.append(max((p for p in range(len(pool)) if p not in chosen), key=lambda p: (gain(p), -p)))
+    return [pool[c] for c in chosen]
+
+
+def test_controllable_is_the_greedy_aggregation_and_lambda_zero_is_max() -> None:
+    rng = np.random.default_rng(5)
+    for _trial in range(30):
+        b, k_int, n, n_items = 3, int(rng.integers(1, 5)), 12, 40
+        ids, scores = _random_lists(rng, b, k_int, n, n_items)
+        history = [rng.choice(n_items, 5, replace=False) for _ in range(b)]
+        categories = rng.random((n_items, 5)) < 0.3
+        k = int(rng.integers(1, 25)) if _trial % 2 else int(rng.integers(1, 5))  # pool 4k < candidates
+        plain = merge_interest_results(ids, scores, k, exclude=history, rule="max")
+        zero = merge_interest_results(ids, scores, k, exclude=history, rule="controllable", categories=categories)
+        assert np.array_equal(zero.items, plain.items) and np.array_equal(zero.interest, plain.interest)
+        lam = float(rng.choice([0.3, 1.0, 5.0]))
+        out = merge_interest_results(
+            ids, scores, k, exclude=history, rule="controllable", categories=categories, diversity=lam
+        )
+        for row in range(b):
+            expected = _controllable_reference(ids[row], scores[row], k, set(history[row].tolist()), categories, lam)
+            assert out.row(row)[0].tolist() == expected
+
+
+def test_controllable_trades_score_for_category_spread() -> None:
+    # six candidates, best first; 0-2 are genre A, 3-5 genre B
+    ids = np.array([[[0, 1, 2, 3, 4, 5]]])
+    scores = np.array([[[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]]], dtype=np.float32)
+    categories = np.array([[1, 0]] * 3 + [[0, 1]] * 3, dtype=bool)
+    plain = merge_interest_results(ids, scores, 3, rule="controllable", categories=categories, diversity=0.0)
+    assert plain.items[0].tolist() == [0, 1, 2]
+    spread = merge_interest_results(ids, scores, 3, rule="controllable", categories=categories, diversity=10.0)
+    # 0 first (best); then the best B item; then the best of the rest (each disjoint from one of two)
+    assert spread.items[0].tolist() == [0, 3, 1]
+    assert spread.scores[0] == pytest.approx([1.0, 0.7, 0.9])
+    with pytest.raises(ValueError, match="categories"):
+        merge_interest_results(ids, scores, 3, rule="controllable")
+    with pytest.raises(ValueError, match="diversity"):
+        merge_interest_results(ids, scores, 3, rule="controllable", categories=categories, diversity=-1.0)

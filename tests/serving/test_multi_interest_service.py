@@ -13,8 +13,10 @@ from fastapi.testclient import TestClient
 from kgrec.features.sequences import SequenceSplit
 from kgrec.models.comirec_sa import ComiRecSA
 from kgrec.models.multi_interest import recommend
+from kgrec.models.sequential_evaluation import category_matrix
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
 from kgrec.serving.bundle import bundle_kind
+from kgrec.serving.candidates import InvalidRequestError
 from kgrec.serving.index import IndexConfig, build_and_measure, build_index
 from kgrec.serving.multi_interest import MultiInterestBundle, MultiInterestService
 from kgrec.serving.service import bundle_loader, create_app
@@ -108,26 +110,63 @@ def test_mixture_readout_model_round_trips_and_serves_its_own_rule(tmp_path, mi_
     assert np.allclose(got.scores, scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
+def _categories(bundle: MultiInterestBundle) -> np.ndarray:
+    return category_matrix(bundle.items.sort("item_idx")["categories"].to_list())[0]
+
+
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture", "controllable"])
 def test_service_equals_offline_recommend(mi_service, mi_bundle, rule):
     """The served answer is the offline evaluation path's answer (same model, merge and exclusion)."""
     model = mi_bundle.model
+    cats = _categories(mi_bundle)
     rng = np.random.default_rng(2)
     for _ in range(10):
         history = rng.choice(N_ITEMS, int(rng.integers(1, 15)), replace=True).tolist()
         got = mi_service.for_history([f"m{i}" for i in history], 9, merge=rule)
-        expected = recommend(model, [history], 9, rule=rule)
+        expected = recommend(model, [history], 9, rule=rule, categories=cats)
         items, scores, interest = expected.row(0)
         assert _idx(got.item_ids) == items.tolist()
         assert got.interest.tolist() == interest.tolist()
         assert np.allclose(got.scores, scores, atol=1e-5)
     u = mi_bundle.users.filter(pl.col("user_id") == "u7")["user_idx"][0]
-    expected = recommend(model, [mi_bundle.histories[u].tolist()], 9, rule=rule).row(0)[0]
+    expected = recommend(model, [mi_bundle.histories[u].tolist()], 9, rule=rule, categories=cats).row(0)[0]
     assert _idx(mi_service.for_user("u7", 9, merge=rule).item_ids) == expected.tolist()
 
 
+def test_controllable_merge_spreads_categories_with_the_models_or_the_requests_lambda(mi_bundle):
+    service = MultiInterestService(mi_bundle)
+    cats = _categories(mi_bundle)
+    mi_bundle.model.diversity_weight = 2.0
+    try:
+        history = ["m1", "m2", "m3", "m4", "m5", "m6"]  # one group: the max list stays near it
+        plain = service.for_history(history, 12, merge="max")
+        own = service.for_history(history, 12, merge="controllable")
+        assert own.diversity == 2.0 and own.merge == "controllable"
+        expected = recommend(mi_bundle.model, [[1, 2, 3, 4, 5, 6]], 12, rule="controllable", categories=cats)
+        assert _idx(own.item_ids) == expected.row(0)[0].tolist()
+        # lambda 0 is the max list; a larger lambda spreads the list over more genres
+        assert service.for_history(history, 12, merge="controllable", diversity=0).item_ids == plain.item_ids
+        def genres(result):
+            return len({i // GROUP for i in _idx(result.item_ids)[:4]})
+        assert genres(service.for_history(history, 12, merge="controllable", diversity=50.0)) > genres(plain)
+    finally:
+        mi_bundle.model.diversity_weight = 0.0
+
+
+def test_controllable_merge_needs_categories(mi_bundle):
+    bare = MultiInterestBundle.from_model(
+        mi_bundle.model, mi_bundle.items.drop("categories"), mi_bundle.users, mi_bundle.histories, mi_bundle.meta
+    )
+    service = MultiInterestService(bare)
+    assert "controllable" not in service.info()["merge_rules"]
+    with pytest.raises(InvalidRequestError, match="categories"):
+        service.for_history(["m1"], 5, merge="controllable")
+    with pytest.raises(InvalidRequestError, match="controllable merge only"):
+        service.for_history(["m1"], 5, merge="max", diversity=1.0)
+
+
 @pytest.mark.parametrize("index_kind", ["flat", "hnsw"])
-@pytest.mark.parametrize("rule", ["max", "weighted", "mixture"])
+@pytest.mark.parametrize("rule", ["max", "weighted", "mixture", "controllable"])
 def test_never_duplicates_or_history_items(mi_bundle, index_kind, rule):
     index = build_index(mi_bundle.item_embeddings, IndexConfig(kind=index_kind, hnsw_m=4, hnsw_ef_search=8))
     service = MultiInterestService(mi_bundle, index)
@@ -183,12 +222,23 @@ def test_http_history_and_user(mi_client, mi_service):
     r = mi_client.get("/v1/users/u4/candidates", params={"k": 8, "merge": "weighted"})
     assert r.status_code == 200, r.text
     assert [c["item_id"] for c in r.json()["candidates"]] == mi_service.for_user("u4", 8, "weighted").item_ids
+    r = mi_client.get("/v1/users/u4/candidates", params={"k": 8, "merge": "controllable", "diversity": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["merge"] == "controllable" and r.json()["diversity"] == 3.0
+    assert [c["item_id"] for c in r.json()["candidates"]] == mi_service.for_user(
+        "u4", 8, "controllable", diversity=3.0
+    ).item_ids
 
 
 @pytest.mark.parametrize(
     "request_args, status, message",
     [
         (("post", "/v1/candidates", {"json": {"item_ids": ["m1"], "merge": "mmr"}}), 422, "merge"),
+        (("post", "/v1/candidates", {"json": {"item_ids": ["m1"], "k": 5, "diversity": 1.0}}), 422, "controllable merge only"),
+        (("post", "/v1/candidates", {"json": {"item_ids": ["m1"], "merge": "controllable", "diversity": -1}}),
+         422, "diversity"),
+        (("get", "/v1/users/u4/candidates", {"params": {"merge": "controllable", "diversity": "lots"}}),
+         422, "diversity"),
         (("get", "/v1/users/u4/candidates", {"params": {"k": 5, "merge": "mmr"}}), 422, "merge"),
         (("post", "/v1/candidates", {"json": {"item_ids": ["zz", "yy"], "k": 5}}), 422, "none of the item ids"),
         (("post", "/v1/candidates", {"json": {"item_ids": ["m1"], "k": 41}}), 422, "catalogue size 40"),
