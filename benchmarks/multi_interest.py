@@ -279,8 +279,8 @@ def print_lambda_sweep(rows: list[dict]) -> None:
     print("\ncontrollable merge, lambda sweep (test R@50 / div@50, mean over seeds; 0 = the max list)")
     print("| model | recipe | n | " + " | ".join(f"λ = {lam:g}" for lam in (0, *CONTROLLABLE_LAMBDAS)) + " |")
     print("|---|---|---|" + "---|" * (1 + len(CONTROLLABLE_LAMBDAS)))
+    last = f"ctrl{CONTROLLABLE_LAMBDAS[-1]:g}_test_recall@50"
     for name, recipe, rs in _groups(rows):
-        last = f"ctrl{CONTROLLABLE_LAMBDAS[-1]:g}_test_recall@50"
         if name in ("popularity", "mixture") or not all(last in r for r in rs):  # mixture: weighted rule
             continue
         cells = []
@@ -292,23 +292,33 @@ def print_lambda_sweep(rows: list[dict]) -> None:
         print(f"| {name} | {recipe} | {len(rs)} | " + " | ".join(cells) + " |")
 
 
-def print_paired(rows: list[dict], baseline: str = "youtube_dnn", lam: float | None = None) -> None:
-    """Per-seed paired differences against ``baseline`` trained with the same recipe and served
-    with its own list (same split, same seed): mean ± std of ΔRecall@50 and Δdiversity@50, and in
-    how many seeds the row beats the baseline on BOTH. ``lam``: the row is served with the
-    controllable merge at that lambda."""
+def print_paired(
+    rows: list[dict], baseline: str = "youtube_dnn", lam: float | None = None, baseline_lam: float | None = None
+) -> None:
+    """Per-seed paired differences against ``baseline`` trained with the same recipe (same split,
+    same seed): mean ± std of ΔRecall@50 and Δdiversity@50, and in how many seeds the row beats the
+    baseline on BOTH. ``lam`` / ``baseline_lam``: the row / the baseline is served with the
+    controllable merge at that lambda (None: with its own list)."""
+
+    def key(value: float | None) -> str:
+        return "" if value is None else f"ctrl{value:g}_test_"
+
+    def served(value: float | None) -> str:
+        return "its own merge" if value is None else f"the controllable merge, lambda = {value:g}"
+
     base = {(r["seed"], r.get("recipe", "base")): r for r in rows if r["model"] == baseline}
-    key = "" if lam is None else f"ctrl{lam:g}_test_"
-    served = "its own merge" if lam is None else f"the controllable merge, lambda = {lam:g}"
-    print(f"\npaired against {baseline} (same recipe, seeds both rows have), rows served with {served}")
+    k_row, k_base = key(lam), key(baseline_lam)
+    print(f"\npaired against {baseline} served with {served(baseline_lam)} (same recipe, seeds both rows "
+          f"have), rows served with {served(lam)}")
     print("| model | recipe | seeds | ΔR@50 | Δdiv@50 | seeds better on both |")
     print("|---|---|---|---|---|---|")
     for name, recipe, rs in _groups(rows):
-        pairs = [(r, base[(r["seed"], recipe)]) for r in rs if (r["seed"], recipe) in base and key + "recall@50" in r]
-        if not pairs or (name == baseline and lam is None):
+        pairs = [(r, base[(r["seed"], recipe)]) for r in rs
+                 if (r["seed"], recipe) in base and k_row + "recall@50" in r and k_base + "recall@50" in base[(r["seed"], recipe)]]
+        if not pairs or (name == baseline and lam == baseline_lam):
             continue
-        d_recall = [r[key + "recall@50"] - b["recall@50"] for r, b in pairs]
-        d_div = [r[key + "diversity@50"] - b["diversity@50"] for r, b in pairs]
+        d_recall = [r[k_row + "recall@50"] - b[k_base + "recall@50"] for r, b in pairs]
+        d_div = [r[k_row + "diversity@50"] - b[k_base + "diversity@50"] for r, b in pairs]
         both = sum(dr > 0 and dd > 0 for dr, dd in zip(d_recall, d_div, strict=True))
         print(f"| {name} | {recipe} | {len(pairs)} | {fmt(d_recall)} | {fmt(d_div)} | {both}/{len(pairs)} |")
 
@@ -350,6 +360,9 @@ def main() -> None:
     print_paired(rows)
     print_controllable(rows)
     print_paired(rows, lam=0.5)
+    # the same rule on both sides: one point of each frontier against the baseline's
+    print_paired(rows, lam=1.0, baseline_lam=0.5)
+    print_paired(rows, lam=2.0, baseline_lam=2.0)
     print_lambda_sweep(rows)
 
 

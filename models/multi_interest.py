@@ -431,9 +431,7 @@ def merge_for_model(
     ``weights [B, K]``: round-robin weights the caller already has (default: the model's).
     ``"controllable"`` needs ``categories``; ``diversity`` defaults to ``model.diversity_weight``."""
     v_np, mask_np = interests.float().cpu().numpy(), mask.cpu().numpy()
-    if rule == "controllable":
-        if categories is None:
-            raise ValueError("the controllable merge needs item categories (none were given)")
+    if rule == "controllable":  # merge_interest_results rejects a missing ``categories``
         return merge_interest_results(
             ids, scores, k, exclude=exclude, interest_mask=mask_np, rule=rule, categories=categories,
             diversity=model.diversity_weight if diversity is None else diversity,

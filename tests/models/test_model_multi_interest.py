@@ -29,6 +29,7 @@ from kgrec.models.sequential_evaluation import (
     interest_similarity,
     ranking_metrics,
 )
+from kgrec.models.sequential_experiment import torch_threads
 from kgrec.models.sequential_trainer import (
     SequentialTrainConfig,
     fit_sequential,
@@ -111,22 +112,14 @@ def _planted_split(seed: int = 0) -> tuple[SequenceSplit, list[np.ndarray]]:
          "comirec_dr-max"],
 )
 def test_planted_interests_are_recovered(cls, options) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add contention on shared CPUs
-    try:
-        _check_planted(cls, options)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_planted(cls, options) -> None:
     split, groups = _planted_split()
     model = cls(20, embedding_dim=8, num_interests=2, max_length=20, temperature=0.1, **options)
     # the mixture readout is trained as it is benchmarked: exact softmax over every item
     negatives = 0 if options.get("readout") == "mixture" else 19
     config = SequentialTrainConfig(epochs=10, patience=10, num_negatives=negatives, batch_size=128,
                                    learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
-    fit_sequential(model, split, config)
+    with torch_threads(1):  # tiny tensors: extra threads only add contention on shared CPUs
+        fit_sequential(model, split, config)
     items = model.item_embeddings().detach()
     with torch.no_grad():
         for a, b in [(0, 1), (2, 3), (1, 3)]:

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from kgrec.features.sequences import SequenceSplit
 from kgrec.models.comirec_sa import ComiRecSA
 from kgrec.models.multi_interest import recommend
 from kgrec.models.sequential_evaluation import category_matrix
+from kgrec.models.sequential_experiment import torch_threads
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
 from kgrec.serving.bundle import bundle_kind
 from kgrec.serving.candidates import InvalidRequestError
@@ -45,15 +45,11 @@ def _split(seed: int = 0) -> SequenceSplit:
 @pytest.fixture(scope="module")
 def mi_bundle() -> MultiInterestBundle:
     split = _split()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = ComiRecSA(N_ITEMS, embedding_dim=8, num_interests=K, max_length=6)
-        config = SequentialTrainConfig(epochs=3, patience=3, num_negatives=20, batch_size=128,
-                                       learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
+    model = ComiRecSA(N_ITEMS, embedding_dim=8, num_interests=K, max_length=6)
+    config = SequentialTrainConfig(epochs=3, patience=3, num_negatives=20, batch_size=128,
+                                   learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
+    with torch_threads(1):
         fit_sequential(model, split, config)
-    finally:
-        torch.set_num_threads(threads)
     rng = np.random.default_rng(1)
     iperm = rng.permutation(N_ITEMS)  # id maps in shuffled row order
     items = pl.DataFrame({
