@@ -26,7 +26,7 @@ from typing import Any
 import mlflow
 from kgrec.features.dataset import InteractionData
 from kgrec.models.experiment import TrainedModel, data_params
-from kgrec.models.kcan import KCAN
+from kgrec.models.rankers.kcan import KCAN
 from kgrec.models.registry import prefixed_metrics, tracked_run
 from kgrec.models.reranking import KCANConfig, KCANFitResult, evaluate_reranking, train_kcan
 
@@ -81,7 +81,7 @@ def best_retriever(trained: Iterable[object]) -> TrainedModel:
 
 def trained_kgat(trained: Iterable[object]) -> TrainedModel | None:
     """The run's KGAT, if it trained one: KCAN's global layer starts from it
-    (:meth:`~kgrec.models.kcan.KCAN.init_global`; on `music` test NDCG@20 of KCAN alone 0.086 ->
+    (:meth:`~kgrec.models.rankers.kcan.KCAN.init_global`; on `music` test NDCG@20 of KCAN alone 0.086 ->
     0.137, of the fused list -0.002 -> +0.003 against retrieval alone)."""
     return next((t for t in trained if isinstance(t, TrainedModel) and t.name == "kgat"), None)
 

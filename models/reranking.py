@@ -2,7 +2,7 @@ r"""Two-stage recommendation: a retriever's top-N candidates re-ranked by KCAN.
 
 * :func:`retrieval_candidates` -- full-ranking top-N of a retriever with the protocol's masking
   (``"train"``/``"valid"``: training items masked; ``"test"``: training and validation items).
-* :func:`train_kcan` -- trains :class:`~kgrec.models.kcan.KCAN` on the *train* split with BPR on
+* :func:`train_kcan` -- trains :class:`~kgrec.models.rankers.kcan.KCAN` on the *train* split with BPR on
   ``(user, train positive, negative)``; each negative is, with probability
   ``hard_negative_ratio``, a uniformly drawn item of the user's retrieval top-N (training items
   masked, so never a training positive; a validation/test positive can be drawn, about 1 in 200)
@@ -39,9 +39,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense
-from kgrec.models.kcan import KCAN
-from kgrec.models.kgat import KGAT, interaction_ckg
-from kgrec.models.sampling import NegativeSampler
+from kgrec.models.rankers.kcan import KCAN
+from kgrec.models.retrievers.kgat import KGAT, interaction_ckg
+from kgrec.models.training.sampling import NegativeSampler
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 

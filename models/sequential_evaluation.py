@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, pad_histories, recommend
-from kgrec.serving.merge import MergeRule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, pad_histories, recommend
+from kgrec.models.merge import MergeRule
 from torch import Tensor
 
 

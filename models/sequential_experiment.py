@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from kgrec.features.sequences import SequenceSplit, ordered_sequences, raw_id_order
 from kgrec.features.snapshot import Snapshot
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.registry import prefixed_metrics, tracked_run
 from kgrec.models.sequential_evaluation import category_matrix, evaluate_sequential
 from kgrec.models.sequential_trainer import SequentialFitResult, fit_sequential

@@ -12,7 +12,7 @@ batch (sampled softmax, :meth:`MultiInterestModel.loss`), or with ``num_negative
 item (exact softmax: affordable while ``batch x K x items`` fits in memory, e.g. ml-100k's 1,682
 items); Adam. After every epoch the model is
 evaluated on the validation users with :func:`evaluate_sequential` -- i.e. through
-:func:`kgrec.models.multi_interest.recommend` with the model's own merge rule, the exact path the
+:func:`kgrec.models.sequential.multi_interest.recommend` with the model's own merge rule, the exact path the
 service uses (train/serve-mismatch guard) -- and training stops after ``patience`` epochs without a
 better validation ``selection_metric``; the best epoch's weights are restored.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from kgrec.features.sequences import SequenceSplit
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential_evaluation import evaluate_sequential
 
 logger = logging.getLogger("kgrec.models")

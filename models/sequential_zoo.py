@@ -5,7 +5,7 @@
 embedding retrievers (``kgrec.models.zoo.MODEL_NAMES``):
 
 ==============  ==============================================================================
-``youtube_dnn``  single vector (K = 1), :class:`kgrec.models.youtube_dnn.YouTubeDNN`
+``youtube_dnn``  single vector (K = 1), :class:`kgrec.models.sequential.youtube_dnn.YouTubeDNN`
 ``mind``         MIND, dynamic routing with adaptive interest count
 ``comirec_dr``   ComiRec-DR, capsule routing
 ``comirec_sa``   ComiRec-SA, self-attention
@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential_trainer import SequentialTrainConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -176,34 +176,34 @@ def build_sequential_model(config: SequentialModelConfig, num_items: int) -> Mul
     common = dict(embedding_dim=config.embedding_dim, max_length=config.max_length)
     rule = {"merge_rule": config.merge_rule or ("mixture" if config.readout == "mixture" else "max")}
     if config.model == "youtube_dnn":
-        from kgrec.models.youtube_dnn import YouTubeDNN
+        from kgrec.models.sequential.youtube_dnn import YouTubeDNN
 
         model: MultiInterestModel = YouTubeDNN(
             num_items, hidden_dim=config.hidden_dim, temperature=config.temperature, **common
         )
     elif config.model == "mind":
-        from kgrec.models.mind import MIND
+        from kgrec.models.sequential.mind import MIND
 
         model = MIND(
             num_items, num_interests=config.num_interests, routing_iterations=config.routing_iterations,
             temperature=config.temperature, **common, **rule,
         )
     elif config.model == "comirec_dr":
-        from kgrec.models.comirec_dr import ComiRecDR
+        from kgrec.models.sequential.comirec_dr import ComiRecDR
 
         model = ComiRecDR(
             num_items, num_interests=config.num_interests, routing_iterations=config.routing_iterations,
             temperature=config.temperature, readout=config.readout, **common, **rule,
         )
     elif config.model in COMIREC_SA_VARIANTS:
-        from kgrec.models.comirec_sa import ComiRecSA
+        from kgrec.models.sequential.comirec_sa import ComiRecSA
 
         model = ComiRecSA(
             num_items, num_interests=config.num_interests, temperature=config.temperature, readout=config.readout,
             normalize_interests=config.normalize_interests, **common, **rule,
         )
     elif config.model == "mixture":
-        from kgrec.models.interest_mixture import InterestMixture
+        from kgrec.models.sequential.interest_mixture import InterestMixture
 
         model = InterestMixture(
             num_items, num_clusters=config.num_clusters, top_components=config.num_interests,

@@ -17,7 +17,7 @@ import torch
 from kgrec.models.base import Recommender
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
-from kgrec.models.sampling import NegativeSampler
+from kgrec.models.training.sampling import NegativeSampler
 
 if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kgrec.models.base import Recommender
-from kgrec.models.bprmf import BPRMF
+from kgrec.models.retrievers.bprmf import BPRMF
 from kgrec.models.config import KGATParams, TrainConfig
-from kgrec.models.kgat import KGAT, interaction_ckg, pretrain_from_bprmf
-from kgrec.models.lightgcn import LightGCN
+from kgrec.models.retrievers.kgat import KGAT, interaction_ckg, pretrain_from_bprmf
+from kgrec.models.retrievers.lightgcn import LightGCN
 
 if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData
@@ -59,7 +59,7 @@ def build_model(config: TrainConfig, data: InteractionData) -> Recommender:
         )
     if config.model == "rgcn":
         from kgrec.models.config import RGCNParams
-        from kgrec.models.rgcn import RGCN
+        from kgrec.models.retrievers.rgcn import RGCN
 
         rgcn = config.model_params()
         assert isinstance(rgcn, RGCNParams)
@@ -80,7 +80,7 @@ def build_model(config: TrainConfig, data: InteractionData) -> Recommender:
         )
     if config.model == "hgt":
         from kgrec.models.config import HGTParams
-        from kgrec.models.hgt import HGT, interaction_hetero
+        from kgrec.models.retrievers.hgt import HGT, interaction_hetero
 
         hgt = config.model_params()
         assert isinstance(hgt, HGTParams)

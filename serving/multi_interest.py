@@ -22,14 +22,14 @@ Multi-interest bundle (a directory; ``meta.json`` ``kind = "multi_interest"``)::
    ``K`` interest vectors, the active-interest mask and the interest weights;
 2. every active interest queries the faiss index for ``k + |history|`` items (so that each list
    still holds ``k`` items after the history is removed);
-3. the lists are merged by :func:`kgrec.models.multi_interest.merge_for_model` with the model's
+3. the lists are merged by :func:`kgrec.models.sequential.multi_interest.merge_for_model` with the model's
    documented rule (``max``: max inner product + de-duplication; ``mixture`` for a model trained
    with the mixture readout) or the one the request asks for (``weighted``: weighted round-robin by
    interest weight; ``controllable``: ComiRec's diversity-aware greedy over item categories, with
    the model's :math:`\lambda` or the request's ``diversity``, choosing among the max merge's
    best ``4k``, so each interest then searches ``4k + |history|``), every history item excluded --
    the same function as offline
-   evaluation (:func:`kgrec.models.multi_interest.recommend`);
+   evaluation (:func:`kgrec.models.sequential.multi_interest.recommend`);
 4. if an approximate index returned too few usable items, the request is answered by an exact
    scan instead.
 
@@ -50,7 +50,7 @@ import faiss
 import numpy as np
 import polars as pl
 import torch
-from kgrec.models.multi_interest import (
+from kgrec.models.sequential.multi_interest import (
     MultiInterestModel,
     load_model,
     merge_for_model,
@@ -68,7 +68,7 @@ from kgrec.serving.candidates import (
 )
 from kgrec.serving.files import atomic_directory
 from kgrec.serving.index import index_kind, index_over
-from kgrec.serving.merge import MERGE_RULES, pool_per_interest, search_interests
+from kgrec.models.merge import MERGE_RULES, pool_per_interest, search_interests
 from torch import Tensor
 
 KIND = "multi_interest"
@@ -250,7 +250,7 @@ class MultiInterestResult(CandidateResult):
 class MultiInterestService:
     """Candidates from a multi-interest model (module docstring); same interface as
     :class:`~kgrec.serving.candidates.CandidateService`, plus ``merge`` (a rule of
-    :data:`~kgrec.serving.merge.MERGE_RULES`, default: the model's) and ``diversity`` (the
+    :data:`~kgrec.models.merge.MERGE_RULES`, default: the model's) and ``diversity`` (the
     controllable rule's :math:`\lambda`, default: the model's)."""
 
     kind = KIND

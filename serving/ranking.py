@@ -2,7 +2,7 @@
 
 Ranker bundle directory (written atomically, like the retrieval bundle)::
 
-    kcan.pt, kcan.json   the KCAN artefact (:meth:`kgrec.models.kcan.KCAN.save`)
+    kcan.pt, kcan.json   the KCAN artefact (:meth:`kgrec.models.rankers.kcan.KCAN.save`)
     users.parquet        user_id: str, user_idx: int     (the ranker's own id maps: the retriever
     items.parquet        item_id: str, item_idx: int      may have been trained on other indices)
     meta.json            kind "ranker", model, dataset, snapshot_hash, alpha, num_candidates, ...
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from kgrec.models.kcan import KCAN
+from kgrec.models.rankers.kcan import KCAN
 from kgrec.models.registry import RANKER_KIND
 from kgrec.models.reranking import fuse
 from kgrec.serving.bundle import BundleError, id_lookup, write_meta

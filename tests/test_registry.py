@@ -103,7 +103,7 @@ def test_resolving_a_missing_alias_names_the_fix(tracking):
 
 def _mi_bundle(tmp_path, seed: int):
     import torch
-    from kgrec.models.youtube_dnn import YouTubeDNN
+    from kgrec.models.sequential.youtube_dnn import YouTubeDNN
     from kgrec.serving.multi_interest import MultiInterestBundle
 
     torch.manual_seed(seed)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kgrec.models.kcan import KCAN
-from kgrec.models.kcan_subgraph import gather_subgraph, topk_neighbour_table
+from kgrec.models.rankers.kcan import KCAN
+from kgrec.models.layers.kcan_subgraph import gather_subgraph, topk_neighbour_table
 from kgrec.models.reranking import (
     KCANConfig,
     build_kcan,
@@ -178,7 +178,7 @@ def test_list_metrics_match_full_ranking_evaluation(planted_setup):
 
 
 def test_global_layer_starts_from_a_trained_kgat(planted_data):
-    from kgrec.models.kgat import KGAT, interaction_ckg
+    from kgrec.models.retrievers.kgat import KGAT, interaction_ckg
 
     config = _small_config()
     ckg = interaction_ckg(planted_data)

@@ -10,10 +10,10 @@ import torch
 from kgrec.features.graph import CollaborativeKG, ckg_relation_names
 from kgrec.models.config import KGATParams, TrainConfig
 from kgrec.models.evaluation import evaluate
-from kgrec.models.kgat import KGAT, interaction_ckg, pretrain_from_bprmf
-from kgrec.models.kgat_conv import AttentiveAdjacency, KGATConv
+from kgrec.models.retrievers.kgat import KGAT, interaction_ckg, pretrain_from_bprmf
+from kgrec.models.layers.kgat_conv import AttentiveAdjacency, KGATConv
 from kgrec.models.trainer import fit
-from kgrec.models.transr import TailCorruptor, relation_project, transr_loss
+from kgrec.models.layers.transr import TailCorruptor, relation_project, transr_loss
 from kgrec.models.zoo import build_model
 
 

@@ -7,9 +7,9 @@ import pydantic
 import pytest
 import torch
 from kgrec.models.base import Recommender
-from kgrec.models.bprmf import BPRMF
+from kgrec.models.retrievers.bprmf import BPRMF
 from kgrec.models.config import TrainConfig
-from kgrec.models.lightgcn import LightGCN
+from kgrec.models.retrievers.lightgcn import LightGCN
 from kgrec.models.zoo import MODEL_NAMES, build_model
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from kgrec.features.sequences import SequenceSplit
-from kgrec.models.comirec_dr import ComiRecDR
-from kgrec.models.comirec_sa import ComiRecSA
-from kgrec.models.interest_mixture import InterestMixture
-from kgrec.models.mind import MIND
-from kgrec.models.multi_interest import (
+from kgrec.models.sequential.comirec_dr import ComiRecDR
+from kgrec.models.sequential.comirec_sa import ComiRecSA
+from kgrec.models.sequential.interest_mixture import InterestMixture
+from kgrec.models.sequential.mind import MIND
+from kgrec.models.sequential.multi_interest import (
     dynamic_interest_count,
     load_model,
     pad_histories,
@@ -38,7 +38,7 @@ from kgrec.models.sequential_trainer import (
     training_samples,
     window_targets,
 )
-from kgrec.models.youtube_dnn import YouTubeDNN
+from kgrec.models.sequential.youtube_dnn import YouTubeDNN
 
 
 def test_dynamic_interest_count_and_mind_masks() -> None:

@@ -12,8 +12,8 @@ from kgrec.features.split import random_split
 from kgrec.features.synthetic import PowerLawConfig, powerlaw_snapshot
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
-from kgrec.models.hgt import HGT, RelationGroupedHGTConv
-from kgrec.models.rgcn import RGCN
+from kgrec.models.retrievers.hgt import HGT, RelationGroupedHGTConv
+from kgrec.models.retrievers.rgcn import RGCN
 from kgrec.models.trainer import fit
 from torch_geometric.data import HeteroData
 from torch_geometric.nn import HGTConv
@@ -212,7 +212,7 @@ def test_zoo_builds_rgcn_and_hgt(snapshot_data):
 
 
 def test_hgt_without_snapshot_uses_interaction_graph(tiny_data):
-    from kgrec.models.hgt import interaction_hetero
+    from kgrec.models.retrievers.hgt import interaction_hetero
 
     graph = interaction_hetero(tiny_data)
     assert graph.node_types == ["user", "item"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from kgrec.models.sampling import NegativeSampler
+from kgrec.models.training.sampling import NegativeSampler
 
 
 def test_negatives_never_hit_training_positives():

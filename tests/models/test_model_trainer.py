@@ -5,7 +5,7 @@ from __future__ import annotations
 import kgrec.models.trainer as trainer_mod
 import pytest
 import torch
-from kgrec.models.bprmf import BPRMF
+from kgrec.models.retrievers.bprmf import BPRMF
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
 from kgrec.models.trainer import EpochLog, FitResult, fit

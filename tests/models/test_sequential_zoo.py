@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential_zoo import (
     SEQUENTIAL_MODEL_NAMES,
     SequentialModelConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kgrec.serving.merge import merge_interest_results, score_union, search_interests
+from kgrec.models.merge import merge_interest_results, score_union, search_interests
 from scipy.special import logsumexp
 
 

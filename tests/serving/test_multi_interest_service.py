@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 from kgrec.features.sequences import SequenceSplit
-from kgrec.models.comirec_sa import ComiRecSA
-from kgrec.models.multi_interest import recommend
+from kgrec.models.sequential.comirec_sa import ComiRecSA
+from kgrec.models.sequential.multi_interest import recommend
 from kgrec.models.sequential_evaluation import category_matrix
 from kgrec.models.sequential_experiment import torch_threads
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential

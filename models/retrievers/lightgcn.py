@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from kgrec.models.base import Recommender
-from kgrec.models.losses import bpr_loss, l2_reg
+from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
 
 

@@ -1,6 +1,6 @@
 r"""Shared pieces of the multi-interest candidate generators (MIND, ComiRec-DR/SA, YouTube-DNN,
 the interest mixture): the base class, the training loss, routing helpers, history padding,
-retrieval (interests -> search -> :mod:`kgrec.serving.merge`) and save/load.
+retrieval (interests -> search -> :mod:`kgrec.models.merge`) and save/load.
 
 Conventions:
 
@@ -34,7 +34,7 @@ the same candidates and the target's likelihood is their uniform mixture,
 
 so every interest gets gradient in proportion to its responsibility for the target (the hard
 readout gives it only to the winner). Such a model must be served with the ``"mixture"`` merge rule
-(:mod:`kgrec.serving.merge`), which ranks by the same mixture; served with ``"max"`` it ranks by
+(:mod:`kgrec.models.merge`), which ranks by the same mixture; served with ``"max"`` it ranks by
 something it was not trained for (``comirec_sa_mos`` on ml-100k, seeds 2025-2029: Recall@50
 0.407 -> 0.370, BENCHMARKS.md).
 
@@ -64,7 +64,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from kgrec.serving.merge import (
+from kgrec.models.merge import (
     MergedCandidates,
     MergeRule,
     merge_interest_results,
@@ -76,11 +76,11 @@ from torch import Tensor
 
 #: ``class name -> module`` of every savable model (for :func:`load_model`).
 MODEL_CLASSES: dict[str, str] = {
-    "YouTubeDNN": "kgrec.models.youtube_dnn",
-    "MIND": "kgrec.models.mind",
-    "ComiRecDR": "kgrec.models.comirec_dr",
-    "ComiRecSA": "kgrec.models.comirec_sa",
-    "InterestMixture": "kgrec.models.interest_mixture",
+    "YouTubeDNN": "kgrec.models.sequential.youtube_dnn",
+    "MIND": "kgrec.models.sequential.mind",
+    "ComiRecDR": "kgrec.models.sequential.comirec_dr",
+    "ComiRecSA": "kgrec.models.sequential.comirec_sa",
+    "InterestMixture": "kgrec.models.sequential.interest_mixture",
     "Popularity": "kgrec.models.sequential_evaluation",
 }
 
@@ -175,7 +175,7 @@ class MultiInterestModel(torch.nn.Module, ABC):
         num_interests: ``K`` (the maximum per user).
         max_length: ``L``, the number of most recent history items used.
         temperature: :math:`\\tau` of the sampled softmax.
-        merge_rule: how :func:`recommend` merges the interests' lists (:mod:`kgrec.serving.merge`).
+        merge_rule: how :func:`recommend` merges the interests' lists (:mod:`kgrec.models.merge`).
         readout: ``"hard"`` or ``"mixture"`` (module docstring).
     """
 
@@ -372,9 +372,9 @@ def recommend(
     """Top-``k`` candidates for time-ordered ``item_idx`` histories -- the evaluation AND serving path.
 
     Interests come from the last ``model.max_length`` items; every interest is searched exactly
-    (:func:`kgrec.serving.merge.search_interests`, ``k`` per interest after masking -- more for the
+    (:func:`kgrec.models.merge.search_interests`, ``k`` per interest after masking -- more for the
     ``"controllable"`` rule's pool) and the lists are merged with ``rule`` (default
-    ``model.merge_rule``) by :func:`kgrec.serving.merge.merge_interest_results`. ``exclude``
+    ``model.merge_rule``) by :func:`kgrec.models.merge.merge_interest_results`. ``exclude``
     defaults to the FULL histories (every history item is masked, not only the last
     ``max_length``). ``categories`` (``[I, G]`` bool) and ``diversity`` (default
     ``model.diversity_weight``) feed the ``"controllable"`` rule.

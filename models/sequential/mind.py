@@ -3,13 +3,13 @@ r"""MIND: multi-interest network with behaviour-to-interest dynamic routing."""
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import (
+from kgrec.models.sequential.multi_interest import (
     MultiInterestModel,
     capsule_routing,
     dynamic_interest_count,
     init_normal_,
 )
-from kgrec.serving.merge import MergeRule
+from kgrec.models.merge import MergeRule
 from torch import Tensor
 
 
@@ -49,7 +49,7 @@ class MIND(MultiInterestModel):
         routing_std: :math:`\sigma` of the random routing logits.
         relu_layer: apply the ReLU layer after routing.
         temperature: sampled-softmax temperature.
-        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
+        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.models.merge`).
         routing_seed: seed of the evaluation-mode routing logits.
     """
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG, ckg_relation_names
 from kgrec.models.base import Recommender
-from kgrec.models.kgat_conv import Aggregator, AttentiveAdjacency, KGATConv
-from kgrec.models.losses import bpr_loss, l2_reg
-from kgrec.models.transr import TailCorruptor, grouped_project, relation_groups, transr_loss
+from kgrec.models.layers.kgat_conv import Aggregator, AttentiveAdjacency, KGATConv
+from kgrec.models.training.losses import bpr_loss, l2_reg
+from kgrec.models.layers.transr import TailCorruptor, grouped_project, relation_groups, transr_loss
 from torch import Tensor
 from torch_geometric.utils import softmax
 
@@ -39,7 +39,7 @@ class KGAT(Recommender):
     * **Attentive propagation** -- knowledge-aware attention (Eq. 4-5)
       :math:`\pi(h,r,t) = (\mathbf{W}_r\mathbf{e}_t)^\top \tanh(\mathbf{W}_r\mathbf{e}_h + \mathbf{e}_r)`,
       softmax-normalised over each head's outgoing edges, and :math:`L` layers of
-      :class:`~kgrec.models.kgat_conv.KGATConv` (Eq. 3, 6-9) with message dropout.
+      :class:`~kgrec.models.layers.kgat_conv.KGATConv` (Eq. 3, 6-9) with message dropout.
     * **Prediction** (Eq. 11-12) -- :math:`\mathbf{e}^*_u = \mathbf{e}^{(0)}_u \| \cdots \|
       \mathbf{e}^{(L)}_u` (each propagated layer L2-normalised, as in the authors' code) and
       :math:`\hat{y}(u,i) = \mathbf{e}^{*\top}_u \mathbf{e}^*_i`, trained with BPR (Eq. 13) plus
@@ -55,8 +55,8 @@ class KGAT(Recommender):
     so a saved ``state_dict`` reproduces the scores exactly.
 
     The attention-weighted adjacency is a sparse CSR matrix with a precomputed transpose for the
-    backward (:class:`~kgrec.models.kgat_conv.AttentiveAdjacency`); TransR projections are grouped
-    by relation (:func:`~kgrec.models.transr.relation_project`). Nothing loops over users, nodes or
+    backward (:class:`~kgrec.models.layers.kgat_conv.AttentiveAdjacency`); TransR projections are grouped
+    by relation (:func:`~kgrec.models.layers.transr.relation_project`). Nothing loops over users, nodes or
     edges.
 
     Args:
@@ -342,7 +342,7 @@ def pretrain_from_bprmf(data: InteractionData, config: TrainConfig) -> tuple[Ten
     """Train BPR-MF with its recommended defaults (same seed, device and ``embedding_dim`` as
     ``config``; early stopping on validation) and return its ``(user_emb, item_emb)`` on CPU --
     the initialisation the KGAT authors recommend (``--pretrain 1``)."""
-    from kgrec.models.bprmf import BPRMF
+    from kgrec.models.retrievers.bprmf import BPRMF
     from kgrec.models.config import TrainConfig
     from kgrec.models.trainer import fit
 

@@ -3,8 +3,8 @@ r"""ComiRec-SA: controllable multi-interest retrieval with self-attention."""
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, Readout, init_normal_
-from kgrec.serving.merge import MergeRule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, init_normal_
+from kgrec.models.merge import MergeRule
 from torch import Tensor
 
 
@@ -34,8 +34,8 @@ by its norm alone and the temperature alone sets the softmax's sharpness.
         attention_dim: :math:`d_a` (default ``4 d``).
         positional: add learned positional embeddings to ``H`` before the attention.
         temperature: sampled-softmax temperature.
-        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
-        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.multi_interest`).
+        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.models.merge`).
+        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.sequential.multi_interest`).
         normalize_interests: L2-normalise the interest vectors.
     """
 

@@ -3,7 +3,7 @@ r"""YouTube-DNN-style single-vector candidate generator (the baseline of the mul
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, init_normal_
+from kgrec.models.sequential.multi_interest import MultiInterestModel, init_normal_
 from torch import Tensor
 
 

@@ -9,14 +9,14 @@ batched forward (:meth:`KCAN.score_pairs`); the training loop, re-ranking and ev
 Three parts:
 
 1. **Global representations** (knowledge-aware attention propagation): a
-   :class:`~kgrec.models.kgat.KGAT` sub-module over the CKG (users, items, entities, train
+   :class:`~kgrec.models.retrievers.kgat.KGAT` sub-module over the CKG (users, items, entities, train
    interactions only) -- attention :math:`\pi(h,r,t) = (\mathbf{W}_r\mathbf{e}_t)^\top
    \tanh(\mathbf{W}_r\mathbf{e}_h + \mathbf{e}_r)`, softmax over each head's out-edges, attentive
    sparse propagation, layer outputs concatenated: :math:`\mathbf{g}_v` (dim
    ``d0 + sum(layer_sizes)``). Its TransR step (on a random subset of ``kg_max_triples`` KG
    triples per epoch, for speed) and attention refresh run once per epoch
    (:meth:`extra_epoch_step`, KGAT's alternating schedule).
-2. **Knowledge distillation** (:mod:`kgrec.models.kcan_subgraph`): after every attention update
+2. **Knowledge distillation** (:mod:`kgrec.models.layers.kcan_subgraph`): after every attention update
    the ``neighbours_per_node`` out-edges of highest :math:`\pi` of every node are tabulated once;
    for a target pair ``(u, i)`` the subgraph is ``hops`` hops of that table from ``u`` and from
    ``i`` (``k + k^2 + ...`` slots per side, fixed shape, so a batch is dense tensors).
@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
-from kgrec.models.kcan_subgraph import NeighbourTable, gather_subgraph, topk_neighbour_table
-from kgrec.models.kgat import KGAT
-from kgrec.models.losses import bpr_loss, l2_reg
+from kgrec.models.layers.kcan_subgraph import NeighbourTable, gather_subgraph, topk_neighbour_table
+from kgrec.models.retrievers.kgat import KGAT
+from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
 
 
@@ -87,7 +87,7 @@ class KCAN(Recommender):
 
     Args:
         num_users, num_items: sizes of the index spaces.
-        ckg: the training CKG (``data.ckg`` or :func:`~kgrec.models.kgat.interaction_ckg`).
+        ckg: the training CKG (``data.ckg`` or :func:`~kgrec.models.retrievers.kgat.interaction_ckg`).
         embedding_dim, layer_sizes, relation_dim, mess_dropout, kg_step, kg_learning_rate,
             kg_batch_size: the global KGAT layer's settings.
         kg_max_triples: KG triples per TransR step (a random subset each epoch).

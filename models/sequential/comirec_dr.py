@@ -3,8 +3,8 @@ r"""ComiRec-DR: controllable multi-interest retrieval with capsule dynamic routi
 from __future__ import annotations
 
 import torch
-from kgrec.models.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
-from kgrec.serving.merge import MergeRule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
+from kgrec.models.merge import MergeRule
 from torch import Tensor
 
 
@@ -27,8 +27,8 @@ class ComiRecDR(MultiInterestModel):
         max_length: history items used.
         routing_iterations: routing rounds.
         temperature: sampled-softmax temperature.
-        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.serving.merge`).
-        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.multi_interest`).
+        merge_rule: how the interests' lists are merged at retrieval (:mod:`kgrec.models.merge`).
+        readout: training readout, ``"hard"``, ``"mixture"`` or ``"max"`` (:mod:`kgrec.models.sequential.multi_interest`).
     """
 
     def __init__(

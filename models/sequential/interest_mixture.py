@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from kgrec.models.multi_interest import MultiInterestModel
+from kgrec.models.sequential.multi_interest import MultiInterestModel
 from torch import Tensor
 
 
@@ -32,7 +32,7 @@ class InterestMixture(MultiInterestModel):
     every component the single-vector (mean-pooling) query, so the components only differ by budget. Only the ``top_components`` components
     with the largest :math:`\pi_c` are kept (the interest mask); the ``"weighted"`` merge then gives
     component ``c`` a budget proportional to :math:`\pi_c` (weighted round-robin,
-    :mod:`kgrec.serving.merge`), as kNN-Embed samples ``k \pi_c`` neighbours per component.
+    :mod:`kgrec.models.merge`), as kNN-Embed samples ``k \pi_c`` neighbours per component.
 
     Not trained by gradient descent: build it with :meth:`fit` (k-means) and use it like any
     :class:`MultiInterestModel`.

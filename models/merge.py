@@ -20,7 +20,7 @@ Rules (``rule=``):
   and no interest can crowd the others out. The final order is the pick order; the score is the
   candidate's score in the list it came from. Without weights every active interest weighs 1.
 * ``"mixture"`` -- the mixture of softmaxes of a model trained with the ``"mixture"`` readout
-  (:mod:`kgrec.models.multi_interest`): an item's score is
+  (:mod:`kgrec.models.sequential.multi_interest`): an item's score is
   :math:`\log \sum_j \exp(\langle v_j, e_i\rangle / \tau + \ell_j)` over the interests whose list
   holds it, with ``log_weights`` :math:`\ell_j = \log \pi_j - \log Z_j` (mixture weight over the
   interest's softmax normaliser) and temperature :math:`\tau`; the source interest is the largest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from kgrec.models.base import Recommender
-from kgrec.models.losses import bpr_loss, l2_reg
+from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
 
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from kgrec.models.base import Recommender
-from kgrec.models.losses import bpr_loss, l2_reg
-from kgrec.models.rgcn import LayerCombination, combine_layers
+from kgrec.models.training.losses import bpr_loss, l2_reg
+from kgrec.models.retrievers.rgcn import LayerCombination, combine_layers
 from torch import Tensor
 from torch_geometric.nn import HGTConv
 

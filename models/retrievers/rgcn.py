@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
-from kgrec.models.losses import bpr_loss, l2_reg
+from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
 from torch_geometric.nn import FastRGCNConv, RGCNConv
 
