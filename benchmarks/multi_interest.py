@@ -46,18 +46,18 @@ from kgrec.features.sequences import SequenceSplit, sequential_split
 from kgrec.features.snapshot import Snapshot, load_snapshot
 from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split
+from kgrec.models.config import TrainConfig
+from kgrec.models.merge import CONTROLLABLE_POOL
 from kgrec.models.sequential.comirec_dr import ComiRecDR
 from kgrec.models.sequential.comirec_sa import ComiRecSA
-from kgrec.models.config import TrainConfig
 from kgrec.models.sequential.interest_mixture import InterestMixture
 from kgrec.models.sequential.mind import MIND
 from kgrec.models.sequential.multi_interest import MultiInterestModel, save_model
+from kgrec.models.sequential.youtube_dnn import YouTubeDNN
 from kgrec.models.sequential_evaluation import Popularity, category_matrix, evaluate_sequential
 from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
-from kgrec.models.trainer import fit
-from kgrec.models.sequential.youtube_dnn import YouTubeDNN
-from kgrec.models.zoo import build_model
-from kgrec.models.merge import CONTROLLABLE_POOL
+from kgrec.models.spec import build_model
+from kgrec.models.training.pairwise import fit
 
 D, K = 64, 4
 # torch-rechub 0.9.0 on the same protocol (README): Recall@50 (2 seeds), NDCG@50 (seed 2022), cos.

@@ -83,10 +83,9 @@ def main() -> None:
             print(f"registered {args.model_name}: {args.model}, test {figures['trained'][args.model]} "
                   f"({run['pipeline_seconds']:.0f} s)", flush=True)
 
+        from kgrec.models.tracking.settings import TrackingSettings
         from kgrec.serving.champion import load_registered
         from kgrec.serving.process import running_service, workdir_env
-
-        from kgrec.config import TrackingSettings
 
         service, info = load_registered(TrackingSettings(workdir=workdir), args.model_name)
         if getattr(service, "kind", None) != "multi_interest":

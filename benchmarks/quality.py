@@ -29,8 +29,8 @@ from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate_split
-from kgrec.models.trainer import fit
-from kgrec.models.zoo import build_model
+from kgrec.models.spec import build_model
+from kgrec.models.training.pairwise import fit
 
 # RecBole 1.2.1, default hyper-parameters, same protocol (../shared/data/README.md).
 RECBOLE = {

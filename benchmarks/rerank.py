@@ -36,8 +36,8 @@ from kgrec.models.reranking import (
     retrieval_candidates,
     train_kcan,
 )
-from kgrec.models.trainer import fit
-from kgrec.models.zoo import build_model
+from kgrec.models.spec import build_model
+from kgrec.models.training.pairwise import fit
 
 
 def load(name: str) -> InteractionData:

@@ -29,8 +29,8 @@ def run_one(model_name: str, epochs: int, scale: float) -> dict:
     from kgrec.features.split import random_split
     from kgrec.features.synthetic import PowerLawConfig, powerlaw_snapshot
     from kgrec.models.config import TrainConfig
-    from kgrec.models.trainer import fit
-    from kgrec.models.zoo import build_model
+    from kgrec.models.spec import build_model
+    from kgrec.models.training.pairwise import fit
 
     base = PowerLawConfig()
     config = replace(

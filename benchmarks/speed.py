@@ -75,9 +75,8 @@ def bench_evaluation(workdir: Path, repeats: int = 5) -> dict:
 
 
 def bench_service(workdir: Path, model_name: str, requests: int, k: int = 100) -> dict:
+    from kgrec.models.tracking.settings import TrackingSettings
     from kgrec.serving.champion import load_registered
-
-    from kgrec.config import TrackingSettings
 
     service, _ = load_registered(TrackingSettings(workdir=workdir), model_name)
     user_ids = list(service.bundle.users["user_id"])

@@ -40,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _tracking(args: argparse.Namespace):
-    from kgrec.config import TrackingSettings, default_workdir
+    from kgrec.models.tracking.settings import TrackingSettings, default_workdir
 
     return TrackingSettings(
         workdir=Path(args.workdir).resolve() if args.workdir else default_workdir(),
@@ -114,8 +114,8 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
             f"  ranking stage: {ranker['model']} re-ranks the top {ranker.get('num_candidates', 200)} of "
             f"{ranker['retriever']} (fusion alpha {ranker['alpha']:.1f}, chosen on validation); "
             f"{ranker['epochs_run']} epochs, best {ranker['best_epoch']}",
-            f"    test R@20 {_fmt(test.get('retrieval_recall@20'))} -> {_fmt(test.get('fused_recall@20'))}, "
-            f"N@20 {_fmt(test.get('retrieval_ndcg@20'))} -> {_fmt(test.get('fused_ndcg@20'))}; "
+            f"    test R@20 {_fmt(test.get('retrieval_recall@20'))} -> {_fmt(test.get('recall@20'))}, "
+            f"N@20 {_fmt(test.get('retrieval_ndcg@20'))} -> {_fmt(test.get('ndcg@20'))}; "
             f"{ranker['registered_model']} version {reg['version']} ({reg['alias']})",
         ]
     if "sequential_split" in result:
@@ -155,7 +155,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from kgrec.config import registered_ranker_name
+    from kgrec.models.tracking.settings import registered_ranker_name
     from kgrec.serving.champion import load_registered, load_registered_ranker
     from kgrec.serving.service import run
 

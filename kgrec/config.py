@@ -11,58 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_WORKDIR = "kgrec-work"
-
-
-def default_workdir() -> Path:
-    return Path(os.environ.get("KGREC_HOME", DEFAULT_WORKDIR)).resolve()
-
-
-class TrackingSettings(BaseModel):
-    """Where runs, models and artefacts go.
-
-    The embedded default is a SQLite tracking store and a local artefact folder inside the working
-    directory; ``KGREC_TRACKING_URI`` (or MLflow's own ``MLFLOW_TRACKING_URI``) points at a tracking
-    server instead, e.g. ``http://mlflow:5000`` backed by Postgres and object storage (infra/).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    workdir: Path = Field(default_factory=default_workdir)
-    tracking_uri: str | None = None
-    experiment: str = "kgrec"
-
-    @property
-    def resolved_tracking_uri(self) -> str:
-        uri = (
-            self.tracking_uri
-            or os.environ.get("KGREC_TRACKING_URI")
-            or os.environ.get("MLFLOW_TRACKING_URI")
-        )
-        return uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
-
-    @property
-    def is_embedded(self) -> bool:
-        return self.resolved_tracking_uri.startswith("sqlite:///")
-
-    @property
-    def artifact_location(self) -> str | None:
-        """Artefact root for new experiments; a tracking server decides its own."""
-        return (self.workdir / "mlartifacts").as_uri() if self.is_embedded else None
-
-    @property
-    def snapshot_dir(self) -> Path:
-        return self.workdir / "snapshots"
-
-
-def registered_model_name(dataset: str) -> str:
-    """One registered retrieval model per dataset: champions on different data are not comparable."""
-    return f"kgrec-{dataset}"
-
-
-def registered_ranker_name(retrieval_model_name: str) -> str:
-    """The ranking stage registers next to its retrieval model: ``kgrec-music`` -> ``kgrec-music-ranker``."""
-    return f"{retrieval_model_name}-ranker"
+from kgrec.models.spec import get_spec, model_names
+from kgrec.models.tracking.settings import TrackingSettings, registered_model_name
 
 
 class PipelineConfig(BaseModel):
@@ -80,7 +30,7 @@ class PipelineConfig(BaseModel):
     registered_model: str | None = None
     # The ranking stage: trained on the candidates of this run's best embedding retriever
     # (validation Recall@20) and registered as ``<registered model>-ranker``.
-    ranker: Literal["kcan"] | None = None
+    ranker: str | None = None
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     progress: bool = False
     # Models trained at once. Two cores are best spent on one model at a time; parallel training
@@ -90,10 +40,7 @@ class PipelineConfig(BaseModel):
     @field_validator("models")
     @classmethod
     def _known_models(cls, models: list[str]) -> list[str]:
-        from kgrec.models.sequential_zoo import SEQUENTIAL_MODEL_NAMES
-        from kgrec.models.zoo import MODEL_NAMES
-
-        known = set(MODEL_NAMES) | set(SEQUENTIAL_MODEL_NAMES)
+        known = set(model_names("retriever")) | set(model_names("sequential"))
         cleaned = [m.strip().lower() for m in models if m.strip()]
         unknown = sorted(set(cleaned) - known)
         if unknown:
@@ -102,14 +49,20 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"a model is listed twice: {cleaned}")
         return cleaned
 
+    @field_validator("ranker")
+    @classmethod
+    def _known_ranker(cls, ranker: str | None) -> str | None:
+        if ranker is not None:
+            get_spec(ranker, "ranker")
+        return ranker
+
     @model_validator(mode="after")
     def _ranker_needs_a_retriever(self) -> PipelineConfig:
-        from kgrec.models.zoo import MODEL_NAMES
-
-        if self.ranker is not None and not any(m in MODEL_NAMES for m in self.models):
+        retrievers = model_names("retriever")
+        if self.ranker is not None and not any(m in retrievers for m in self.models):
             raise ValueError(
                 f"ranker {self.ranker!r} re-ranks an embedding retriever's candidates: list one of "
-                f"{list(MODEL_NAMES)} in models"
+                f"{list(retrievers)} in models"
             )
         return self
 

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 ScoreFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class EpochHook:
+    """A step the trainer runs once per epoch after the main pass, e.g. an alternating objective.
+
+    ``run(optimizer)`` returns ``{name: value}`` stats for the epoch log. When ``parameters`` is
+    non-empty the trainer gives ``run`` its own Adam over them at ``learning_rate`` (moments of
+    two losses of different scale are not mixed, as in the KGAT authors' code); otherwise ``None``.
+    """
+
+    name: str
+    run: Callable[[torch.optim.Optimizer | None], dict[str, float]]
+    parameters: tuple[torch.nn.Parameter, ...] = ()
+    learning_rate: float = 1e-3
 
 
 class Recommender(torch.nn.Module, ABC):
@@ -24,10 +40,9 @@ class Recommender(torch.nn.Module, ABC):
     * :meth:`score` -- ``[B, I]`` scores of every item for a batch of users.
     * :meth:`scorer` -- a ``users -> [B, I]`` function for full-ranking evaluation; the default
       computes :meth:`embeddings` once and reuses them for every batch.
-    * :meth:`extra_epoch_step` -- hook the trainer calls once per epoch, after the BPR pass, with the
-      same optimiser. Models with an additional objective (KGAT's TransR knowledge-graph loss,
-      CKE's KG embedding loss) run their extra pass here and return ``{name: mean_loss}``, which
-      the trainer records in the epoch log. The default does nothing and returns ``{}``.
+    * :meth:`epoch_hooks` -- extra per-epoch steps the trainer runs after the main pass
+      (:class:`EpochHook`): an additional objective with its own optimiser (KGAT's TransR loss),
+      which the trainer creates and owns, or a refresh without gradient (attention, subgraphs).
 
     Models that are not embedding-based override :meth:`score` (and :meth:`scorer`) and leave
     :meth:`embeddings` raising :class:`NotImplementedError`.
@@ -66,9 +81,9 @@ class Recommender(torch.nn.Module, ABC):
 
         return score_fn
 
-    def extra_epoch_step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Per-epoch hook for additional objectives (e.g. a KG loss); default no-op."""
-        return {}
+    def epoch_hooks(self) -> list[EpochHook]:
+        """Extra per-epoch steps (an auxiliary objective, a refresh); default none."""
+        return []
 
     def extra_repr(self) -> str:
         return f"num_users={self.num_users}, num_items={self.num_items}"

@@ -28,21 +28,19 @@ list, which ``models.trainer.fit`` does not do.
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense
-from kgrec.models.rankers.kcan import KCAN
-from kgrec.models.retrievers.kgat import KGAT, interaction_ckg
+from kgrec.models.rankers.kcan import KCAN, KCANConfig, build_kcan
+from kgrec.models.retrievers.kgat import KGAT
+from kgrec.models.training.pairwise import train_pairs
 from kgrec.models.training.sampling import NegativeSampler
-from pydantic import BaseModel, ConfigDict, Field
+from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -50,52 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 Part = Literal["train", "valid", "test"]
-DEFAULT_FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-class KCANConfig(BaseModel):
-    """Hyper-parameters of KCAN and of its re-ranking training."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # model
-    embedding_dim: int = Field(64, ge=1, le=1024)
-    layer_sizes: tuple[int, ...] = Field((64, 32, 16), min_length=1, max_length=6)
-    relation_dim: int = Field(64, ge=1, le=1024)
-    mess_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    kg_step: bool = True
-    kg_learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    kg_max_triples: int = Field(32768, ge=1, description="TransR triples per epoch (random subset)")
-    neighbours_per_node: int = Field(6, ge=1, le=64)
-    hops: int = Field(2, ge=1, le=4)
-    local_dim: int = Field(32, ge=1, le=512)
-    tower_dim: int = Field(64, ge=1, le=1024)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    reg_weight: float = Field(1e-5, ge=0.0, le=10.0)
-    # training
-    learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(4096, ge=1)
-    epochs: int = Field(30, ge=1)
-    patience: int = Field(3, ge=1)
-    seed: int = Field(2020, ge=0)
-    num_candidates: int = Field(200, ge=1, description="N: retrieval candidates re-ranked")
-    hard_negative_ratio: float = Field(0.5, ge=0.0, le=1.0)
-    fusion_grid: tuple[float, ...] = DEFAULT_FUSION_GRID
-    max_valid_users: int | None = Field(None, ge=1, description="subsample for early stopping")
-    pair_chunk: int = Field(16384, ge=1, description="pairs per forward in evaluation")
-
-    def model_kwargs(self) -> dict[str, Any]:
-        keys = (
-            "embedding_dim", "layer_sizes", "relation_dim", "mess_dropout", "kg_step",
-            "kg_learning_rate", "kg_max_triples", "neighbours_per_node", "hops", "local_dim", "tower_dim",
-            "dropout", "reg_weight",
-        )
-        return {k: getattr(self, k) for k in keys}
-
-
-def build_kcan(data: InteractionData, config: KCANConfig) -> KCAN:
-    """A fresh KCAN on ``data``'s training CKG."""
-    return KCAN(data.num_users, data.num_items, interaction_ckg(data), **config.model_kwargs())
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -219,24 +171,19 @@ def rerank(
 def list_metrics(
     ranked: Tensor, users: Tensor, truth: sp.csr_matrix, ks: Sequence[int] = (20,)
 ) -> dict[str, float]:
-    """Recall@K / NDCG@K of ranked lists ``[B, L]`` against ``truth`` (definitions of
-    :func:`kgrec.models.evaluation.evaluate`: recall over all the user's truth items, ideal DCG
-    over ``min(|T_u|, K)`` positions), averaged over the ``B`` users. Entries < 0 are padding."""
+    """Recall@K / NDCG@K of ranked lists ``[B, L]`` against ``truth``, computed by the project's one
+    metric core :func:`kgrec.models.evaluation.ranked_list_metrics` (recall over all the user's
+    truth items, ideal DCG over ``min(|T_u|, K)`` positions), averaged over ALL ``B`` users given: a
+    user without truth items counts 0 (``empty_users="zero"``; :func:`evaluate` skips such users).
+    Entries < 0 are padding."""
+    from kgrec.models.evaluation import ranked_list_metrics
+
     truth = sp.csr_matrix(truth)
     rows = users.numpy()
     dense = _rows_to_dense(truth, rows, torch.device("cpu"))
-    n_truth = torch.from_numpy(np.diff(truth.indptr)[rows]).double()
-    valid = ranked >= 0
-    hits = (dense.gather(1, ranked.clamp(min=0)) & valid).double()
-    out: dict[str, float] = {}
-    for k in ks:
-        kk = min(k, ranked.size(1))
-        disc = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=torch.float64))
-        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64)), 0)
-        h = hits[:, :kk]
-        out[f"recall@{k}"] = (h.sum(1) / n_truth).mean().item()
-        out[f"ndcg@{k}"] = ((h * disc).sum(1) / ideal[n_truth.long().clamp(max=k) - 1]).mean().item()
-    return out
+    n_truth = torch.from_numpy(np.diff(truth.indptr)[rows])
+    hits = dense.gather(1, ranked.clamp(min=0)) & (ranked >= 0)
+    return ranked_list_metrics(hits, n_truth, ks, ("recall", "ndcg"), empty_users="zero")
 
 
 def _fused_metrics(
@@ -282,19 +229,74 @@ def evaluate_reranking(
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass
-class KCANFitResult:
-    best_epoch: int
-    best_valid_ndcg: float  # fused, best alpha
-    best_valid_ndcg_kcan_only: float
-    alpha: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    total_seconds: float = 0.0
+class RerankTask:
+    """KCAN as the re-ranker of ``retriever`` (module docstring): BPR on training pairs with hard
+    negatives from the retriever's top-N, selected on the fused validation NDCG@20 at the best
+    fusion weight, and kept training while KCAN alone still improves (``also_improving``): the
+    alpha = 0 candidate (retrieval alone) is a floor the fused figure cannot go below, so while
+    KCAN is weak the fused figure is flat even though the ranker is learning."""
 
+    selection_metric = "ndcg@20"
+    also_improving = "ndcg@20_kcan"
 
-def _train_pairs(train: sp.csr_matrix) -> tuple[Tensor, Tensor]:
-    coo = sp.csr_matrix(train).tocoo()
-    return torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+    def __init__(
+        self,
+        data: InteractionData,
+        retriever: ScoreSource,
+        config: KCANConfig,
+        global_init: KGAT | None = None,
+    ) -> None:
+        self.data, self.retriever, self.config, self.global_init = data, retriever, config, global_init
+        self.users, self.items = train_pairs(data.train)
+        self.sampler = NegativeSampler(data.train)
+
+    def prepare(self, model: KCAN) -> None:
+        config, data, n = self.config, self.data, self.config.num_candidates
+        if self.global_init is not None:
+            model.init_global(self.global_init)
+        # training negatives come from the retrieval top-N with training items masked (= the
+        # validation candidates of every user)
+        _, self.train_candidates, _ = retrieval_candidates(self.retriever, data, "train", n)
+        valid_users = np.flatnonzero(np.diff(data.valid.indptr) > 0)
+        if config.max_valid_users is not None and len(valid_users) > config.max_valid_users:
+            rng = np.random.default_rng(config.seed)
+            valid_users = np.sort(rng.choice(valid_users, config.max_valid_users, replace=False))
+        self.valid = retrieval_candidates(self.retriever, data, "valid", n, users=valid_users)
+
+    def train_epoch(
+        self, model: KCAN, optimizer: torch.optim.Optimizer, generator: torch.Generator, device: torch.device
+    ) -> float:
+        m = self.users.numel()
+        perm = torch.randperm(m, generator=generator)
+        uniform = self.sampler.sample(self.users, generator)
+        cols = torch.randint(0, self.train_candidates.size(1), (m,), generator=generator)
+        hard = self.train_candidates[self.users, cols]
+        use_hard = torch.rand(m, generator=generator) < self.config.hard_negative_ratio
+        negs = torch.where(use_hard, hard, uniform)
+        total = 0.0
+        for start in range(0, m, self.config.batch_size):
+            idx = perm[start : start + self.config.batch_size]
+            loss = model.loss(self.users[idx].to(device), self.items[idx].to(device), negs[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * idx.numel()
+        return total / m
+
+    def validate(self, model: KCAN) -> dict[str, float]:
+        v_users, v_cands, v_scores = self.valid
+        truth = self.data.valid
+        k_scores = kcan_scores(model, v_users, v_cands, self.config.pair_chunk)
+        per_alpha = {
+            a: _fused_metrics(v_cands, v_scores, k_scores, v_users, truth, a, (20,))["ndcg@20"]
+            for a in self.config.fusion_grid
+        }
+        alpha = max(per_alpha, key=lambda a: (per_alpha[a], a))
+        alone = _fused_metrics(v_cands, v_scores, k_scores, v_users, truth, 1.0, (20,))["ndcg@20"]
+        return {"ndcg@20": per_alpha[alpha], "ndcg@20_kcan": alone, "alpha": alpha}
+
+    def finish(self, model: KCAN, result: FitResult) -> None:
+        model.meta = {"extra": {"alpha": result.best_valid.get("alpha", 1.0), "num_candidates": self.config.num_candidates}}
 
 
 def train_kcan(
@@ -302,99 +304,19 @@ def train_kcan(
     retriever: ScoreSource,
     config: KCANConfig | None = None,
     model: KCAN | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: EpochCallback | None = None,
     global_init: KGAT | None = None,
-) -> tuple[KCAN, KCANFitResult]:
-    """Train KCAN as the re-ranker of ``retriever`` (see the module docstring); returns the model
-    (best epoch, eval mode, ``model.meta["extra"]["alpha"]`` set) and the fit summary.
+) -> tuple[KCAN, FitResult]:
+    """Train KCAN as the re-ranker of ``retriever`` (:class:`RerankTask` through the
+    :class:`Trainer`); returns the model (best epoch, eval mode, ``model.meta["extra"]["alpha"]``
+    set) and the fit, whose ``best_valid`` holds ``ndcg@20`` (fused), ``ndcg@20_kcan`` and ``alpha``.
 
     ``global_init``: a KGAT trained on the same CKG whose weights start KCAN's global layer (same
     embedding, layer and relation sizes required). KGAT needs ~150 cheap epochs to converge; KCAN's
     epochs are far more expensive, so without it the global representations stay under-trained.
     """
     config = config or KCANConfig()
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    model = model or build_kcan(data, config)
-    model.reset_parameters()
-    if global_init is not None:
-        model.init_global(global_init)
-    n = config.num_candidates
-
-    # training negatives come from the retrieval top-N with training items masked (= the
-    # validation candidates of every user)
-    all_users, train_cands, _ = retrieval_candidates(retriever, data, "train", n)
-    valid_users = np.flatnonzero(np.diff(data.valid.indptr) > 0)
-    if config.max_valid_users is not None and len(valid_users) > config.max_valid_users:
-        rng = np.random.default_rng(config.seed)
-        valid_users = np.sort(rng.choice(valid_users, config.max_valid_users, replace=False))
-    v_users, v_cands, v_scores = retrieval_candidates(retriever, data, "valid", n, users=valid_users)
-
-    users_all, pos_all = _train_pairs(data.train)
-    sampler = NegativeSampler(data.train)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    best = (-1.0, 0, 0.0, 1.0)  # (value, epoch, kcan-only, alpha)
-    best_alone = -1.0
-    best_state = None
-    bad = 0
-    history: list[dict[str, float]] = []
-    t_start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        m = users_all.numel()
-        perm = torch.randperm(m, generator=gen)
-        uniform = sampler.sample(users_all, gen)
-        cols = torch.randint(0, train_cands.size(1), (m,), generator=gen)
-        hard = train_cands[users_all, cols]
-        use_hard = torch.rand(m, generator=gen) < config.hard_negative_ratio
-        negs = torch.where(use_hard, hard, uniform)
-        total = 0.0
-        for start in range(0, m, config.batch_size):
-            idx = perm[start : start + config.batch_size]
-            loss = model.loss(users_all[idx], pos_all[idx], negs[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * idx.numel()
-        extra = model.extra_epoch_step(optimizer)
-        train_s = time.perf_counter() - t0
-        k_scores = kcan_scores(model, v_users, v_cands, config.pair_chunk)
-        per_alpha = {
-            a: _fused_metrics(v_cands, v_scores, k_scores, v_users, data.valid, a, (20,))["ndcg@20"]
-            for a in config.fusion_grid
-        }
-        alpha = max(per_alpha, key=lambda a: (per_alpha[a], a))
-        kcan_only = _fused_metrics(v_cands, v_scores, k_scores, v_users, data.valid, 1.0, (20,))["ndcg@20"]
-        log = {
-            "epoch": epoch, "loss": total / m, "train_seconds": train_s,
-            "seconds": time.perf_counter() - t0, "valid_ndcg@20_kcan": kcan_only,
-            "valid_ndcg@20_fused": per_alpha[alpha], "alpha": alpha, **extra,
-        }
-        history.append(log)
-        logger.info("kcan epoch %s", log)
-        if on_epoch is not None:
-            on_epoch(log)
-        # Select on the fused list, but keep training while KCAN alone still improves: the
-        # alpha = 0 candidate (retrieval alone) is a floor the fused metric cannot go below, so
-        # while KCAN is weak the fused figure is flat even though the ranker is learning.
-        improved_alone = kcan_only > best_alone
-        best_alone = max(best_alone, kcan_only)
-        if per_alpha[alpha] > best[0]:
-            best = (per_alpha[alpha], epoch, kcan_only, alpha)
-            best_state = copy.deepcopy(model.state_dict())
-            bad = 0
-        elif improved_alone:
-            bad = 0
-        else:
-            bad += 1
-            if bad >= config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    model.meta = {"extra": {"alpha": best[3], "num_candidates": n}}
-    return model, KCANFitResult(
-        best_epoch=best[1], best_valid_ndcg=best[0], best_valid_ndcg_kcan_only=best[2],
-        alpha=best[3], history=history, total_seconds=time.perf_counter() - t_start,
-    )
+    model = model or build_kcan(config, data)
+    callbacks = () if on_epoch is None else (on_epoch,)
+    result = Trainer(config, callbacks).fit(model, RerankTask(data, retriever, config, global_init))
+    return model, result

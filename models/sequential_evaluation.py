@@ -1,10 +1,13 @@
 r"""Evaluation of candidate generators on the sequential split (Recall/HitRate/NDCG, diversity,
 interest similarity), through the SAME retrieval path as serving (:func:`multi_interest.recommend`).
 
-For a held-out user with input sequence :math:`X_u` (masked when ranking) and targets :math:`T_u`,
-with :math:`R_u^K` the first ``K`` items of the merged candidate list:
+This module only builds the ranked lists; the metrics are computed by the project's one metric
+core, :func:`kgrec.models.evaluation.ranked_list_metrics` and
+:func:`kgrec.models.evaluation.diversity_at_k` (definitions there). For a held-out user with input
+sequence :math:`X_u` (masked when ranking) and targets :math:`T_u`, with :math:`R_u^K` the first
+``K`` items of the merged candidate list:
 
-* ``recall@K`` :math:`= |R_u^K \cap T_u| / |T_u|`; ``hit@K`` :math:`= [|R_u^K \cap T_u| > 0]`;
+* ``recall@K`` :math:`= |R_u^K \cap T_u| / |T_u|`; ``hit@K`` (HitRate) :math:`= [|R_u^K \cap T_u| > 0]`;
 * ``ndcg@K`` :math:`= \sum_{r \le K} [R_u^K(r) \in T_u] / \log_2(r + 1)` over the ideal DCG of
   :math:`\min(|T_u|, K)` hits (the standard definition);
 * ``diversity@K`` -- the share of the :math:`\binom{K}{2}` item pairs of :math:`R_u^K` that are
@@ -13,8 +16,10 @@ with :math:`R_u^K` the first ``K`` items of the merged candidate list:
 * ``interest_similarity`` -- the mean pairwise cosine similarity between a user's ACTIVE interest
   vectors (users with at least two), averaged over those users; NaN for single-vector models.
 
-Each metric is averaged over the users with at least one target. Every merged list is computed at
-the largest K and cut, so ``@20`` is the prefix of ``@50`` (true for both merge rules).
+:math:`|T_u|` is the length of the target sequence (a repeated target counts twice, and can be
+hit once). Each metric is averaged over the users with at least one target (no precision here).
+Every merged list is computed at the largest K and cut, so ``@20`` is the prefix of ``@50`` (true
+for both merge rules).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from kgrec.models.sequential.multi_interest import MultiInterestModel, pad_histories, recommend
+from kgrec.models.evaluation import diversity_at_k, ranked_list_metrics_per_user
 from kgrec.models.merge import MergeRule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, pad_histories, recommend
 from torch import Tensor
+
+SEQUENTIAL_METRICS = ("recall", "hit", "ndcg")
 
 
 def category_matrix(categories: Sequence[Sequence[str]]) -> tuple[np.ndarray, list[str]]:
@@ -42,18 +50,10 @@ def category_matrix(categories: Sequence[Sequence[str]]) -> tuple[np.ndarray, li
 
 def diversity(top_items: np.ndarray, categories: np.ndarray) -> np.ndarray:
     """Per-row share of category-distinct pairs (disjoint genre sets) among the valid items
-    (``>= 0``) of ``top_items [B, K]``; NaN for rows with fewer than two items."""
+    (``>= 0``) of ``top_items [B, K]``; NaN for rows with fewer than two items
+    (:func:`kgrec.models.evaluation.diversity_at_k` over the whole row)."""
     top_items = np.asarray(top_items, dtype=np.int64)
-    valid = top_items >= 0
-    g = categories[np.where(valid, top_items, 0)].astype(np.float32) * valid[..., None]  # [B, K, G]
-    shared = np.einsum("bkg,blg->bkl", g, g) > 0
-    pair = valid[:, :, None] & valid[:, None, :]
-    k = top_items.shape[1]
-    off_diag = ~np.eye(k, dtype=bool)[None]
-    n_pairs = (pair & off_diag).sum((1, 2))
-    distinct = (pair & off_diag & ~shared).sum((1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n_pairs > 0, distinct / np.maximum(n_pairs, 1), np.nan)
+    return diversity_at_k(top_items, categories, top_items.shape[1])
 
 
 def interest_similarity(interests: Tensor | np.ndarray, mask: Tensor | np.ndarray) -> np.ndarray:
@@ -68,24 +68,25 @@ def interest_similarity(interests: Tensor | np.ndarray, mask: Tensor | np.ndarra
     return torch.where(n > 0, total / n.clamp(min=1), torch.full_like(total, float("nan"))).numpy()
 
 
-def ranking_metrics(top_items: np.ndarray, targets: Sequence[Sequence[int]], ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per-user ``recall@K``, ``hit@K``, ``ndcg@K`` arrays for ranked ``top_items [B, >= max K]``."""
-    b, width = top_items.shape
+def target_hits(top_items: np.ndarray, targets: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """``(hits [B, W] bool, num_truth [B])`` of ranked ``top_items [B, W]`` (ids < 0: padding)
+    against per-user ``targets``; ``num_truth`` is ``len(targets[u])`` (repeats counted)."""
+    top_items = np.asarray(top_items, dtype=np.int64)
+    b = top_items.shape[0]
     lengths = np.fromiter((len(t) for t in targets), dtype=np.int64, count=b)
     rows = np.repeat(np.arange(b), lengths)
     flat = np.concatenate([np.asarray(t, np.int64) for t in targets]) if b else np.zeros(0, np.int64)
     span = int(max(top_items.max(initial=0), flat.max(initial=0))) + 2
     hits = np.isin(np.arange(b)[:, None] * span + top_items + 1, rows * span + flat + 1) & (top_items >= 0)
-    discount = 1.0 / np.log2(np.arange(2, width + 2))
-    out: dict[str, np.ndarray] = {}
-    for k in ks:
-        h = hits[:, :k]
-        n_hits = h.sum(1)
-        ideal = np.cumsum(discount[:k])[np.minimum(lengths, k) - 1]
-        out[f"recall@{k}"] = n_hits / lengths
-        out[f"hit@{k}"] = (n_hits > 0).astype(np.float64)
-        out[f"ndcg@{k}"] = (h * discount[:k]).sum(1) / ideal
-    return out
+    return torch.from_numpy(hits), torch.from_numpy(lengths)
+
+
+def ranking_metrics(top_items: np.ndarray, targets: Sequence[Sequence[int]], ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-user ``recall@K``, ``hit@K``, ``ndcg@K`` arrays for ranked ``top_items [B, >= max K]``
+    (:func:`kgrec.models.evaluation.ranked_list_metrics_per_user`; 0 for a user without targets)."""
+    hits, lengths = target_hits(top_items, targets)
+    per_user = ranked_list_metrics_per_user(hits, lengths, ks, SEQUENTIAL_METRICS)
+    return {name: values.numpy() for name, values in per_user.items()}
 
 
 @torch.no_grad()
@@ -123,10 +124,13 @@ def evaluate_sequential(
         return {"num_users": 0}
     max_k = max(max(ks), diversity_k)
     merged = recommend(model, inputs, max_k, rule=rule, categories=categories, diversity=diversity_weight)
-    per_user = ranking_metrics(merged.items, targets, ks)
-    result: dict[str, Any] = {name: float(values.mean()) for name, values in per_user.items()}
+    hits, lengths = target_hits(merged.items, targets)
+    per_user = ranked_list_metrics_per_user(hits, lengths, ks, SEQUENTIAL_METRICS)
+    # np.mean as before this protocol used the core: recall@K (the default selection metric) and
+    # hit@K stay bit-identical; ranked_list_metrics' torch sum can differ from it in the last bit.
+    result: dict[str, Any] = {name: float(values.numpy().mean()) for name, values in per_user.items()}
     if categories is not None:
-        div = diversity(merged.items[:, :diversity_k], categories)
+        div = diversity_at_k(merged.items, categories, diversity_k)
         result[f"diversity@{diversity_k}"] = float(np.nanmean(div)) if np.isfinite(div).any() else float("nan")
     model.eval()
     h, n = pad_histories(inputs, model.max_length, model.item_embeddings().device)

@@ -1,26 +1,47 @@
-"""Retrieval bundle: the portable artefact of one trained retrieval model.
+"""Serving bundles: the portable artefact of one trained model, one contract for every kind.
 
-Directory layout (all files required unless noted)::
+Every bundle is a directory holding its id maps, ``meta.json``, its kind's payload and a checksum
+manifest::
+
+    users.parquet         user_id: str, user_idx: int32   (row order free; idx in [0, n_users))
+    items.parquet         item_id: str, item_idx: int32, the kind's columns (default: name: str|null)
+    meta.json             kind, model, dataset, snapshot_hash, n_users, n_items, ... (the kind's keys)
+    <payload>             the kind's files (below)
+    MANIFEST.json         {"version": 1, "algorithm": "sha256",
+                           "files": {relative path: {"sha256": hex, "size": bytes}}} of every file
+                          above (recursively), written last
+
+:class:`Bundle` is the base: :meth:`Bundle.write` writes atomically (sibling temp directory renamed
+into place, :func:`kgrec.serving.files.atomic_directory`) and finishes with the manifest;
+:meth:`Bundle.load` (or :func:`load_bundle`, which picks the class from ``meta.json``'s ``kind``)
+verifies the manifest -- a listed file missing, or its size or sha256 changed, raises
+:class:`BundleError` naming it; unlisted files (a later ``index/``) are ignored -- and then reads the
+id maps and the payload. A bundle written before manifests existed (no ``MANIFEST.json``) still
+loads, unverified, with a warning. Subclasses register their ``kind`` by subclassing and implement
+only ``_write_payload``, ``_read_payload`` and their checks:
+
+* ``"embedding"`` (:class:`RetrievalBundle`, also when ``kind`` is absent)::
 
     user_embeddings.npy   float32 [U, d]
     item_embeddings.npy   float32 [I, d]
     seen.npz              scipy CSR users x items of every known positive (excluded at serving time)
-    users.parquet         user_id: str, user_idx: int32   (row order free; idx in [0, U))
-    items.parquet         item_id: str, item_idx: int32, name: str|null
-    meta.json             model, dataset, snapshot_hash, dim, n_users, n_items, ...
-                          (``kind`` absent or "embedding"; multi-interest bundles: serving/multi_interest.py)
-    index/                optional faiss index (see ``kgrec.serving.index``)
+    explain/              optional attention-weighted CKG (:class:`kgrec.models.explain.AttentionGraph`)
+    index/                optional faiss index (``kgrec.serving.index``), added after writing
 
-``write`` is atomic: everything goes to a sibling temp directory that is renamed into place.
+* ``"multi_interest"``: :class:`kgrec.serving.multi_interest.MultiInterestBundle`;
+* ``"ranker"``: :class:`kgrec.serving.ranking.RankerBundle`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import polars as pl
@@ -28,58 +49,87 @@ import scipy.sparse as sp
 from kgrec.models.explain import AttentionGraph
 from kgrec.serving.files import atomic_directory
 
-BUNDLE_FILES = (
+logger = logging.getLogger("kgrec.serving")
+
+META_FILE = "meta.json"
+USERS_FILE = "users.parquet"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_VERSION = 1
+BUNDLE_FILES = (  # the required files of an embedding bundle (MANIFEST.json aside)
     "user_embeddings.npy",
     "item_embeddings.npy",
     "seen.npz",
-    "users.parquet",
-    "items.parquet",
-    "meta.json",
+    USERS_FILE,
+    ITEMS_FILE,
+    META_FILE,
 )
 INDEX_DIRNAME = "index"
 EXPLAIN_DIRNAME = "explain"  # optional: attention-weighted CKG of models that can explain
+EMBEDDING_KIND = "embedding"
+#: modules whose import registers the other bundle kinds (imported on first need: they import this one)
+BUNDLE_MODULES = ("kgrec.serving.multi_interest", "kgrec.serving.ranking")
+_CHUNK = 1 << 20
 
 
 class BundleError(ValueError):
-    """A bundle directory is missing files or its files disagree with each other."""
+    """A bundle directory is missing files, fails its manifest or its files disagree with each other."""
 
 
-EMBEDDING_KIND = "embedding"
+# ---------------------------------------------------------------------------- meta / ids helpers
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of a bundle directory (every kind)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise BundleError(f"bundle {directory} has no {META_FILE}")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"bundle {directory}: unreadable {META_FILE}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"bundle {directory}: {META_FILE} is not a JSON object")
+    return meta
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """``meta.json`` of a bundle directory (every kind)."""
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
 def bundle_kind(directory: str | os.PathLike[str]) -> str:
     """``meta.json``'s ``kind`` of a bundle directory: ``"embedding"`` (a :class:`RetrievalBundle`,
-    also when absent) or ``"multi_interest"`` (:class:`kgrec.serving.multi_interest.MultiInterestBundle`)."""
-    path = Path(directory) / "meta.json"
-    if not path.is_file():
-        raise BundleError(f"bundle {directory} has no meta.json")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise BundleError(f"bundle {directory}: unreadable meta.json: {exc}") from exc
-    return str(meta.get("kind") or EMBEDDING_KIND)
+    also when absent), ``"multi_interest"`` or ``"ranker"``."""
+    return str(read_meta(directory).get("kind") or EMBEDDING_KIND)
+
+
+def id_lookup(frame: pl.DataFrame, id_col: str, idx_col: str) -> dict[str, int]:
+    """Raw id -> index of an id map (``users.parquet`` / ``items.parquet`` of any bundle kind)."""
+    return dict(zip(frame[id_col].to_list(), frame[idx_col].to_list()))
 
 
 def _as_users(users: pl.DataFrame) -> pl.DataFrame:
     missing = {"user_id", "user_idx"} - set(users.columns)
     if missing:
         raise BundleError(f"users frame lacks columns {sorted(missing)}")
-    return users.select(
-        pl.col("user_id").cast(pl.Utf8), pl.col("user_idx").cast(pl.Int32)
-    )
+    return users.select(pl.col("user_id").cast(pl.Utf8), pl.col("user_idx").cast(pl.Int32))
 
 
-def _as_items(items: pl.DataFrame) -> pl.DataFrame:
+def _name_column(items: pl.DataFrame) -> pl.Expr:
+    return pl.col("name").cast(pl.Utf8) if "name" in items.columns else pl.lit(None, pl.Utf8).alias("name")
+
+
+def _as_items(items: pl.DataFrame, extra: list[pl.Expr] | None = None) -> pl.DataFrame:
+    """``item_id`` (str), ``item_idx`` (int32), then the ``extra`` columns (default: ``name``)."""
     missing = {"item_id", "item_idx"} - set(items.columns)
     if missing:
         raise BundleError(f"items frame lacks columns {sorted(missing)}")
-    name = pl.col("name").cast(pl.Utf8) if "name" in items.columns else pl.lit(None, pl.Utf8).alias("name")
-    return items.select(pl.col("item_id").cast(pl.Utf8), pl.col("item_idx").cast(pl.Int32), name)
+    extra = [_name_column(items)] if extra is None else extra
+    return items.select(pl.col("item_id").cast(pl.Utf8), pl.col("item_idx").cast(pl.Int32), *extra)
 
 
 def _check_ids(frame: pl.DataFrame, id_col: str, idx_col: str, n: int, what: str) -> None:
     if frame.height != n:
-        raise BundleError(f"{what}: {frame.height} rows but embeddings have {n} rows")
+        raise BundleError(f"{what}: {frame.height} rows but the bundle's payload has {n}")
     if frame[id_col].null_count():
         raise BundleError(f"{what}: null {id_col}")
     if frame[id_col].n_unique() != n:
@@ -89,8 +139,228 @@ def _check_ids(frame: pl.DataFrame, id_col: str, idx_col: str, n: int, what: str
         raise BundleError(f"{what}: {idx_col} must be a permutation of [0, {n})")
 
 
+# ---------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _bundle_files(directory: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``directory`` but the manifest, sorted."""
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(n for n in names if n != MANIFEST_FILE)
+
+
+def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write ``MANIFEST.json`` (sha256 and size of every other file, recursively) and return it."""
+    directory = Path(directory)
+    files = {
+        name: {"sha256": _sha256(directory / name), "size": (directory / name).stat().st_size}
+        for name in _bundle_files(directory)
+    }
+    manifest = {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike[str]) -> bool:
+    """Check ``directory`` against its ``MANIFEST.json``; False (and a warning) when it has none
+    (a bundle written before manifests). Raises :class:`BundleError` naming the first listed file
+    that is missing or whose size or sha256 differs; unlisted files are ignored (logged)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        logger.warning("bundle %s has no %s (written before checksummed bundles): loading it unverified",
+                       directory, MANIFEST_FILE)
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        entries = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"bundle {directory}: unreadable {MANIFEST_FILE}: {exc!r}") from exc
+    for name in entries:
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts or name == MANIFEST_FILE:
+            raise BundleError(f"bundle {directory}: {MANIFEST_FILE} lists an invalid path {name!r}")
+    missing = [name for name in sorted(entries) if not (directory / name).is_file()]
+    if missing:
+        raise BundleError(f"bundle {directory} is missing {', '.join(missing)} (listed in {MANIFEST_FILE})")
+    for name, (size, _) in sorted(entries.items()):  # sizes first: cheap
+        actual = (directory / name).stat().st_size
+        if actual != size:
+            raise BundleError(f"bundle {directory}: {name} has {actual} bytes, {MANIFEST_FILE} says {size}")
+    for name, (_, sha) in sorted(entries.items()):
+        actual_sha = _sha256(directory / name)
+        if actual_sha != sha:
+            raise BundleError(
+                f"bundle {directory}: {name} fails its checksum (sha256 {actual_sha[:12]}..., "
+                f"{MANIFEST_FILE} says {sha[:12]}...)"
+            )
+    extra = [n for n in _bundle_files(directory) if n not in entries]
+    if extra:
+        later = [n for n in extra if n.split("/", 1)[0] == INDEX_DIRNAME]
+        unknown = [n for n in extra if n not in later]
+        if unknown:
+            logger.warning("bundle %s: ignoring files not in %s: %s", directory, MANIFEST_FILE, ", ".join(unknown))
+        if later:
+            logger.debug("bundle %s: %d index files added after writing", directory, len(later))
+    return True
+
+
+# ---------------------------------------------------------------------------- base class
+_KINDS: dict[str, type[Bundle]] = {}
+
+
+def bundle_class(kind: str) -> type[Bundle]:
+    """The :class:`Bundle` subclass registered for ``kind`` (importing :data:`BUNDLE_MODULES` first
+    if it is not registered yet)."""
+    if kind not in _KINDS:
+        for module in BUNDLE_MODULES:
+            importlib.import_module(module)
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise BundleError(f"unknown bundle kind {kind!r} (known: {sorted(_KINDS)})") from None
+
+
+class Bundle:
+    """Base of every bundle kind (module docstring).
+
+    A subclass sets ``kind`` (which registers it for :func:`load_bundle`), ``payload_files`` (its
+    required files besides the id maps and ``meta.json``), and implements ``_write_payload``,
+    ``_read_payload`` and ``validate`` (its own checks, then ``super().validate()``); its
+    ``__post_init__`` converts its payload and calls :meth:`_setup`.
+
+    Attributes every bundle has: ``users`` (``user_id``, ``user_idx``), ``items`` (``item_id``,
+    ``item_idx`` + :meth:`_item_columns`, by default ``name``), ``meta`` (``meta.json``, always with
+    ``kind``).
+    """
+
+    kind: ClassVar[str]
+    payload_files: ClassVar[tuple[str, ...]] = ()
+    users: pl.DataFrame
+    items: pl.DataFrame
+    meta: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is None:
+            return
+        known = _KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"bundle kind {kind!r} is already registered by {known.__qualname__}")
+        _KINDS[kind] = cls
+
+    # ------------------------------------------------------------------ ids, meta, checks
+    @property
+    def n_users(self) -> int:
+        return self.users.height
+
+    @property
+    def n_items(self) -> int:
+        return self.items.height
+
+    @classmethod
+    def required_files(cls) -> tuple[str, ...]:
+        return (*cls.payload_files, USERS_FILE, ITEMS_FILE, META_FILE)
+
+    @classmethod
+    def _item_columns(cls, items: pl.DataFrame) -> list[pl.Expr]:
+        """Columns of ``items`` a kind keeps besides ``item_id`` and ``item_idx`` (default: ``name``,
+        str, null where absent)."""
+        return [_name_column(items)]
+
+    def _meta_counts(self) -> dict[str, int]:
+        """``meta`` keys that must equal the payload's sizes (checked, then filled in)."""
+        return {"n_users": self.n_users, "n_items": self.n_items}
+
+    def _setup(self) -> None:
+        """Normalise the id maps and ``meta``, validate, fill in ``meta``'s kind and sizes."""
+        self.users = _as_users(self.users)
+        self.items = _as_items(self.items, self._item_columns(self.items))
+        self.meta = {**dict(self.meta), "kind": self.kind}
+        self.validate()
+        for key, value in self._meta_counts().items():
+            self.meta.setdefault(key, value)
+
+    def validate(self) -> None:
+        """``meta``'s sizes and the id maps against the payload (subclasses check theirs first)."""
+        for key, n in self._meta_counts().items():
+            if key in self.meta and int(self.meta[key]) != n:
+                raise BundleError(f"meta {key} {self.meta[key]} != {n}")
+        _check_ids(self.users, "user_id", "user_idx", self.n_users, USERS_FILE)
+        _check_ids(self.items, "item_id", "item_idx", self.n_items, ITEMS_FILE)
+
+    # ------------------------------------------------------------------ io
+    def _write_payload(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _read_payload(
+        cls, directory: Path, meta: dict[str, Any], users: pl.DataFrame, items: pl.DataFrame, **options: Any
+    ) -> Self:
+        """Read the payload files and build the bundle (``users``/``items``/``meta`` already read)."""
+        raise NotImplementedError
+
+    def write(self, directory: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Write the bundle atomically to ``directory`` (temp dir + rename), manifest last, and return it.
+
+        Whatever was at ``directory`` before (an ``index/`` of a previous bundle included) is replaced.
+        """
+        target = Path(directory)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"bundle directory {target} exists")
+        with atomic_directory(target) as tmp:
+            self._write_payload(tmp)
+            self.users.write_parquet(tmp / USERS_FILE)
+            self.items.write_parquet(tmp / ITEMS_FILE)
+            write_meta(tmp, self.meta)
+            write_manifest(tmp)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], **options: Any) -> Self:
+        """Verify and read a bundle directory. On :class:`Bundle` itself the class comes from
+        ``meta.json``'s kind; on a subclass the directory must be of that kind. ``options`` go to the
+        kind's reader (``mmap`` for :class:`RetrievalBundle`)."""
+        src = Path(directory)
+        if not src.is_dir():
+            raise BundleError(f"bundle directory {src} does not exist")
+        verify_manifest(src)
+        meta = read_meta(src)
+        kind = str(meta.get("kind") or EMBEDDING_KIND)
+        impl = bundle_class(kind)
+        if not issubclass(impl, cls):
+            raise BundleError(f"bundle {src} is a {kind!r} bundle, not {getattr(cls, 'kind', cls.__name__)!r}")
+        missing = [f for f in impl.required_files() if not (src / f).is_file()]
+        if missing:
+            raise BundleError(f"{kind} bundle {src} is missing {', '.join(missing)}")
+        try:
+            users = pl.read_parquet(src / USERS_FILE)
+            items = pl.read_parquet(src / ITEMS_FILE)
+            return impl._read_payload(src, meta, users, items, **options)
+        except BundleError as exc:
+            raise BundleError(f"bundle {src}: {exc}") from exc
+        except Exception as exc:  # a corrupt file of an unverified bundle
+            raise BundleError(f"bundle {src}: cannot read files: {exc}") from exc
+
+
+def load_bundle(directory: str | os.PathLike[str], **options: Any) -> Bundle:
+    """The bundle at ``directory``, as the subclass its ``meta.json`` kind names (manifest verified)."""
+    return Bundle.load(directory, **options)
+
+
+# ---------------------------------------------------------------------------- embedding retrievers
 @dataclass
-class RetrievalBundle:
+class RetrievalBundle(Bundle):
+    kind = EMBEDDING_KIND
+    payload_files = ("user_embeddings.npy", "item_embeddings.npy", "seen.npz")
+
     user_embeddings: np.ndarray
     item_embeddings: np.ndarray
     seen: sp.csr_matrix
@@ -102,14 +372,8 @@ class RetrievalBundle:
     def __post_init__(self) -> None:
         self.user_embeddings = np.ascontiguousarray(self.user_embeddings, dtype=np.float32)
         self.item_embeddings = np.ascontiguousarray(self.item_embeddings, dtype=np.float32)
-        self.users = _as_users(self.users)
-        self.items = _as_items(self.items)
         self.seen = sp.csr_matrix(self.seen)
-        self.meta = dict(self.meta)
-        self.validate()
-        self.meta.setdefault("dim", self.dim)
-        self.meta.setdefault("n_users", self.n_users)
-        self.meta.setdefault("n_items", self.n_items)
+        self._setup()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -124,6 +388,9 @@ class RetrievalBundle:
     def dim(self) -> int:
         return int(self.item_embeddings.shape[1])
 
+    def _meta_counts(self) -> dict[str, int]:
+        return {"dim": self.dim, **super()._meta_counts()}
+
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         ue, ie = self.user_embeddings, self.item_embeddings
@@ -135,13 +402,7 @@ class RetrievalBundle:
             raise BundleError(
                 f"seen matrix shape {self.seen.shape} != (n_users, n_items) {(ue.shape[0], ie.shape[0])}"
             )
-        if "dim" in self.meta and int(self.meta["dim"]) != ie.shape[1]:
-            raise BundleError(f"meta dim {self.meta['dim']} != embedding dim {ie.shape[1]}")
-        for key, n in (("n_users", ue.shape[0]), ("n_items", ie.shape[0])):
-            if key in self.meta and int(self.meta[key]) != n:
-                raise BundleError(f"meta {key} {self.meta[key]} != {n}")
-        _check_ids(self.users, "user_id", "user_idx", ue.shape[0], "users.parquet")
-        _check_ids(self.items, "item_id", "item_idx", ie.shape[0], "items.parquet")
+        super().validate()
         graph = self.attention_graph
         if graph is not None and (graph.num_users, graph.num_items) != (ue.shape[0], ie.shape[0]):
             raise BundleError(
@@ -150,59 +411,22 @@ class RetrievalBundle:
             )
 
     # ------------------------------------------------------------------ io
-    def write(self, directory: str | os.PathLike[str], overwrite: bool = True) -> Path:
-        """Write the bundle atomically to ``directory`` (temp dir + rename) and return it.
-
-        An existing ``index/`` subdirectory of a previous bundle at the same place is *not* kept.
-        """
-        target = Path(directory)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"bundle directory {target} exists")
-        with atomic_directory(target) as tmp:
-            np.save(tmp / "user_embeddings.npy", self.user_embeddings)
-            np.save(tmp / "item_embeddings.npy", self.item_embeddings)
-            sp.save_npz(tmp / "seen.npz", self.seen.tocsr(), compressed=True)
-            self.users.write_parquet(tmp / "users.parquet")
-            self.items.write_parquet(tmp / "items.parquet")
-            write_meta(tmp, self.meta)
-            if self.attention_graph is not None:
-                self.attention_graph.save(tmp / EXPLAIN_DIRNAME)
-        return target
+    def _write_payload(self, directory: Path) -> None:
+        np.save(directory / "user_embeddings.npy", self.user_embeddings)
+        np.save(directory / "item_embeddings.npy", self.item_embeddings)
+        sp.save_npz(directory / "seen.npz", self.seen.tocsr(), compressed=True)
+        if self.attention_graph is not None:
+            self.attention_graph.save(directory / EXPLAIN_DIRNAME)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], mmap: bool = False) -> RetrievalBundle:
-        src = Path(directory)
-        if not src.is_dir():
-            raise BundleError(f"bundle directory {src} does not exist")
-        missing = [f for f in BUNDLE_FILES if not (src / f).is_file()]
-        if missing:
-            raise BundleError(f"bundle {src} is missing {', '.join(missing)}")
-        try:
-            mode = "r" if mmap else None
-            ue = np.load(src / "user_embeddings.npy", mmap_mode=mode, allow_pickle=False)
-            ie = np.load(src / "item_embeddings.npy", mmap_mode=mode, allow_pickle=False)
-            seen = sp.load_npz(src / "seen.npz").tocsr()
-            users = pl.read_parquet(src / "users.parquet")
-            items = pl.read_parquet(src / "items.parquet")
-            meta = json.loads((src / "meta.json").read_text())
-            graph = (
-                AttentionGraph.load(src / EXPLAIN_DIRNAME)
-                if (src / EXPLAIN_DIRNAME).is_dir()
-                else None
-            )
-        except Exception as exc:  # corrupt file
-            raise BundleError(f"bundle {src}: cannot read files: {exc}") from exc
-        try:
-            return cls(ue, ie, seen, users, items, meta, attention_graph=graph)
-        except BundleError as exc:
-            raise BundleError(f"bundle {src}: {exc}") from exc
-
-
-def id_lookup(frame: pl.DataFrame, id_col: str, idx_col: str) -> dict[str, int]:
-    """Raw id -> index of an id map (``users.parquet`` / ``items.parquet`` of any bundle kind)."""
-    return dict(zip(frame[id_col].to_list(), frame[idx_col].to_list()))
-
-
-def write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    """``meta.json`` of a bundle directory (every kind)."""
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    def _read_payload(
+        cls, directory: Path, meta: dict[str, Any], users: pl.DataFrame, items: pl.DataFrame,
+        mmap: bool = False,
+    ) -> RetrievalBundle:
+        mode = "r" if mmap else None
+        ue = np.load(directory / "user_embeddings.npy", mmap_mode=mode, allow_pickle=False)
+        ie = np.load(directory / "item_embeddings.npy", mmap_mode=mode, allow_pickle=False)
+        seen = sp.load_npz(directory / "seen.npz").tocsr()
+        explain = directory / EXPLAIN_DIRNAME
+        graph = AttentionGraph.load(explain) if explain.is_dir() else None
+        return cls(ue, ie, seen, users, items, meta, attention_graph=graph)

@@ -142,6 +142,8 @@ class CandidateResult:
 
 
 class CandidateService:
+    supports_merge = False  # one query vector per user: no per-interest lists to merge
+
     def __init__(
         self,
         bundle: RetrievalBundle,
@@ -181,6 +183,9 @@ class CandidateService:
 
     def has_user(self, user_id: str) -> bool:
         return user_id in self._user_index
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "embedding"}
 
     def seen_items(self, user_id: str) -> np.ndarray:
         u = self._resolve_user(user_id)

@@ -14,12 +14,11 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from kgrec.models.registry import CHAMPION, download_version, resolve_alias
+from kgrec.models.tracking.registry import CHAMPION, download_version, resolve_alias
+from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.candidates import CandidateService
 from kgrec.serving.index import IndexConfig, build_index, load_index
-
-from kgrec.config import TrackingSettings
 
 logger = logging.getLogger("kgrec.serving")
 

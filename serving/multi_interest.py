@@ -2,7 +2,8 @@
 
 Multi-interest bundle (a directory; ``meta.json`` ``kind = "multi_interest"``)::
 
-    model/                save_model output: model.json (class, hparams, merge rule), state.pt
+    model/                save_model output: model.json (class, hparams, merge rule), model.pt
+                          (bundles written before kgrec.models.persistence: state.pt)
     item_embeddings.npy   float32 [I, d] (what the faiss index is built on; = model.item_embeddings())
     items.parquet         item_id: str, item_idx: int32, name: str|null, categories: list[str]
     users.parquet         user_id: str, user_idx: int32   (the users with a stored history)
@@ -11,6 +12,7 @@ Multi-interest bundle (a directory; ``meta.json`` ``kind = "multi_interest"``)::
     meta.json             kind, model, dataset, snapshot_hash, num_interests, merge_rule, max_length,
                           dim, n_items, n_users, ...
     index/                optional faiss index (``kgrec.serving.index``)
+    MANIFEST.json         checksums of every file (:class:`kgrec.serving.bundle.Bundle`)
 
 :class:`MultiInterestService` has the methods the HTTP layer uses on a
 :class:`~kgrec.serving.candidates.CandidateService` (``for_user``, ``for_history``, ``for_users``,
@@ -38,8 +40,6 @@ Every candidate carries ``interest``, the index of the interest it came from.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ import faiss
 import numpy as np
 import polars as pl
 import torch
+from kgrec.models.merge import MERGE_RULES, pool_per_interest, search_interests
 from kgrec.models.sequential.multi_interest import (
     MultiInterestModel,
     load_model,
@@ -58,7 +59,7 @@ from kgrec.models.sequential.multi_interest import (
     save_model,
 )
 from kgrec.models.sequential_evaluation import category_matrix
-from kgrec.serving.bundle import BundleError, _check_ids, id_lookup, write_meta
+from kgrec.serving.bundle import Bundle, BundleError, id_lookup
 from kgrec.serving.candidates import (
     CandidateResult,
     ExplanationUnavailableError,
@@ -66,16 +67,13 @@ from kgrec.serving.candidates import (
     UnknownUserError,
     resolve_history,
 )
-from kgrec.serving.files import atomic_directory
 from kgrec.serving.index import index_kind, index_over
-from kgrec.models.merge import MERGE_RULES, pool_per_interest, search_interests
 from torch import Tensor
 
 KIND = "multi_interest"
 MODEL_DIRNAME = "model"
-MI_BUNDLE_FILES = (
+MI_BUNDLE_FILES = (  # required files (MANIFEST.json aside; the weights: model/model.pt or legacy state.pt)
     "model/model.json",
-    "model/state.pt",
     "item_embeddings.npy",
     "items.parquet",
     "users.parquet",
@@ -85,25 +83,15 @@ MI_BUNDLE_FILES = (
 _MAX_INDEX_K = 4096
 
 
-def _as_items(items: pl.DataFrame) -> pl.DataFrame:
-    missing = {"item_id", "item_idx"} - set(items.columns)
-    if missing:
-        raise BundleError(f"items frame lacks columns {sorted(missing)}")
-    name = pl.col("name").cast(pl.Utf8) if "name" in items.columns else pl.lit(None, pl.Utf8).alias("name")
-    cats = (
-        pl.col("categories").cast(pl.List(pl.Utf8))
-        if "categories" in items.columns
-        else pl.lit([], pl.List(pl.Utf8)).alias("categories")
-    )
-    return items.select(pl.col("item_id").cast(pl.Utf8), pl.col("item_idx").cast(pl.Int32), name, cats)
-
-
 @dataclass
-class MultiInterestBundle:
+class MultiInterestBundle(Bundle):
     """The portable artefact of one trained multi-interest model (module docstring).
 
     ``histories[u]`` is user ``u``'s (``user_idx``) full time-ordered ``item_idx`` history.
     """
+
+    kind = KIND
+    payload_files = ("model/model.json", "item_embeddings.npy", "histories.npz")
 
     model: MultiInterestModel
     item_embeddings: np.ndarray
@@ -114,17 +102,11 @@ class MultiInterestBundle:
 
     def __post_init__(self) -> None:
         self.item_embeddings = np.ascontiguousarray(self.item_embeddings, dtype=np.float32)
-        self.items = _as_items(self.items)
-        self.users = self.users.select(pl.col("user_id").cast(pl.Utf8), pl.col("user_idx").cast(pl.Int32))
         self.histories = [np.asarray(h, dtype=np.int64) for h in self.histories]
-        self.meta = dict(self.meta)
-        self.validate()
-        self.meta["kind"] = KIND
+        self._setup()
         self.meta.setdefault("num_interests", int(self.model.num_interests))
         self.meta.setdefault("merge_rule", self.model.merge_rule)
         self.meta.setdefault("max_length", int(self.model.max_length))
-        for key, value in (("dim", self.dim), ("n_items", self.n_items), ("n_users", self.n_users)):
-            self.meta.setdefault(key, value)
 
     @classmethod
     def from_model(
@@ -152,17 +134,25 @@ class MultiInterestBundle:
     def dim(self) -> int:
         return int(self.item_embeddings.shape[1])
 
+    @classmethod
+    def _item_columns(cls, items: pl.DataFrame) -> list[pl.Expr]:
+        return [
+            *super()._item_columns(items),
+            pl.col("categories").cast(pl.List(pl.Utf8))
+            if "categories" in items.columns
+            else pl.lit([], pl.List(pl.Utf8)).alias("categories")
+        ]
+
+    def _meta_counts(self) -> dict[str, int]:
+        return {"dim": self.dim, **super()._meta_counts()}
+
     def validate(self) -> None:
         ie = self.item_embeddings
         if ie.ndim != 2:
             raise BundleError(f"item embeddings must be 2-D, got {ie.shape}")
         if ie.shape[0] != self.model.num_items:
             raise BundleError(f"item embeddings have {ie.shape[0]} rows, the model {self.model.num_items} items")
-        _check_ids(self.items, "item_id", "item_idx", ie.shape[0], "items.parquet")
-        _check_ids(self.users, "user_id", "user_idx", len(self.histories), "users.parquet")
-        for key, n in (("n_items", ie.shape[0]), ("n_users", len(self.histories)), ("dim", ie.shape[1])):
-            if key in self.meta and int(self.meta[key]) != n:
-                raise BundleError(f"meta {key} {self.meta[key]} != {n}")
+        super().validate()
         if self.histories:
             flat = np.concatenate(self.histories) if any(len(h) for h in self.histories) else np.zeros(0)
             if flat.size and (flat.min() < 0 or flat.max() >= ie.shape[0]):
@@ -184,44 +174,24 @@ class MultiInterestBundle:
         return np.ascontiguousarray(v[mask].float().cpu().numpy())
 
     # ------------------------------------------------------------------ io
-    def write(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the bundle atomically (temp dir + rename) to ``directory`` and return it."""
-        target = Path(directory)
-        with atomic_directory(target) as tmp:
-            save_model(self.model, tmp / MODEL_DIRNAME)
-            np.save(tmp / "item_embeddings.npy", self.item_embeddings)
-            self.items.write_parquet(tmp / "items.parquet")
-            self.users.write_parquet(tmp / "users.parquet")
-            lengths = np.fromiter((len(h) for h in self.histories), dtype=np.int64, count=len(self.histories))
-            indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            flat = np.concatenate(self.histories) if lengths.sum() else np.zeros(0, np.int64)
-            np.savez_compressed(tmp / "histories.npz", indptr=indptr, items=flat.astype(np.int32))
-            write_meta(tmp, self.meta)
-        return target
+    def _write_payload(self, directory: Path) -> None:
+        save_model(self.model, directory / MODEL_DIRNAME)
+        np.save(directory / "item_embeddings.npy", self.item_embeddings)
+        lengths = np.fromiter((len(h) for h in self.histories), dtype=np.int64, count=len(self.histories))
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate(self.histories) if lengths.sum() else np.zeros(0, np.int64)
+        np.savez_compressed(directory / "histories.npz", indptr=indptr, items=flat.astype(np.int32))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> MultiInterestBundle:
-        src = Path(directory)
-        if not src.is_dir():
-            raise BundleError(f"bundle directory {src} does not exist")
-        missing = [f for f in MI_BUNDLE_FILES if not (src / f).is_file()]
-        if missing:
-            raise BundleError(f"multi-interest bundle {src} is missing {', '.join(missing)}")
-        try:
-            model = load_model(src / MODEL_DIRNAME)
-            item_emb = np.load(src / "item_embeddings.npy", allow_pickle=False)
-            items = pl.read_parquet(src / "items.parquet")
-            users = pl.read_parquet(src / "users.parquet")
-            with np.load(src / "histories.npz", allow_pickle=False) as npz:
-                indptr, flat = npz["indptr"].astype(np.int64), npz["items"].astype(np.int64)
-            meta = json.loads((src / "meta.json").read_text())
-        except Exception as exc:  # corrupt file
-            raise BundleError(f"bundle {src}: cannot read files: {exc}") from exc
+    def _read_payload(
+        cls, directory: Path, meta: dict[str, Any], users: pl.DataFrame, items: pl.DataFrame
+    ) -> MultiInterestBundle:
+        model = load_model(directory / MODEL_DIRNAME)
+        item_emb = np.load(directory / "item_embeddings.npy", allow_pickle=False)
+        with np.load(directory / "histories.npz", allow_pickle=False) as npz:
+            indptr, flat = npz["indptr"].astype(np.int64), npz["items"].astype(np.int64)
         histories = np.split(flat, indptr[1:-1]) if len(indptr) > 1 else []
-        try:
-            return cls(model, item_emb, items, users, histories, meta)
-        except BundleError as exc:
-            raise BundleError(f"bundle {src}: {exc}") from exc
+        return cls(model, item_emb, items, users, histories, meta)
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from kgrec.models.registry import INDEX_ARTIFACT, INDEX_TAG
+from kgrec.models.tracking.registry import INDEX_ARTIFACT, INDEX_TAG
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
 from mlflow import MlflowClient

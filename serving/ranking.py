@@ -6,6 +6,7 @@ Ranker bundle directory (written atomically, like the retrieval bundle)::
     users.parquet        user_id: str, user_idx: int     (the ranker's own id maps: the retriever
     items.parquet        item_id: str, item_idx: int      may have been trained on other indices)
     meta.json            kind "ranker", model, dataset, snapshot_hash, alpha, num_candidates, ...
+    MANIFEST.json        checksums of every file (:class:`kgrec.serving.bundle.Bundle`)
 
 :class:`TwoStageService` answers ``for_user(user_id, k, n)``: retrieve ``n`` unseen candidates with
 the retrieval service, score all ``n`` pairs with one batched KCAN forward, order them by the fused
@@ -18,8 +19,6 @@ window (:class:`StageLatency`) that the service exposes.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from collections import deque
@@ -32,11 +31,10 @@ import numpy as np
 import polars as pl
 import torch
 from kgrec.models.rankers.kcan import KCAN
-from kgrec.models.registry import RANKER_KIND
 from kgrec.models.reranking import fuse
-from kgrec.serving.bundle import BundleError, id_lookup, write_meta
+from kgrec.models.tracking.registry import RANKER_KIND
+from kgrec.serving.bundle import Bundle, BundleError, id_lookup
 from kgrec.serving.candidates import CandidateError, InvalidRequestError
-from kgrec.serving.files import atomic_directory
 
 RANKER_FILES = ("kcan.pt", "kcan.json", "users.parquet", "items.parquet", "meta.json")
 MAX_CANDIDATES = 1000
@@ -52,19 +50,37 @@ class UnknownRankerUserError(CandidateError):
 
 
 @dataclass
-class RankerBundle:
+class RankerBundle(Bundle):
+    kind = RANKER_KIND
+    payload_files = ("kcan.pt", "kcan.json")
+
     model: KCAN
     users: pl.DataFrame
     items: pl.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.meta = {**self.meta, "kind": RANKER_KIND}
+        self._setup()
+
+    @classmethod
+    def _item_columns(cls, items: pl.DataFrame) -> list[pl.Expr]:
+        return []  # the ranker's id maps are ids only
+
+    @property
+    def n_users(self) -> int:
+        return int(self.model.num_users)
+
+    @property
+    def n_items(self) -> int:
+        return int(self.model.num_items)
+
+    def validate(self) -> None:
         if self.users.height != self.model.num_users or self.items.height != self.model.num_items:
             raise BundleError(
                 f"id maps cover {self.users.height} users x {self.items.height} items, the model "
                 f"{self.model.num_users} x {self.model.num_items}"
             )
+        super().validate()
 
     @property
     def alpha(self) -> float:
@@ -74,29 +90,14 @@ class RankerBundle:
     def num_candidates(self) -> int:
         return int(self.meta.get("num_candidates", 200))
 
-    def write(self, directory: str | os.PathLike[str]) -> Path:
-        target = Path(directory)
-        with atomic_directory(target) as tmp:
-            self.model.save(tmp, extra={"alpha": self.alpha, "num_candidates": self.num_candidates})
-            self.users.write_parquet(tmp / "users.parquet")
-            self.items.write_parquet(tmp / "items.parquet")
-            write_meta(tmp, self.meta)
-        return target
+    def _write_payload(self, directory: Path) -> None:
+        self.model.save(directory, extra={"alpha": self.alpha, "num_candidates": self.num_candidates})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> RankerBundle:
-        src = Path(directory)
-        missing = [f for f in RANKER_FILES if not (src / f).is_file()]
-        if missing:
-            raise BundleError(f"ranker bundle {src} is missing {', '.join(missing)}")
-        try:
-            meta = json.loads((src / "meta.json").read_text())
-            model = KCAN.load(src)
-            users = pl.read_parquet(src / "users.parquet")
-            items = pl.read_parquet(src / "items.parquet")
-        except Exception as exc:
-            raise BundleError(f"ranker bundle {src}: cannot read files: {exc}") from exc
-        return cls(model, users, items, meta)
+    def _read_payload(
+        cls, directory: Path, meta: dict[str, Any], users: pl.DataFrame, items: pl.DataFrame
+    ) -> RankerBundle:
+        return cls(KCAN.load(directory), users, items, meta)
 
 
 class StageLatency:

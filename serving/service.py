@@ -1,11 +1,13 @@
 """FastAPI candidates service.
 
-``create_app(load_service)`` builds the app; ``load_service()`` runs once at startup (lifespan) and
-returns ``(service, model_info)``, the service being a ``CandidateService`` (embedding retriever)
-or a ``MultiInterestService`` (multi-interest retriever, :mod:`kgrec.serving.multi_interest`).
-``model_info`` is free-form JSON describing what is served; the keys the pipeline uses are ``name`` (registered model name), ``version``, ``alias``,
-``run_id``, ``model``, ``dataset``. A loader that raises leaves the process up: ``/healthz`` stays
-200, ``/readyz`` answers 503 with the error, and the candidate endpoints answer 503.
+``create_app(load_service, load_ranker=None)`` builds the app; ``load_service()`` runs once at
+startup (lifespan) and returns ``(service, model_info)``, the service being any
+:class:`~kgrec.serving.protocols.Retriever`: a ``CandidateService`` (embedding retriever) or a
+``MultiInterestService`` (multi-interest retriever, :mod:`kgrec.serving.multi_interest`).
+``model_info`` is free-form JSON describing what is served; the keys the pipeline uses are ``name``
+(registered model name), ``version``, ``alias``, ``run_id``, ``model``, ``dataset``. A loader that
+raises leaves the process up: ``/healthz`` stays 200, ``/readyz`` answers 503 with the error, and the
+candidate endpoints answer 503.
 
 Endpoints::
 
@@ -33,16 +35,25 @@ Multi-interest retrievers compute the user's interests from the (last ``max_leng
 history, search the index once per interest and merge the lists (``merge``: the model's rule by
 default; ``diversity`` is the controllable merge's lambda and a 422 with any other rule); every
 candidate then carries ``interest`` (the index of the interest it came from) and the answer adds
-``merge`` and ``interest_weights`` (and ``diversity`` for the controllable merge). Embedding
-retrievers ignore ``merge`` and ``diversity``.
+``merge`` and ``interest_weights`` (and ``diversity`` for the controllable merge). Retrievers whose
+``supports_merge`` is false (embedding retrievers) ignore ``merge`` and ``diversity``.
 
 Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``n`` / ``merge`` / body
 422, all posted items unknown 422, model (or ranker) not loaded 503.
 
-Latency: the candidate handlers are ``async def`` on purpose. One request is ~0.2 ms of CPU
-(faiss search + id mapping) with faiss pinned to one OpenMP thread; hopping to the threadpool
-would cost about as much again. Responses are serialised with orjson straight into a ``Response``
-(no response-model validation, no ``jsonable_encoder``). Scale throughput with uvicorn workers.
+Structure: the endpoints live on three module-level routers (``retrieval``, ``two_stage``,
+``health``) that ``create_app`` includes, hot routes first (routes are matched in order). What the
+lifespan loads lives in one :class:`ServingState` on ``app.state.kgrec``, so handlers close over
+nothing; they get it through dependencies (:func:`ready_retriever`, :func:`ready_two_stage`,
+:func:`serving_state`) and the ``ready_*`` ones raise the 503 while nothing is loaded. The services
+are typed by the protocols of :mod:`kgrec.serving.protocols`, checked once when loaded.
+
+Latency: handlers AND dependencies are ``async def`` on purpose (FastAPI runs a plain ``def``
+dependency in the threadpool too), and no dependency depends on another (each nesting level is one
+more resolution per request). One request is ~0.2 ms of CPU (faiss search + id mapping) with faiss
+pinned to one OpenMP thread; hopping to the threadpool would cost about as much again. Handlers
+return an ``ORJSONResponse`` themselves: a returned dict would go through ``jsonable_encoder`` and a
+declared return type through response-model validation. Scale throughput with uvicorn workers.
 """
 
 from __future__ import annotations
@@ -52,18 +63,19 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from kgrec.serving.candidates import CandidateError, CandidateService
+from fastapi.responses import ORJSONResponse
+from kgrec.serving.candidates import CandidateError
+from kgrec.serving.protocols import Ranker, Retriever
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from kgrec.serving.multi_interest import MultiInterestService
     from kgrec.serving.ranking import RankerBundle, TwoStageService
 
 log = logging.getLogger(__name__)
@@ -71,7 +83,7 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 MAX_HISTORY = 500
 
-Loader = Callable[[], "tuple[CandidateService | MultiInterestService, dict[str, Any]]"]
+Loader = Callable[[], "tuple[Retriever, dict[str, Any]]"]
 RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
 MergeParam = Literal["max", "weighted", "mixture", "controllable"]
 #: Upper bound of the controllable merge's lambda in a request (beyond it the list is pure diversity).
@@ -95,10 +107,6 @@ class ServiceUnavailable(Exception):
         self.message = message
 
 
-def _json(payload: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status_code, media_type="application/json")
-
-
 def _summary(info: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": info.get("name", info.get("registered_name")),
@@ -106,199 +114,260 @@ def _summary(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _State:
-    def __init__(self) -> None:
-        self.service: CandidateService | MultiInterestService | None = None
-        self.info: dict[str, Any] = {}
-        self.summary: dict[str, Any] = {}
-        self.error: str | None = "model not loaded yet"
-        self.two_stage: TwoStageService | None = None
+# ---------------------------------------------------------------------------- state
+@dataclass
+class ServingState:
+    """What the lifespan loaded (``app.state.kgrec``); ``retriever is None`` until it succeeds."""
 
-    def require(self) -> CandidateService | MultiInterestService:
-        if self.service is None:
-            raise ServiceUnavailable(f"model not loaded: {self.error}")
-        return self.service
+    retriever: Retriever | None = None
+    two_stage: TwoStageService | None = None  # the ranker, with its per-stage latency window
+    info: dict[str, Any] = field(default_factory=dict)  # /readyz and /v1/model
+    summary: dict[str, Any] = field(default_factory=dict)  # {"name", "version"} of the retriever
+    ranker_summary: dict[str, Any] = field(default_factory=dict)  # the same for the ranker
+    error: str | None = "model not loaded yet"
 
-    def require_two_stage(self) -> TwoStageService:
-        self.require()
-        if self.two_stage is None:
-            raise ServiceUnavailable(
-                "no ranking model loaded: register one with `kgrec pipeline --ranker kcan` and "
-                "restart the service"
-            )
-        return self.two_stage
-
-
-def _is_service(service: Any) -> bool:
-    if isinstance(service, CandidateService):
-        return True
-    from kgrec.serving.multi_interest import MultiInterestService
-
-    return isinstance(service, MultiInterestService)
-
-
-def _merge_kwargs(service: Any, merge: str | None, diversity: float | None) -> dict[str, Any]:
-    if not getattr(service, "supports_merge", False):
-        return {}
-    return {key: value for key, value in (("merge", merge), ("diversity", diversity)) if value is not None}
-
-
-def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) -> FastAPI:
-    state = _State()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    def load(self, load_service: Loader, load_ranker: RankerLoader | None) -> None:
+        """Run the loaders; on failure keep ``retriever`` None and record the error."""
         t0 = time.perf_counter()
         try:
-            service, info = load_service()
-            if not _is_service(service):
+            retriever, info = load_service()
+            if not isinstance(retriever, Retriever):
                 raise TypeError(
-                    f"loader returned {type(service).__name__}, expected CandidateService or "
-                    "MultiInterestService"
+                    f"loader returned {type(retriever).__name__}, expected a Retriever "
+                    "(CandidateService or MultiInterestService)"
                 )
-            state.info = {
+            self.info = {
                 **dict(info or {}),
-                **(service.info() if hasattr(service, "info") else {"kind": "embedding"}),
-                "index_kind": service.index_kind,
-                "n_items": service.n_items,
-                "n_users": service.n_users,
+                **retriever.info(),
+                "index_kind": retriever.index_kind,
+                "n_items": retriever.n_items,
+                "n_users": retriever.n_users,
             }
-            state.summary = _summary(state.info)
+            self.summary = _summary(self.info)
             ranker = load_ranker() if load_ranker is not None else None
             if ranker is not None:
                 from kgrec.serving.ranking import TwoStageService
 
                 bundle, ranker_info = ranker
-                state.two_stage = TwoStageService(service, bundle)
-                state.info["ranker"] = {**dict(ranker_info or {}), **state.two_stage.info()}
-            state.service, state.error = service, None
+                if not isinstance(bundle.model, Ranker):
+                    raise TypeError(f"ranker bundle holds {type(bundle.model).__name__}, expected a Ranker")
+                self.two_stage = TwoStageService(retriever, bundle)
+                self.info["ranker"] = {**dict(ranker_info or {}), **self.two_stage.info()}
+                self.ranker_summary = _summary(self.info["ranker"])
+            self.retriever, self.error = retriever, None
             # the loaded model is long-lived: keep its objects out of the collector's scans so
             # generation-2 collections do not show up in the latency tail
             gc.collect()
             gc.freeze()
-            log.info("model loaded in %.2fs: %s", time.perf_counter() - t0, state.summary)
+            log.info("model loaded in %.2fs: %s", time.perf_counter() - t0, self.summary)
         except Exception as exc:  # keep serving /healthz and report on /readyz
-            state.error = f"{type(exc).__name__}: {exc}"
+            self.two_stage = None
+            self.error = f"{type(exc).__name__}: {exc}"
             log.exception("model load failed")
-        yield
-        state.service = state.two_stage = None
 
-    app = FastAPI(title="kgrec candidates", lifespan=lifespan)
-    app.state.kgrec = state
+    def unload(self) -> None:
+        self.retriever = self.two_stage = None
 
-    @app.exception_handler(CandidateError)
-    async def _candidate_error(request: Request, exc: CandidateError) -> Response:
-        return _json({"detail": exc.message}, exc.status_code)
 
-    @app.exception_handler(ServiceUnavailable)
-    async def _unavailable(request: Request, exc: ServiceUnavailable) -> Response:
-        return _json({"detail": exc.message}, 503)
+# ---------------------------------------------------------------------------- dependencies
+# `async def` and flat: each reads app.state itself (module docstring, "Latency").
+async def serving_state(request: Request) -> ServingState:
+    return request.app.state.kgrec
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        errors = []
-        for e in exc.errors():
-            loc_parts = list(e.get("loc", ()))
-            msg = str(e.get("msg", ""))
-            if e.get("type") == "json_invalid":
-                pos = loc_parts[1] if len(loc_parts) > 1 else "?"
-                loc_parts = loc_parts[:1]
-                cause = (e.get("ctx") or {}).get("error")
-                msg = f"malformed JSON body at character {pos}" + (f": {cause}" if cause else "")
-            loc = ".".join(str(p) for p in loc_parts)
-            errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
-        message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
-        return _json({"detail": message, "errors": errors}, 422)
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return _json({"status": "ok"})
+async def ready_retriever(request: Request) -> Retriever:
+    """The loaded retriever; 503 while none is."""
+    return _ready(request.app.state.kgrec)
 
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        if state.service is None:
-            return _json({"status": "unavailable", "detail": state.error}, 503)
-        return _json({"status": "ready", "model": state.info})
 
-    @app.get("/v1/model")
-    async def model() -> Response:
-        state.require()
-        return _json(state.info)
-
-    @app.get("/v1/users/{user_id}/candidates")
-    async def user_candidates(
-        user_id: str,
-        k: int = Query(100, ge=1, le=MAX_K),
-        merge: MergeParam | None = Query(None),
-        diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
-    ) -> Response:
-        t0 = time.perf_counter()
-        service = state.require()
-        result = service.for_user(user_id, k, **_merge_kwargs(service, merge, diversity))
-        return _json(
-            {
-                "user_id": user_id,
-                "k": k,
-                "model": state.summary,
-                **result.response_fields(),
-                "candidates": result.records(),
-                "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
-            }
+async def ready_two_stage(request: Request) -> TwoStageService:
+    """The two-stage service; 503 while the retriever is not loaded or no ranker is registered."""
+    state: ServingState = request.app.state.kgrec
+    _ready(state)  # "model not loaded" wins over "no ranker"
+    if state.two_stage is None:
+        raise ServiceUnavailable(
+            "no ranking model loaded: register one with `kgrec pipeline --ranker kcan` and "
+            "restart the service"
         )
+    return state.two_stage
 
-    @app.get("/v1/users/{user_id}/candidates/{item_id}/explain")
-    async def explain(
-        user_id: str, item_id: str, max_paths: int = Query(5, ge=1, le=50)
-    ) -> Response:
-        t0 = time.perf_counter()
-        payload = state.require().explain(user_id, item_id, max_paths)
-        payload["model"] = state.summary
-        payload["took_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-        return _json(payload)
 
-    # `async def` like the other handlers: one 200-pair KCAN forward (~4 ms on one thread) costs
-    # less on the event loop than the threadpool hop plus per-thread torch setup (measured: p99
-    # 11.2 -> 9.3 ms, benchmarks/two_stage_latency.py). Scale throughput with uvicorn workers.
-    @app.get("/v1/users/{user_id}/ranked")
-    async def ranked(
-        user_id: str,
-        k: int = Query(20, ge=1, le=MAX_K),
-        n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
-    ) -> Response:
-        two_stage = state.require_two_stage()
-        result = two_stage.for_user(user_id, k, n)
-        return _json(
-            {
-                "user_id": user_id,
-                "k": k,
-                "n": result.num_candidates,
-                "model": state.summary,
-                "ranker": _summary(state.info.get("ranker", {})),
-                "candidates": result.records(),
-                "timings_ms": result.timings_ms,
-            }
-        )
+def _ready(state: ServingState) -> Retriever:
+    if state.retriever is None:
+        raise ServiceUnavailable(f"model not loaded: {state.error}")
+    return state.retriever
 
-    @app.get("/v1/latency")
-    async def latency() -> Response:
-        return _json({"two_stage": state.require_two_stage().latency.summary()})
 
-    @app.post("/v1/candidates")
-    async def history_candidates(body: HistoryRequest) -> Response:
-        t0 = time.perf_counter()
-        service = state.require()
-        result = service.for_history(body.item_ids, body.k, **_merge_kwargs(service, body.merge, body.diversity))
-        return _json(
-            {
-                "k": body.k,
-                "model": state.summary,
-                **result.response_fields(),
-                "candidates": result.records(),
-                "unknown_item_ids": result.unknown_item_ids,
-                "took_ms": round((time.perf_counter() - t0) * 1e3, 3),
-            }
-        )
+State = Annotated[ServingState, Depends(serving_state)]
+ReadyRetriever = Annotated[Retriever, Depends(ready_retriever)]
+ReadyTwoStage = Annotated["TwoStageService", Depends(ready_two_stage)]  # ranking imports torch: lazily
 
+
+def _merge_kwargs(retriever: Retriever, merge: str | None, diversity: float | None) -> dict[str, Any]:
+    if not retriever.supports_merge:
+        return {}
+    return {key: value for key, value in (("merge", merge), ("diversity", diversity)) if value is not None}
+
+
+def _took_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+# ---------------------------------------------------------------------------- routers
+health = APIRouter(tags=["health"])
+retrieval = APIRouter(prefix="/v1", tags=["retrieval"])
+two_stage = APIRouter(prefix="/v1", tags=["two-stage"])
+
+
+@health.get("/healthz")
+async def healthz() -> ORJSONResponse:
+    return ORJSONResponse({"status": "ok"})
+
+
+@health.get("/readyz")
+async def readyz(state: State) -> ORJSONResponse:
+    if state.retriever is None:
+        return ORJSONResponse({"status": "unavailable", "detail": state.error}, status_code=503)
+    return ORJSONResponse({"status": "ready", "model": state.info})
+
+
+@retrieval.get("/users/{user_id}/candidates")
+async def user_candidates(
+    user_id: str,
+    retriever: ReadyRetriever,
+    state: State,
+    k: int = Query(100, ge=1, le=MAX_K),
+    merge: MergeParam | None = Query(None),
+    diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
+) -> ORJSONResponse:
+    t0 = time.perf_counter()
+    result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
+    return ORJSONResponse(
+        {
+            "user_id": user_id,
+            "k": k,
+            "model": state.summary,
+            **result.response_fields(),
+            "candidates": result.records(),
+            "took_ms": _took_ms(t0),
+        }
+    )
+
+
+@retrieval.post("/candidates")
+async def history_candidates(body: HistoryRequest, retriever: ReadyRetriever, state: State) -> ORJSONResponse:
+    t0 = time.perf_counter()
+    result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
+    return ORJSONResponse(
+        {
+            "k": body.k,
+            "model": state.summary,
+            **result.response_fields(),
+            "candidates": result.records(),
+            "unknown_item_ids": result.unknown_item_ids,
+            "took_ms": _took_ms(t0),
+        }
+    )
+
+
+@retrieval.get("/users/{user_id}/candidates/{item_id}/explain")
+async def explain(
+    user_id: str,
+    item_id: str,
+    retriever: ReadyRetriever,
+    state: State,
+    max_paths: int = Query(5, ge=1, le=50),
+) -> ORJSONResponse:
+    t0 = time.perf_counter()
+    payload = retriever.explain(user_id, item_id, max_paths)
+    payload["model"] = state.summary
+    payload["took_ms"] = _took_ms(t0)
+    return ORJSONResponse(payload)
+
+
+@retrieval.get("/model", dependencies=[Depends(ready_retriever)])
+async def model(state: State) -> ORJSONResponse:
+    return ORJSONResponse(state.info)
+
+
+# `async def` like the other handlers: one 200-pair KCAN forward (~4 ms on one thread) costs
+# less on the event loop than the threadpool hop plus per-thread torch setup (measured: p99
+# 11.2 -> 9.3 ms, benchmarks/two_stage_latency.py). Scale throughput with uvicorn workers.
+@two_stage.get("/users/{user_id}/ranked")
+async def ranked(
+    user_id: str,
+    service: ReadyTwoStage,
+    state: State,
+    k: int = Query(20, ge=1, le=MAX_K),
+    n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
+) -> ORJSONResponse:
+    result = service.for_user(user_id, k, n)
+    return ORJSONResponse(
+        {
+            "user_id": user_id,
+            "k": k,
+            "n": result.num_candidates,
+            "model": state.summary,
+            "ranker": state.ranker_summary,
+            "candidates": result.records(),
+            "timings_ms": result.timings_ms,
+        }
+    )
+
+
+@two_stage.get("/latency")
+async def latency(service: ReadyTwoStage) -> ORJSONResponse:
+    return ORJSONResponse({"two_stage": service.latency.summary()})
+
+
+# ---------------------------------------------------------------------------- errors
+async def _candidate_error(request: Request, exc: CandidateError) -> ORJSONResponse:
+    return ORJSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> ORJSONResponse:
+    return ORJSONResponse({"detail": exc.message}, status_code=503)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    errors = []
+    for e in exc.errors():
+        loc_parts = list(e.get("loc", ()))
+        msg = str(e.get("msg", ""))
+        if e.get("type") == "json_invalid":
+            pos = loc_parts[1] if len(loc_parts) > 1 else "?"
+            loc_parts = loc_parts[:1]
+            cause = (e.get("ctx") or {}).get("error")
+            msg = f"malformed JSON body at character {pos}" + (f": {cause}" if cause else "")
+        loc = ".".join(str(p) for p in loc_parts)
+        errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
+    message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
+    return ORJSONResponse({"detail": message, "errors": errors}, status_code=422)
+
+
+# ---------------------------------------------------------------------------- app
+@asynccontextmanager
+async def _lifespan(app: FastAPI, *, load_service: Loader, load_ranker: RankerLoader | None):
+    state: ServingState = app.state.kgrec
+    state.load(load_service, load_ranker)
+    yield
+    state.unload()
+
+
+def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) -> FastAPI:
+    app = FastAPI(
+        title="kgrec candidates",
+        lifespan=partial(_lifespan, load_service=load_service, load_ranker=load_ranker),
+        default_response_class=ORJSONResponse,
+        exception_handlers={
+            CandidateError: _candidate_error,
+            ServiceUnavailable: _unavailable,
+            RequestValidationError: _invalid,
+        },
+    )
+    app.state.kgrec = ServingState()
+    for router in (retrieval, two_stage, health):  # matched in this order: the hot routes first
+        app.include_router(router)
     return app
 
 
@@ -306,7 +375,7 @@ def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> 
     """Loader for a bundle directory of either kind; uses ``<directory>/index`` when present, else
     builds one."""
 
-    def load() -> tuple[CandidateService | MultiInterestService, dict[str, Any]]:
+    def load() -> tuple[Retriever, dict[str, Any]]:
         from kgrec.serving.bundle import INDEX_DIRNAME
         from kgrec.serving.champion import open_service
         from kgrec.serving.index import load_index

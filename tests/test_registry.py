@@ -7,11 +7,11 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-from kgrec.models import registry
+from kgrec.models.tracking import registry
+from kgrec.serving.export import register_bundle
+from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle
 from mlflow import MlflowClient
-
-from kgrec.config import TrackingSettings
 
 NAME = "kgrec-test"
 
@@ -48,7 +48,7 @@ def _bundle(tmp_path, seed: int):
 def _trained_version(tmp_path, metric: float, seed: int):
     with registry.tracked_run("m", {"seed": seed}, {}) as run_id:
         mlflow.log_metric(registry.SELECTION_METRIC, metric)
-    return registry.register_bundle(run_id, _bundle(tmp_path, seed), NAME, {})
+    return register_bundle(run_id, _bundle(tmp_path, seed), NAME, {})
 
 
 def test_tracking_defaults_to_sqlite_inside_workdir(tracking, monkeypatch):
@@ -122,7 +122,7 @@ def _sequential_version(tmp_path, recall_at_50: float, seed: int):
     with registry.tracked_run("seq", {"seed": seed}, {}) as run_id:
         # recall@20 deliberately ordered the other way: the gate must read recall@50
         mlflow.log_metrics({"best_valid_recall_at_50": recall_at_50, registry.SELECTION_METRIC: 1 - recall_at_50})
-    return registry.register_bundle(
+    return register_bundle(
         run_id, _mi_bundle(tmp_path, seed), NAME, {}, selection_metric="best_valid_recall_at_50"
     )
 

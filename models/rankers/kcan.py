@@ -15,7 +15,7 @@ Three parts:
    sparse propagation, layer outputs concatenated: :math:`\mathbf{g}_v` (dim
    ``d0 + sum(layer_sizes)``). Its TransR step (on a random subset of ``kg_max_triples`` KG
    triples per epoch, for speed) and attention refresh run once per epoch
-   (:meth:`extra_epoch_step`, KGAT's alternating schedule).
+   (:meth:`epoch_hooks`, KGAT's alternating schedule).
 2. **Knowledge distillation** (:mod:`kgrec.models.layers.kcan_subgraph`): after every attention update
    the ``neighbours_per_node`` out-edges of highest :math:`\pi` of every node are tabulated once;
    for a target pair ``(u, i)`` the subgraph is ``hops`` hops of that table from ``u`` and from
@@ -66,20 +66,27 @@ matmuls; the cache is dropped by ``train()``, :meth:`refresh_subgraphs` and ``lo
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
-from kgrec.models.base import Recommender
+from kgrec.models.base import EpochHook, Recommender
 from kgrec.models.layers.kcan_subgraph import NeighbourTable, gather_subgraph, topk_neighbour_table
-from kgrec.models.retrievers.kgat import KGAT
+from kgrec.models.retrievers.kgat import KGAT, interaction_ckg
+from kgrec.models.spec import ModelSpec, register
+from kgrec.models.training.config import LoopConfig
 from kgrec.models.training.losses import bpr_loss, l2_reg
+from pydantic import Field
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kgrec.features.dataset import InteractionData
+
+DEFAULT_FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class KCAN(Recommender):
@@ -305,67 +312,47 @@ class KCAN(Recommender):
         u = users.repeat_interleave(self.num_items)
         return self.score_pairs(u, items.repeat(users.numel())).view(users.numel(), -1)
 
-    def kg_epoch(self) -> float:
-        """KGAT's TransR pass (its own Adam, :meth:`KGAT.kg_loss`) over at most ``kg_max_triples``
-        uniformly drawn KG triples (the full pass on ml-100k's KG costs more than a CF epoch)."""
+    def epoch_hooks(self) -> list[EpochHook]:
+        """KGAT's alternating step on the global layer: a TransR pass over at most
+        ``kg_max_triples`` uniformly drawn triples (the full pass on ml-100k's KG costs more than a
+        CF epoch) with its own Adam, the attention update, then re-distilled subgraphs."""
         kgat = self.kgat
-        triples = kgat._kg_triples
-        n = triples.size(1)
-        take = torch.randperm(n)[: self.kg_max_triples]
-        device = kgat.node_embedding.weight.device
-        optimizer = kgat._kg_opt()
-        total = 0.0
-        for start in range(0, take.numel(), kgat.kg_batch_size):
-            h, r, t = triples[:, take[start : start + kgat.kg_batch_size]]
-            t_neg = kgat._corruptor.sample(h, r)
-            loss = kgat.kg_loss(h.to(device), r.to(device), t.to(device), t_neg.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * h.numel()
-        return total / max(take.numel(), 1)
 
-    def extra_epoch_step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-        """KGAT's TransR step (capped), attention update, then re-distil the subgraphs."""
-        stats: dict[str, float] = {}
-        if self.kgat.kg_step and self.kgat._kg_triples.size(1) > 0:
-            stats["kg_loss"] = self.kg_epoch()
-        self.kgat.update_attention()
-        self.refresh_subgraphs()
-        return stats
+        def step(optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+            stats = {} if optimizer is None else {"kg_loss": kgat.kg_epoch(optimizer, self.kg_max_triples)}
+            kgat.update_attention()
+            self.refresh_subgraphs()
+            return stats
+
+        params = kgat.kg_parameters() if kgat.has_kg_step() else ()
+        return [EpochHook("transr", step, params, kgat.kg_learning_rate)]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write a self-contained artefact directory: ``kcan.pt`` (state dict + the CKG tensors)
-        and ``kcan.json`` (sizes, hyper-parameters, relation names, ``extra`` e.g. fusion weight)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                "edge_index": self.ckg.edge_index.cpu(),
-                "edge_type": self.ckg.edge_type.cpu(),
-            },
-            path / "kcan.pt",
-        )
+        """Write a self-contained artefact directory with
+        :func:`kgrec.models.persistence.save_module`: ``kcan.pt`` (state dict + the CKG tensors)
+        and ``kcan.json`` (class, sizes, hyper-parameters, relation names, ``extra`` e.g. fusion
+        weight)."""
+        from kgrec.models.persistence import save_module
+
         meta = {
             "kind": "kcan_ranker",
             "num_users": self.num_users,
             "num_items": self.num_items,
             "num_entities": self.ckg.num_entities,
             "relation_names": list(self.ckg.relation_names),
-            "hparams": self.hparams,
             "extra": extra or {},
         }
-        (path / "kcan.json").write_text(json.dumps(meta, indent=2))
+        tensors = {"edge_index": self.ckg.edge_index, "edge_type": self.ckg.edge_type}
+        save_module(self, path, self.hparams, name="kcan", tensors=tensors, meta=meta)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> KCAN:
-        """Rebuild a model written by :meth:`save` (in eval mode); ``model.meta`` holds
-        ``kcan.json``."""
-        path = Path(path)
-        meta = json.loads((path / "kcan.json").read_text())
-        blob = torch.load(path / "kcan.pt", map_location="cpu", weights_only=True)
+        """Rebuild a model written by :meth:`save` (in eval mode; weights read with
+        ``weights_only=True``); ``model.meta`` holds ``kcan.json``."""
+        from kgrec.models.persistence import load_state
+
+        blob, meta = load_state(path, "kcan", map_location="cpu", expected_class=cls.__name__)
         ckg = CollaborativeKG(
             edge_index=blob["edge_index"],
             edge_type=blob["edge_type"],
@@ -381,3 +368,59 @@ class KCAN(Recommender):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, hops={self.hops}, local_dim={self.local_dim}"
+
+
+class KCANConfig(LoopConfig):
+    """Hyper-parameters of KCAN and of its re-ranking training."""
+
+    # model
+    embedding_dim: int = Field(64, ge=1, le=1024)
+    layer_sizes: tuple[int, ...] = Field((64, 32, 16), min_length=1, max_length=6)
+    relation_dim: int = Field(64, ge=1, le=1024)
+    mess_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    kg_step: bool = True
+    kg_learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    kg_max_triples: int = Field(32768, ge=1, description="TransR triples per epoch (random subset)")
+    neighbours_per_node: int = Field(6, ge=1, le=64)
+    hops: int = Field(2, ge=1, le=4)
+    local_dim: int = Field(32, ge=1, le=512)
+    tower_dim: int = Field(64, ge=1, le=1024)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    reg_weight: float = Field(1e-5, ge=0.0, le=10.0)
+    # training
+    learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(3, ge=1)
+    seed: int = Field(2020, ge=0)
+    num_candidates: int = Field(200, ge=1, description="N: retrieval candidates re-ranked")
+    hard_negative_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    fusion_grid: tuple[float, ...] = DEFAULT_FUSION_GRID
+    max_valid_users: int | None = Field(None, ge=1, description="subsample for early stopping")
+    pair_chunk: int = Field(16384, ge=1, description="pairs per forward in evaluation")
+    device: str = Field("cpu", description="KCAN's subgraph tables live on the CPU")
+    selection_metric: Literal["ndcg@20"] = Field("ndcg@20", description="of the fused re-ranked list")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        keys = (
+            "embedding_dim", "layer_sizes", "relation_dim", "mess_dropout", "kg_step",
+            "kg_learning_rate", "kg_max_triples", "neighbours_per_node", "hops", "local_dim", "tower_dim",
+            "dropout", "reg_weight",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+def build_kcan(config: KCANConfig, data: InteractionData) -> KCAN:
+    """A fresh KCAN on ``data``'s training CKG."""
+    return KCAN(data.num_users, data.num_items, interaction_ckg(data), **config.model_kwargs())
+
+
+SPEC = register(
+    ModelSpec(
+        name="kcan",
+        family="ranker",
+        build=build_kcan,
+        summary="KCAN: knowledge-aware conditional attention re-ranking a retriever's top-N "
+        "(Tu et al., WWW 2021)",
+    )
+)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from kgrec.models.base import Recommender
+from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kgrec.features.dataset import InteractionData
+    from kgrec.models.config import TrainConfig
 
 
 class BPRMF(Recommender):
@@ -53,3 +60,18 @@ class BPRMF(Recommender):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, embedding_dim={self.embedding_dim}"
+
+
+def build_bprmf(config: TrainConfig, data: InteractionData) -> BPRMF:
+    return BPRMF(data.num_users, data.num_items, config.embedding_dim, config.reg_weight)
+
+
+# The family defaults (TrainConfig) were tuned on this model and LightGCN.
+SPEC = register(
+    ModelSpec(
+        name="bprmf",
+        family="retriever",
+        build=build_bprmf,
+        summary="BPR-MF: matrix factorisation trained with BPR (Rendle et al., UAI 2009)",
+    )
+)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from kgrec.models.base import Recommender
+from kgrec.models.retrievers.rgcn import RELATIONAL_DEFAULTS, LayerCombination, combine_layers
+from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
-from kgrec.models.retrievers.rgcn import LayerCombination, combine_layers
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from torch_geometric.data import HeteroData
 from torch_geometric.nn import HGTConv
 
 if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData
-    from torch_geometric.data import HeteroData
+    from kgrec.models.config import TrainConfig
     from torch_geometric.typing import EdgeType
 
 
@@ -196,8 +199,6 @@ def interaction_hetero(data: InteractionData) -> HeteroData:
     interaction-only graph (node types user/item, training interactions both ways)."""
     if data.snapshot is not None and data.split is not None:
         return data.hetero
-    from torch_geometric.data import HeteroData
-
     coo = data.train.tocoo()
     users = torch.from_numpy(coo.row.astype("int64"))
     items = torch.from_numpy(coo.col.astype("int64"))
@@ -207,3 +208,41 @@ def interaction_hetero(data: InteractionData) -> HeteroData:
     graph["user", "interacts", "item"].edge_index = torch.stack([users, items])
     graph["item", "rev_interacts", "user"].edge_index = torch.stack([items, users])
     return graph
+
+
+class HGTParams(BaseModel):
+    """HGT hyper-parameters (``TrainConfig.params`` when ``model="hgt"``); the depth is the
+    shared ``num_layers``, ``embedding_dim`` the width of every layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: int = Field(2, ge=1, le=64)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    layer_combination: Literal["concat", "mean", "last"] = "mean"
+
+
+def build_hgt(config: TrainConfig, data: InteractionData) -> HGT:
+    params = HGTParams.model_validate(config.params)
+    return HGT(
+        data.num_users,
+        data.num_items,
+        interaction_hetero(data),  # train interactions only (+ KG with a snapshot)
+        embedding_dim=config.embedding_dim,
+        num_layers=config.num_layers,
+        heads=params.heads,
+        dropout=params.dropout,
+        layer_combination=params.layer_combination,
+        reg_weight=config.reg_weight,
+    )
+
+
+SPEC = register(
+    ModelSpec(
+        name="hgt",
+        family="retriever",
+        build=build_hgt,
+        summary="HGT: type-specific attention over the heterogeneous graph (Hu et al., WWW 2020)",
+        params=HGTParams,
+        defaults=RELATIONAL_DEFAULTS,  # tuned with R-GCN's (comment there)
+    )
+)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from kgrec.models.base import Recommender
+from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kgrec.features.dataset import InteractionData
+    from kgrec.models.config import TrainConfig
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -138,3 +144,24 @@ class LightGCN(Recommender):
             f"{super().extra_repr()}, embedding_dim={self.embedding_dim}, "
             f"num_layers={self.num_layers}"
         )
+
+
+def build_lightgcn(config: TrainConfig, data: InteractionData) -> LightGCN:
+    return LightGCN(
+        data.num_users,
+        data.num_items,
+        data.train,
+        embedding_dim=config.embedding_dim,
+        num_layers=config.num_layers,
+        reg_weight=config.reg_weight,
+    )
+
+
+SPEC = register(
+    ModelSpec(
+        name="lightgcn",
+        family="retriever",
+        build=build_lightgcn,
+        summary="LightGCN: linear propagation over the user-item graph (He et al., SIGIR 2020)",
+    )
+)

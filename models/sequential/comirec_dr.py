@@ -3,8 +3,10 @@ r"""ComiRec-DR: controllable multi-interest retrieval with capsule dynamic routi
 from __future__ import annotations
 
 import torch
-from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
 from kgrec.models.merge import MergeRule
+from kgrec.models.sequential.config import SequentialModelConfig, trained_merge_rule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
+from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
 
 
@@ -67,3 +69,29 @@ class ComiRecDR(MultiInterestModel):
         logits = torch.zeros(batch, self.num_interests, width, device=device)
         v = capsule_routing(pred, behaviour_mask, interest_mask, logits, self.routing_iterations)
         return v, interest_mask
+
+
+def build_comirec_dr(config: SequentialModelConfig, num_items: int) -> ComiRecDR:
+    model = ComiRecDR(
+        num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
+        num_interests=config.num_interests, routing_iterations=config.routing_iterations,
+        temperature=config.temperature, readout=config.readout, merge_rule=trained_merge_rule(config),
+    )
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+def _no_normalisation(config: SequentialModelConfig) -> None:
+    if config.normalize_interests:
+        raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
+
+
+SPEC = register(
+    ModelSpec(
+        name="comirec_dr",
+        family="sequential",
+        build=build_comirec_dr,
+        summary="ComiRec-DR: capsule routing to K interests (Cen et al., KDD 2020)",
+        check=_no_normalisation,
+    )
+)

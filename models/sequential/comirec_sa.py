@@ -3,8 +3,10 @@ r"""ComiRec-SA: controllable multi-interest retrieval with self-attention."""
 from __future__ import annotations
 
 import torch
-from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, init_normal_
 from kgrec.models.merge import MergeRule
+from kgrec.models.sequential.config import SequentialModelConfig, trained_merge_rule
+from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, init_normal_
+from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
 
 
@@ -93,3 +95,43 @@ by its norm alone and the temperature alone sets the softmax's sharpness.
         if self.normalize_interests:
             v = torch.nn.functional.normalize(v, dim=-1)
         return v, torch.ones(batch, self.num_interests, dtype=torch.bool, device=device)
+
+
+def build_comirec_sa(config: SequentialModelConfig, num_items: int) -> ComiRecSA:
+    model = ComiRecSA(
+        num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
+        num_interests=config.num_interests, temperature=config.temperature, readout=config.readout,
+        normalize_interests=config.normalize_interests, merge_rule=trained_merge_rule(config),
+    )
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+SPEC = register(
+    ModelSpec(
+        name="comirec_sa",
+        family="sequential",
+        build=build_comirec_sa,
+        summary="ComiRec-SA: multi-head self-attention to K interests (Cen et al., KDD 2020)",
+    )
+)
+# Presets: the same network, trained and served another way (BENCHMARKS.md, multi-interest table).
+MOS_SPEC = register(
+    ModelSpec(
+        name="comirec_sa_mos",
+        family="sequential",
+        build=build_comirec_sa,
+        summary="ComiRec-SA with the mixture-of-softmaxes readout, unit interests and decorrelation, "
+        "served with the mixture merge",
+        defaults={"readout": "mixture", "normalize_interests": True, "decorrelation": 1.0},
+    )
+)
+MAX_SPEC = register(
+    ModelSpec(
+        name="comirec_sa_max",
+        family="sequential",
+        build=build_comirec_sa,
+        summary="ComiRec-SA trained on the softmax of the score the max merge serves",
+        defaults={"readout": "max"},
+    )
+)

@@ -2,9 +2,19 @@ r"""kNN-Embed-style mixture retriever: item clusters as interests, users as smoo
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
+from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only
 from kgrec.models.sequential.multi_interest import MultiInterestModel
+from kgrec.models.sequential.youtube_dnn import build_youtube_dnn
+from kgrec.models.sequential_evaluation import evaluate_sequential
+from kgrec.models.spec import ModelSpec, register
+from kgrec.models.training.sequential import SequentialTask
+from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer
 from torch import Tensor
 
 
@@ -142,3 +152,53 @@ class InterestMixture(MultiInterestModel):
 
     def loss(self, *args, **kwargs) -> Tensor:  # pragma: no cover - not trainable
         raise NotImplementedError("InterestMixture is fitted with .fit(item_vectors), not trained")
+
+
+def build_mixture(config: SequentialModelConfig, num_items: int) -> InterestMixture:
+    model = InterestMixture(
+        num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
+        num_clusters=config.num_clusters, top_components=config.num_interests, seed=config.seed,
+        locality=config.locality,
+    )
+    model.merge_rule = config.merge_rule or model.merge_rule
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+def fit_mixture(
+    spec: ModelSpec, config: SequentialModelConfig, inputs: Any, callbacks: Sequence[EpochCallback] = (), **trainer: Any
+) -> tuple[InterestMixture, FitResult]:
+    """Train a YouTube-DNN with the same configuration (its epochs are the history and reach the
+    callbacks), then cluster its item vectors; ``best_valid`` is the mixture's own validation."""
+    split = inputs.split
+    torch.manual_seed(config.seed)
+    base = build_youtube_dnn(config, split.num_items)
+    base_fit = Trainer(config, callbacks, **trainer).fit(base, SequentialTask(split, config, base.max_length, inputs.categories))
+    t0 = time.perf_counter()
+    model = spec.build(config, split.num_items)
+    model.fit(base.item_embeddings().detach().cpu().numpy())
+    valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, inputs.categories, ks=config.ks)
+    seconds = time.perf_counter() - t0
+    base_fit.best_valid = valid
+    base_fit.train_seconds += seconds
+    base_fit.total_seconds += seconds
+    return model, base_fit
+
+
+def _check_mixture(config: SequentialModelConfig) -> None:
+    hard_readout_only(config)
+    if config.num_interests > config.num_clusters:
+        raise ValueError(f"mixture: num_interests ({config.num_interests}) must be <= num_clusters ({config.num_clusters})")
+
+
+SPEC = register(
+    ModelSpec(
+        name="mixture",
+        family="sequential",
+        build=build_mixture,
+        summary="kNN-Embed-style interest mixture over a YouTube-DNN's item vectors "
+        "(Moreira et al., 2022; not trained by gradient descent)",
+        check=_check_mixture,
+        fit=fit_mixture,
+    )
+)

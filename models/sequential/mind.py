@@ -3,13 +3,15 @@ r"""MIND: multi-interest network with behaviour-to-interest dynamic routing."""
 from __future__ import annotations
 
 import torch
+from kgrec.models.merge import MergeRule
+from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, trained_merge_rule
 from kgrec.models.sequential.multi_interest import (
     MultiInterestModel,
     capsule_routing,
     dynamic_interest_count,
     init_normal_,
 )
-from kgrec.models.merge import MergeRule
+from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
 
 
@@ -114,3 +116,24 @@ class MIND(MultiInterestModel):
         att = torch.sign(att) * att.abs().pow(self.pow_p)
         w = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=1)
         return (w.unsqueeze(-1) * interests).sum(1)
+
+
+def build_mind(config: SequentialModelConfig, num_items: int) -> MIND:
+    model = MIND(
+        num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
+        num_interests=config.num_interests, routing_iterations=config.routing_iterations,
+        temperature=config.temperature, merge_rule=trained_merge_rule(config),
+    )
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+SPEC = register(
+    ModelSpec(
+        name="mind",
+        family="sequential",
+        build=build_mind,
+        summary="MIND: dynamic routing to an adaptive number of interests (Li et al., CIKM 2019)",
+        check=hard_readout_only,
+    )
+)

@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from kgrec.models.base import EpochHook
 from kgrec.models.merge import (
     MergedCandidates,
     MergeRule,
@@ -215,6 +216,10 @@ class MultiInterestModel(torch.nn.Module, ABC):
         self.register_buffer("item_prior_mask", None, persistent=False)
 
     # ------------------------------------------------------------------ the model contract
+    def epoch_hooks(self) -> list[EpochHook]:
+        """Extra per-epoch steps for the trainer: none."""
+        return []
+
     @abstractmethod
     def reset_parameters(self) -> None:
         """Re-initialise every learnable parameter (from the global torch RNG)."""
@@ -449,29 +454,33 @@ def merge_for_model(
 
 
 def save_model(model: MultiInterestModel, directory: str | Path) -> Path:
-    """Write ``model.json`` (class, hyper-parameters, merge rule) and ``state.pt`` (state dict,
-    buffers included) into ``directory``; :func:`load_model` restores it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``model.json`` (class, hyper-parameters, merge rule, diversity weight) and ``model.pt``
+    (state dict, buffers included) into ``directory`` with :func:`kgrec.models.persistence.save_module`;
+    :func:`load_model` restores it."""
+    from kgrec.models.persistence import save_module
+
     name = type(model).__name__
     if name not in MODEL_CLASSES:
         raise ValueError(f"{name} is not a registered multi-interest model ({sorted(MODEL_CLASSES)})")
-    meta = {
-        "class": name, "hparams": model.hparams, "merge_rule": model.merge_rule,
-        "diversity_weight": model.diversity_weight,
-    }
-    (directory / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-    torch.save(model.state_dict(), directory / "state.pt")
-    return directory
+    meta = {"merge_rule": model.merge_rule, "diversity_weight": model.diversity_weight}
+    return save_module(model, directory, model.hparams, name="model", meta=meta)
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> MultiInterestModel:
-    """Rebuild a model written by :func:`save_model` (in eval mode)."""
+    """Rebuild a model written by :func:`save_model` (in eval mode). Directories written before
+    :mod:`kgrec.models.persistence` (``model.json`` + a bare state dict in ``state.pt``) still load;
+    either way the weights are read with ``torch.load(..., weights_only=True)``."""
+    from kgrec.models.persistence import load_state, load_tensors
+
     directory = Path(directory)
-    meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+    if (directory / "model.pt").is_file():
+        tensors, meta = load_state(directory, "model", map_location)
+        state = tensors["state_dict"]
+    else:  # legacy layout
+        meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+        state = load_tensors(directory / "state.pt", map_location)
     cls = getattr(importlib.import_module(MODEL_CLASSES[meta["class"]]), meta["class"])
     model = cls(**meta["hparams"])
-    state = torch.load(directory / "state.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     model.merge_rule = meta.get("merge_rule", model.merge_rule)
     model.diversity_weight = float(meta.get("diversity_weight", 0.0))

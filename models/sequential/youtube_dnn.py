@@ -3,7 +3,9 @@ r"""YouTube-DNN-style single-vector candidate generator (the baseline of the mul
 from __future__ import annotations
 
 import torch
+from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only
 from kgrec.models.sequential.multi_interest import MultiInterestModel, init_normal_
+from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
 
 
@@ -68,3 +70,24 @@ class YouTubeDNN(MultiInterestModel):
         pooled = emb.sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(emb.dtype)
         user = self.mlp(pooled)
         return user.unsqueeze(1), torch.ones(len(lengths), 1, dtype=torch.bool, device=histories.device)
+
+
+def build_youtube_dnn(config: SequentialModelConfig, num_items: int) -> YouTubeDNN:
+    model = YouTubeDNN(
+        num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
+        hidden_dim=config.hidden_dim, temperature=config.temperature,
+    )
+    model.merge_rule = config.merge_rule or model.merge_rule
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+SPEC = register(
+    ModelSpec(
+        name="youtube_dnn",
+        family="sequential",
+        build=build_youtube_dnn,
+        summary="YouTube-DNN: one user vector from the pooled history (Covington et al., RecSys 2016)",
+        check=hard_readout_only,
+    )
+)

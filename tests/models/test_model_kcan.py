@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kgrec.models.rankers.kcan import KCAN
 from kgrec.models.layers.kcan_subgraph import gather_subgraph, topk_neighbour_table
+from kgrec.models.rankers.kcan import KCAN, KCANConfig, build_kcan
 from kgrec.models.reranking import (
-    KCANConfig,
-    build_kcan,
     evaluate_reranking,
     kcan_scores,
     list_metrics,
@@ -94,8 +92,8 @@ def test_gather_subgraph_drops_target_edge_and_refills():
 @pytest.fixture(scope="module")
 def planted_setup(planted_data):
     from kgrec.models.config import TrainConfig
-    from kgrec.models.trainer import fit
-    from kgrec.models.zoo import build_model
+    from kgrec.models.spec import build_model
+    from kgrec.models.training.pairwise import fit
 
     torch.set_num_threads(1)
     config = TrainConfig.for_model("bprmf", device="cpu", epochs=3, embedding_dim=16)
@@ -114,7 +112,7 @@ def _small_config(**kw):
 
 def test_batched_forward_equals_single_pair_forwards(planted_data):
     torch.manual_seed(0)
-    model = build_kcan(planted_data, _small_config())
+    model = build_kcan(_small_config(), planted_data)
     model.eval()
     users = torch.full((25,), 7)
     items = torch.randperm(planted_data.num_items)[:25]
@@ -127,7 +125,7 @@ def test_batched_forward_equals_single_pair_forwards(planted_data):
 
 def test_rerank_output_is_a_permutation_of_the_candidates(planted_setup):
     data, retriever = planted_setup
-    model = build_kcan(data, _small_config())
+    model = build_kcan(_small_config(), data)
     users, cands, scores = retrieval_candidates(retriever, data, "valid", 30)
     for arg in (cands, (cands, scores), None):
         if arg is None:  # full scores
@@ -143,7 +141,7 @@ def test_rerank_output_is_a_permutation_of_the_candidates(planted_setup):
 
 
 def test_save_load_roundtrip(tmp_path, planted_data):
-    model = build_kcan(planted_data, _small_config())
+    model = build_kcan(_small_config(), planted_data)
     model.save(tmp_path / "kcan", extra={"alpha": 0.3})
     loaded = KCAN.load(tmp_path / "kcan")
     users, items = torch.arange(10), torch.arange(10)
@@ -154,7 +152,7 @@ def test_save_load_roundtrip(tmp_path, planted_data):
 def test_training_on_planted_data_improves_reranked_ndcg(planted_setup):
     data, retriever = planted_setup
     config = _small_config()
-    untrained = build_kcan(data, config)
+    untrained = build_kcan(config, data)
     torch.manual_seed(config.seed)
     untrained.reset_parameters()
     before = evaluate_reranking(retriever, untrained, data, "valid", N=30, ks=(10,), alpha=1.0)
@@ -162,7 +160,7 @@ def test_training_on_planted_data_improves_reranked_ndcg(planted_setup):
     after = evaluate_reranking(retriever, model, data, "valid", N=30, ks=(10,), alpha=1.0)
     assert result.history and result.best_epoch >= 1
     assert after["kcan"]["ndcg@10"] > before["kcan"]["ndcg@10"] + 0.05
-    assert 0.0 <= result.alpha <= 1.0
+    assert 0.0 <= result.best_valid["alpha"] <= 1.0
 
 
 def test_list_metrics_match_full_ranking_evaluation(planted_setup):
@@ -186,7 +184,7 @@ def test_global_layer_starts_from_a_trained_kgat(planted_data):
                 relation_dim=16)
     torch.nn.init.normal_(kgat.node_embedding.weight)  # unlike KCAN's own initialisation
     kgat.update_attention()
-    model = build_kcan(planted_data, config)
+    model = build_kcan(config, planted_data)
     model.init_global(kgat)
     torch.testing.assert_close(model.kgat.node_embedding.weight, kgat.node_embedding.weight)
     torch.testing.assert_close(model.kgat.attention_weights, kgat.attention_weights)

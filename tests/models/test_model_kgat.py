@@ -8,13 +8,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 from kgrec.features.graph import CollaborativeKG, ckg_relation_names
-from kgrec.models.config import KGATParams, TrainConfig
+from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
-from kgrec.models.retrievers.kgat import KGAT, interaction_ckg, pretrain_from_bprmf
 from kgrec.models.layers.kgat_conv import AttentiveAdjacency, KGATConv
-from kgrec.models.trainer import fit
 from kgrec.models.layers.transr import TailCorruptor, relation_project, transr_loss
-from kgrec.models.zoo import build_model
+from kgrec.models.retrievers.kgat import KGAT, KGATParams, interaction_ckg, pretrain_from_bprmf
+from kgrec.models.spec import build_model
+from kgrec.models.training.pairwise import fit
+from kgrec.models.training.trainer import hook_optimizer
 
 
 def make_ckg(train: sp.spmatrix, kg: np.ndarray, num_entities: int, num_kg_relations: int):
@@ -201,8 +202,9 @@ def test_transr_loss_decreases_when_only_the_kg_step_runs(tiny_ckg):
     with torch.no_grad():
         before = model.kg_loss(h, r, t, t_neg).item()
     conv_before = [p.detach().clone() for p in model.convs.parameters()]
-    cf_optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the KG step uses its own Adam
-    logs = [model.extra_epoch_step(cf_optimizer) for _ in range(30)]
+    (hook,) = model.epoch_hooks()  # the KG step gets its own Adam, owned by the trainer
+    kg_optimizer = hook_optimizer(hook)
+    logs = [hook.run(kg_optimizer) for _ in range(30)]
     with torch.no_grad():
         after = model.kg_loss(h, r, t, t_neg).item()
     assert after < 0.5 * before
@@ -317,7 +319,8 @@ def test_interaction_only_ckg_without_snapshot(tiny_data):
     ckg = interaction_ckg(tiny_data)
     assert ckg.num_entities == 0 and ckg.edge_index.size(1) == 2 * tiny_data.train.nnz
     model = KGAT(4, 5, ckg, embedding_dim=8, layer_sizes=(4,))
-    assert model.extra_epoch_step(torch.optim.Adam(model.parameters())) == {}
+    (hook,) = model.epoch_hooks()
+    assert hook.parameters == () and hook.run(hook_optimizer(hook)) == {}  # attention refresh only
 
 
 def test_config_params_are_validated_and_flat():
@@ -351,4 +354,5 @@ def test_cuda_matches_cpu(tiny_ckg):
     model.cuda()
     model.update_attention()
     torch.testing.assert_close(model.score(torch.arange(4, device="cuda")).cpu(), cpu)
-    model.extra_epoch_step(torch.optim.Adam(model.parameters()))
+    for hook in model.epoch_hooks():
+        hook.run(hook_optimizer(hook))

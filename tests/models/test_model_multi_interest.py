@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from kgrec.features.sequences import SequenceSplit
 from kgrec.models.sequential.comirec_dr import ComiRecDR
 from kgrec.models.sequential.comirec_sa import ComiRecSA
+from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential.interest_mixture import InterestMixture
 from kgrec.models.sequential.mind import MIND
 from kgrec.models.sequential.multi_interest import (
@@ -21,6 +21,7 @@ from kgrec.models.sequential.multi_interest import (
     save_model,
     squash,
 )
+from kgrec.models.sequential.youtube_dnn import YouTubeDNN
 from kgrec.models.sequential_evaluation import (
     Popularity,
     category_matrix,
@@ -29,16 +30,19 @@ from kgrec.models.sequential_evaluation import (
     interest_similarity,
     ranking_metrics,
 )
-from kgrec.models.sequential_experiment import torch_threads
-from kgrec.models.sequential_trainer import (
-    SequentialTrainConfig,
+from kgrec.models.training.sequential import (
     fit_sequential,
     seen_mask,
     sliding_windows,
     training_samples,
     window_targets,
 )
-from kgrec.models.sequential.youtube_dnn import YouTubeDNN
+from kgrec.models.training.trainer import torch_threads
+
+
+def train_config(**overrides) -> SequentialModelConfig:
+    """A sequential training config with the loop defaults these tests were written for."""
+    return SequentialModelConfig(**{"learning_rate": 3e-3, "num_negatives": 256, **overrides})
 
 
 def test_dynamic_interest_count_and_mind_masks() -> None:
@@ -116,7 +120,7 @@ def test_planted_interests_are_recovered(cls, options) -> None:
     model = cls(20, embedding_dim=8, num_interests=2, max_length=20, temperature=0.1, **options)
     # the mixture readout is trained as it is benchmarked: exact softmax over every item
     negatives = 0 if options.get("readout") == "mixture" else 19
-    config = SequentialTrainConfig(epochs=10, patience=10, num_negatives=negatives, batch_size=128,
+    config = train_config(epochs=10, patience=10, num_negatives=negatives, batch_size=128,
                                    learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
     with torch_threads(1):  # tiny tensors: extra threads only add contention on shared CPUs
         fit_sequential(model, split, config)
@@ -215,7 +219,7 @@ def test_fit_with_seen_masking_and_a_target_window_learns() -> None:
         valid_targets=[q[12:] for q in sequences[200:]], test_users=np.arange(0), test_inputs=[],
         test_targets=[], seed=0,
     )
-    config = SequentialTrainConfig(epochs=6, patience=6, num_negatives=0, batch_size=128, learning_rate=1e-2,
+    config = train_config(epochs=6, patience=6, num_negatives=0, batch_size=128, learning_rate=1e-2,
                                    ks=(5,), selection_metric="recall@5", seed=1, mask_seen=True, target_window=4)
     torch.manual_seed(1)
     model = ComiRecSA(40, embedding_dim=8, num_interests=2, max_length=20, readout="max")
@@ -224,7 +228,7 @@ def test_fit_with_seen_masking_and_a_target_window_learns() -> None:
     # random ranking of the 28 unseen items finds 5/28 of the targets; the groups' 8 hold all 4
     assert before < 0.3 and result.best_valid["recall@5"] > 0.5
     with pytest.raises(ValueError, match="target_window"):
-        fit_sequential(model, split, dataclasses.replace(config, target_window=0))
+        train_config(target_window=0)  # validated where the config is made
 
 
 def test_decorrelation_penalty_is_the_mean_squared_cosine_between_interests() -> None:
@@ -269,13 +273,13 @@ def test_mixture_merge_ranks_by_the_models_mixture_probability() -> None:
 def test_exact_softmax_training_when_num_negatives_is_zero() -> None:
     split, _ = _planted_split()
     model = YouTubeDNN(20, embedding_dim=8, max_length=20)
-    config = SequentialTrainConfig(epochs=3, patience=3, num_negatives=0, batch_size=128, learning_rate=1e-2,
+    config = train_config(epochs=3, patience=3, num_negatives=0, batch_size=128, learning_rate=1e-2,
                                    ks=(5,), selection_metric="recall@5", seed=1)
     result = fit_sequential(model, split, config)
-    losses = [h["loss"] for h in result.history]
+    losses = [h.loss for h in result.history]
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="num_negatives"):
-        fit_sequential(model, split, SequentialTrainConfig(num_negatives=-1))
+        train_config(num_negatives=-1)
 
 
 def test_diversity_hand_example() -> None:

@@ -14,7 +14,7 @@ from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
 from kgrec.models.retrievers.hgt import HGT, RelationGroupedHGTConv
 from kgrec.models.retrievers.rgcn import RGCN
-from kgrec.models.trainer import fit
+from kgrec.models.training.pairwise import fit
 from torch_geometric.data import HeteroData
 from torch_geometric.nn import HGTConv
 
@@ -196,9 +196,9 @@ def test_training_improves_validation_recall(planted_data, planted_graph, name):
 
 def test_zoo_builds_rgcn_and_hgt(snapshot_data):
     import pydantic
-    from kgrec.models.zoo import MODEL_NAMES, build_model
+    from kgrec.models.spec import build_model, model_names
 
-    assert {"rgcn", "hgt"} <= set(MODEL_NAMES)
+    assert {"rgcn", "hgt"} <= set(model_names("retriever"))
     config = TrainConfig.for_model("rgcn", embedding_dim=8, params={"num_blocks": None, "num_bases": 2})
     model = build_model(config, snapshot_data)
     assert isinstance(model, RGCN) and model.num_bases == 2 and model.conv_impl == "standard"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import kgrec.models.trainer as trainer_mod
+import kgrec.models.training.pairwise as trainer_mod
 import pytest
 import torch
-from kgrec.models.retrievers.bprmf import BPRMF
+from kgrec.models.base import EpochHook
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
-from kgrec.models.trainer import EpochLog, FitResult, fit
-from kgrec.models.zoo import build_model
+from kgrec.models.retrievers.bprmf import BPRMF
+from kgrec.models.spec import build_model
+from kgrec.models.training.pairwise import fit
+from kgrec.models.training.trainer import EpochLog, FitResult
 
 
 def _config(**kw) -> TrainConfig:
@@ -79,15 +81,24 @@ def test_early_stopping_restores_best_weights(planted_data, monkeypatch):
 def test_eval_every_and_extra_epoch_hook(planted_data):
     class WithExtra(BPRMF):
         calls = 0
+        optimizers: list = []
 
-        def extra_epoch_step(self, optimizer):
-            WithExtra.calls += 1
-            return {"kg_loss": 1.5}
+        def epoch_hooks(self):
+            def step(optimizer):
+                WithExtra.calls += 1
+                WithExtra.optimizers.append(optimizer)
+                return {"kg_loss": 1.5}
+
+            return [EpochHook("extra", step, (self.item_embedding.weight,), 0.5)]
 
     cfg = _config(model="bprmf", epochs=5, eval_every=2)
     model = WithExtra(planted_data.num_users, planted_data.num_items, cfg.embedding_dim)
     result = fit(model, planted_data, cfg)
     assert WithExtra.calls == 5
+    # the trainer owns one Adam for the hook, over the hook's parameters only, kept across epochs
+    assert len({id(o) for o in WithExtra.optimizers}) == 1
+    (group,) = WithExtra.optimizers[0].param_groups
+    assert group["lr"] == 0.5 and group["params"] == [model.item_embedding.weight]
     assert [h.valid is not None for h in result.history] == [False, True, False, True, True]
     assert result.history[0].extra == {"kg_loss": 1.5}
     assert result.best_epoch in (2, 4, 5)

@@ -11,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from kgrec.features.sequences import SequenceSplit
 from kgrec.models.sequential.comirec_sa import ComiRecSA
+from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential.multi_interest import recommend
 from kgrec.models.sequential_evaluation import category_matrix
-from kgrec.models.sequential_experiment import torch_threads
-from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
+from kgrec.models.training.sequential import fit_sequential
+from kgrec.models.training.trainer import torch_threads
 from kgrec.serving.bundle import bundle_kind
 from kgrec.serving.candidates import InvalidRequestError
 from kgrec.serving.index import IndexConfig, build_and_measure, build_index
@@ -22,6 +23,11 @@ from kgrec.serving.multi_interest import MultiInterestBundle, MultiInterestServi
 from kgrec.serving.service import bundle_loader, create_app
 
 N_ITEMS, GROUP, K = 40, 10, 3
+
+
+def train_config(**overrides) -> SequentialModelConfig:
+    """A sequential training config with the loop defaults these tests were written for."""
+    return SequentialModelConfig(**{"learning_rate": 3e-3, "num_negatives": 256, **overrides})
 
 
 def _split(seed: int = 0) -> SequenceSplit:
@@ -46,7 +52,7 @@ def _split(seed: int = 0) -> SequenceSplit:
 def mi_bundle() -> MultiInterestBundle:
     split = _split()
     model = ComiRecSA(N_ITEMS, embedding_dim=8, num_interests=K, max_length=6)
-    config = SequentialTrainConfig(epochs=3, patience=3, num_negatives=20, batch_size=128,
+    config = train_config(epochs=3, patience=3, num_negatives=20, batch_size=128,
                                    learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
     with torch_threads(1):
         fit_sequential(model, split, config)
@@ -89,7 +95,7 @@ def test_bundle_round_trip(tmp_path, mi_bundle, mi_service):
 def test_mixture_readout_model_round_trips_and_serves_its_own_rule(tmp_path, mi_bundle):
     model = ComiRecSA(N_ITEMS, embedding_dim=8, num_interests=K, max_length=6, readout="mixture",
                       merge_rule="mixture", normalize_interests=True)
-    config = SequentialTrainConfig(epochs=2, patience=2, num_negatives=0, batch_size=128,
+    config = train_config(epochs=2, patience=2, num_negatives=0, batch_size=128,
                                    learning_rate=1e-2, ks=(5,), selection_metric="recall@5", seed=1)
     fit_sequential(model, _split(), config)
     meta = {"model": "comirec_sa", "dataset": "synthetic", "snapshot_hash": "feed"}

@@ -28,6 +28,32 @@ def test_health_ready_model(client):
     assert info["version"] == "3" and info["n_items"] == 800 and info["index_kind"] == "flat"
 
 
+def test_json_responses_and_every_endpoint_is_routed(client, broken_client):
+    for response in (
+        client.get("/v1/users/u5/candidates", params={"k": 3}),
+        client.get("/v1/users/nobody/candidates"),  # exception handler
+        client.get("/v1/users/u5/candidates", params={"k": 0}),  # validation handler
+        broken_client.get("/readyz"),
+        broken_client.get("/v1/model"),  # 503 from the readiness dependency
+    ):
+        assert response.headers["content-type"] == "application/json", response.url
+    paths = client.get("/openapi.json").json()["paths"]
+    routed = {(method.upper(), path) for path, ops in paths.items() for method in ops}
+    assert routed == {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/model"),
+        ("GET", "/v1/users/{user_id}/candidates"),
+        ("GET", "/v1/users/{user_id}/candidates/{item_id}/explain"),
+        ("POST", "/v1/candidates"),
+        ("GET", "/v1/users/{user_id}/ranked"),
+        ("GET", "/v1/latency"),
+    }
+    # handler dependencies are not request parameters
+    params = {p["name"] for p in paths["/v1/users/{user_id}/candidates"]["get"]["parameters"]}
+    assert params == {"user_id", "k", "merge", "diversity"}
+
+
 def test_known_user(client, bundle, service):
     r = client.get("/v1/users/u5/candidates", params={"k": 25})
     assert r.status_code == 200

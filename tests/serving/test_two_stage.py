@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 from fastapi.testclient import TestClient
 from kgrec.features.dataset import InteractionData
-from kgrec.models.reranking import KCANConfig, build_kcan
+from kgrec.models.rankers.kcan import KCANConfig, build_kcan
 from kgrec.serving.bundle import BundleError, RetrievalBundle, bundle_kind
 from kgrec.serving.candidates import CandidateService, InvalidRequestError, UnknownUserError
 from kgrec.serving.ranking import RankerBundle, TwoStageService, UnknownRankerUserError
@@ -36,7 +36,7 @@ def ranker(data) -> RankerBundle:
     torch.manual_seed(0)
     config = KCANConfig(embedding_dim=16, layer_sizes=(16,), relation_dim=16, neighbours_per_node=3,
                         local_dim=8, tower_dim=16)
-    model = build_kcan(data, config).eval()
+    model = build_kcan(config, data).eval()
     # the ranker's raw ids map to its indices in reverse, the retriever's in order: the service
     # must join the two stages on raw ids, never on indices
     users = pl.DataFrame({"user_id": [f"u{N_USERS - 1 - i}" for i in range(N_USERS)],

@@ -1,22 +1,71 @@
-"""Sequential model names and their validated configuration (pipeline validation, model building)."""
+"""The model registry: every model declared once, and what derives from it (config validation,
+defaults, pipeline choices, model building)."""
 
 from __future__ import annotations
 
 import pytest
+from kgrec.models.families import FAMILIES, SequenceInputs, family_of
+from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential.multi_interest import MultiInterestModel
-from kgrec.models.sequential_zoo import (
-    SEQUENTIAL_MODEL_NAMES,
-    SequentialModelConfig,
-    build_sequential_model,
+from kgrec.models.spec import (
+    ModelSpec,
+    build_model,
+    get_spec,
+    markdown_table,
+    model_names,
+    model_specs,
+    register,
 )
-from kgrec.models.zoo import MODEL_NAMES
 from pydantic import ValidationError
 
 from kgrec.config import PipelineConfig
 
+SEQUENTIAL_MODEL_NAMES = model_names("sequential")
+
+
+def build_sequential_model(config: SequentialModelConfig, num_items: int) -> MultiInterestModel:
+    return build_model(config, num_items)
+
+
+def test_every_model_is_declared_once_with_a_known_family():
+    specs = model_specs()
+    assert len({s.name for s in specs}) == len(specs)
+    assert {s.family for s in specs} == set(FAMILIES)
+    assert {"bprmf", "lightgcn", "kgat", "rgcn", "hgt"} <= set(model_names("retriever"))
+    assert model_names("ranker") == ("kcan",)
+    # the docs table lists every model
+    table = markdown_table()
+    assert all(f"`{s.name}`" in table for s in specs)
+
+
+def test_a_second_declaration_of_a_name_is_refused():
+    known = get_spec("bprmf")
+    with pytest.raises(ValueError, match="declared twice"):
+        register(ModelSpec(name="bprmf", family="retriever", build=lambda c, d: None, summary="copy"))
+    assert get_spec("bprmf") is known
+    with pytest.raises(ValueError, match="family"):
+        ModelSpec(name="x", family="scorer", build=lambda c, d: None, summary="")
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="lightgcn"):
+        get_spec("lightgnc")
+    with pytest.raises(ValueError, match="comirec_sa"):
+        get_spec("kgat", "sequential")
+
+
+def test_each_family_builds_its_own_config_from_the_spec_defaults():
+    kgat = family_of("kgat").config(get_spec("kgat"), seed=3, epochs=None)
+    assert (kgat.learning_rate, kgat.patience, kgat.seed) == (5e-3, 20, 3)
+    assert kgat.params["mess_dropout"] == 0.0  # the spec's params default, merged into the class's
+    kcan = family_of("kcan").config(get_spec("kcan"), seed=3, epochs=1000)
+    assert kcan.seed == 3 and kcan.epochs == 30  # --epochs only lowers KCAN's (expensive) epochs
+    assert family_of("kcan").config(get_spec("kcan"), epochs=2).epochs == 2
+    assert family_of("comirec_sa_max").config(get_spec("comirec_sa_max")).readout == "max"
+
 
 def test_pipeline_config_accepts_both_kinds_of_model_names():
-    assert not set(SEQUENTIAL_MODEL_NAMES) & set(MODEL_NAMES)
+    assert not set(SEQUENTIAL_MODEL_NAMES) & set(model_names("retriever"))
     config = PipelineConfig(dataset="ml-100k-seq", models=["youtube_dnn", "ComiRec_SA", "bprmf"])
     assert config.models == ["youtube_dnn", "comirec_sa", "bprmf"]
     assert config.model_name == "kgrec-ml-100k-seq"
@@ -31,9 +80,8 @@ def test_every_sequential_model_builds_from_its_config(name):
     model = build_sequential_model(config, num_items=20)
     assert isinstance(model, MultiInterestModel) and model.num_items == 20
     assert model.merge_rule == {"mixture": "weighted", "comirec_sa_mos": "mixture"}.get(name, "max")
-    train = config.train_config()
-    assert (train.seed, train.selection_metric, train.ks) == (3, "recall@50", (20, 50))
-    assert train.num_negatives == 0 and train.decorrelation == (1.0 if name == "comirec_sa_mos" else 0.0)
+    assert (config.seed, config.selection_metric, config.ks) == (3, "recall@50", (20, 50))
+    assert config.num_negatives == 0 and config.decorrelation == (1.0 if name == "comirec_sa_mos" else 0.0)
     assert all(isinstance(v, str | int | float | bool) for v in config.to_dict().values())
 
 
@@ -75,14 +123,15 @@ def test_the_controllable_merge_needs_a_catalogue_with_categories():
 
     import numpy as np
     from kgrec.features.sequences import SequenceSplit
-    from kgrec.models.sequential_experiment import train_sequential_and_log
 
     split = SequenceSplit(
         num_users=2, num_items=20, train_users=np.arange(1), train_sequences=[np.arange(5)],
         valid_users=np.arange(1, 2), valid_inputs=[np.arange(3)], valid_targets=[np.arange(3, 5)],
         test_users=np.arange(0), test_inputs=[], test_targets=[], seed=0,
     )
-    no_genres = SimpleNamespace(n_items=20, has_categories=False, name="toy")
+    no_genres = SimpleNamespace(n_items=20, has_categories=False, name="toy", hash="0")
     config = SequentialModelConfig.for_model("comirec_sa", merge_rule="controllable")
-    with pytest.raises(ValueError, match="categories"):  # before any training or MLflow run
-        train_sequential_and_log(no_genres, split, config)
+    inputs = SequenceInputs.of(no_genres, split)
+    assert inputs.categories is None
+    with pytest.raises(ValueError, match="categories"):  # before any training
+        family_of("comirec_sa").fit(get_spec("comirec_sa"), config, inputs)

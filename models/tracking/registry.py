@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from kgrec.models.tracking.settings import TrackingSettings
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-
-from kgrec.config import TrackingSettings
+from mlflow.models.model import ModelInfo
 
 logger = logging.getLogger("kgrec.models")
 
@@ -101,58 +101,24 @@ class Promotion:
         return self.__dict__.copy()
 
 
-def register_bundle(
+def create_version(
     run_id: str,
-    bundle_dir: Path,
+    model_info: ModelInfo,
     name: str,
     tags: Mapping[str, str],
-    selection_metric: str = SELECTION_METRIC,
+    description: str = "kgrec candidate-retrieval models",
 ) -> ModelVersion:
-    """Log the bundle as an MLflow pyfunc model inside ``run_id`` and register it under ``name``.
-
-    The version is tagged with the bundle's kind and ``selection_metric`` (the MLflow metric of the
-    run that :func:`promote` compares).
-    """
-    from kgrec.serving.bundle import bundle_kind
-    from kgrec.serving.pyfunc import PairScorer, TopKRecommender, ranker_signature, signature
-
-    kind = bundle_kind(bundle_dir)
-    tags = {**dict(tags), BUNDLE_KIND_TAG: kind, SELECTION_METRIC_TAG: selection_metric}
-    ranker = kind == RANKER_KIND
-
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=PairScorer() if ranker else TopKRecommender(),
-            artifacts={"bundle": str(bundle_dir)},
-            signature=ranker_signature() if ranker else signature(),
-            # Explicit requirements: MLflow's inference would re-import the model in a subprocess.
-            pip_requirements=serving_requirements(with_torch=kind in ("multi_interest", RANKER_KIND)),
-        )
+    """Register the model logged in ``run_id`` (``model_info``, from ``mlflow.*.log_model``) as a
+    new version of ``name``, linked to the logged model (``model_id``), with ``tags``."""
     client = MlflowClient()
-    description = "kgrec ranking models" if ranker else "kgrec candidate-retrieval models"
     with contextlib.suppress(MlflowException):
         client.create_registered_model(name, description=description)
     version = client.create_model_version(
-        name=name, source=info.model_uri, run_id=run_id, tags=dict(tags)
+        name=name, source=model_info.model_uri, run_id=run_id, tags=dict(tags),
+        model_id=model_info.model_id,
     )
     logger.info("registered %s version %s from run %s", name, version.version, run_id)
     return version
-
-
-def serving_requirements(with_torch: bool = False) -> list[str]:
-    """The installed versions of what the pyfunc model needs at load time (multi-interest models
-    compute their interests with torch)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    packages = ("kgrec", "numpy", "scipy", "polars", "pyarrow", "faiss-cpu", "pandas")
-    for package in packages + (("torch",) if with_torch else ()):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
 
 
 @contextlib.contextmanager

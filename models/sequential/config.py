@@ -1,0 +1,115 @@
+"""Configuration of the sequential (multi-interest) family: one validated, flat config per run.
+
+The architecture fields build the model (each model file's ``build``), the loop fields drive the
+:class:`~kgrec.models.training.trainer.Trainer` (:class:`~kgrec.models.training.config.LoopConfig`),
+the rest the :class:`~kgrec.models.training.sequential.SequentialTask`. Defaults are the
+benchmark's (``benchmarks/multi_interest.py``: d = 64, K = 4, L = 20, Adam at 1e-3, exact softmax
+over the catalogue -- ``num_negatives = 0``; set it to a few hundred for catalogues beyond ~10^5
+items, where ``batch x K x items`` scores per step no longer fit). A model's preset (e.g.
+``comirec_sa_max``: ``readout="max"``) is its spec's ``defaults``; its own constraints are the
+spec's ``check``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from kgrec.models.spec import get_spec
+from kgrec.models.training.config import LoopConfig
+from pydantic import Field, field_validator, model_validator
+
+#: The promotion gate's metric for sequential models (MLflow key of validation Recall@50).
+SEQUENTIAL_SELECTION_METRIC = "best_valid_recall_at_50"
+
+_METRIC = re.compile(r"^(recall|ndcg|hit)@(\d+)$")
+
+
+class SequentialModelConfig(LoopConfig):
+    """Model + training configuration of one sequential candidate generator (flat, for MLflow)."""
+
+    model: str = Field("comirec_sa", description="a sequential model of the registry (kgrec.models.spec)")
+    # architecture
+    embedding_dim: int = Field(64, ge=1, le=4096)
+    num_interests: int = Field(4, ge=1, le=64, description="K (MIND: the maximum; mixture: kept components)")
+    max_length: int = Field(20, ge=1, le=1000, description="most recent history items used (L)")
+    temperature: float = Field(0.1, gt=0.0, description="sampled-softmax temperature")
+    merge_rule: Literal["max", "weighted", "mixture", "controllable"] | None = Field(
+        None,
+        description="retrieval merge rule (None: the model's own -- mixture model: weighted; "
+        "mixture readout: mixture; else max); controllable needs item categories",
+    )
+    diversity_weight: float = Field(
+        0.5, ge=0.0, le=100.0, description="lambda of the controllable merge (used with merge_rule=controllable)"
+    )
+    readout: Literal["hard", "mixture", "max"] = Field(
+        "hard",
+        description="ComiRec-DR/SA training readout: argmax interest, mixture of softmaxes, or the softmax of "
+        "the max merge's score",
+    )
+    normalize_interests: bool = Field(False, description="ComiRec-SA: unit-length interest vectors")
+    hidden_dim: int = Field(0, ge=0, description="YouTube-DNN MLP width (0: mean pooling)")
+    routing_iterations: int = Field(3, ge=1, le=10, description="MIND / ComiRec-DR")
+    num_clusters: int = Field(8, ge=1, description="mixture: k-means clusters C")
+    locality: float = Field(
+        1.0, ge=0.0, le=1.0, description="mixture: weight of each cluster's local query against the global one"
+    )
+    # training
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(256, ge=1)
+    num_negatives: int = Field(0, ge=0, description="uniform negatives per batch; 0 = exact softmax")
+    epochs: int = Field(30, ge=1, le=10_000)
+    patience: int = Field(3, ge=1)
+    min_history: int = Field(1, ge=1)
+    device: str = Field("cpu", description="the sequence tensors and the merge run on the CPU")
+    selection_metric: str = "recall@50"
+    ks: tuple[int, ...] = (20, 50)
+    decorrelation: float = Field(0.0, ge=0.0, description="weight of the interest decorrelation penalty")
+    mask_seen: bool = Field(False, description="leave the user's earlier items out of the softmax's negatives")
+    target_window: int = Field(1, ge=1, le=1000, description="predict an item drawn from the next W (1: the next)")
+    # Per-batch tensors are tiny (B=256, L=20, d=64): OpenMP fan-out costs far more than it saves,
+    # on a busy 2-core machine 20x more. None leaves torch's thread count alone.
+    torch_threads: int | None = Field(1, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _check_ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("ks must be a non-empty tuple of positive integers")
+        return tuple(sorted(set(ks)))
+
+    @model_validator(mode="after")
+    def _check(self) -> SequentialModelConfig:
+        match = _METRIC.match(self.selection_metric)
+        if match is None or int(match.group(2)) not in self.ks:
+            raise ValueError(
+                f"selection_metric {self.selection_metric!r} must be <recall|ndcg|hit>@K with K in ks={self.ks}"
+            )
+        spec = get_spec(self.model, "sequential")
+        if spec.check is not None:
+            spec.check(self)
+        return self
+
+    @classmethod
+    def for_model(cls, name: str, **overrides: Any) -> SequentialModelConfig:
+        """The default configuration of ``name``; ``None`` overrides mean "the default"."""
+        defaults = get_spec(name, "sequential").defaults
+        return cls(model=name, **(dict(defaults) | {k: v for k, v in overrides.items() if v is not None}))
+
+    @property
+    def mlflow_selection_metric(self) -> str:
+        """MLflow key of the best validation selection metric (``best_valid_recall_at_50``)."""
+        return "best_valid_" + self.selection_metric.replace("@", "_at_")
+
+
+def trained_merge_rule(config: SequentialModelConfig) -> str:
+    """The merge rule a model is served with: the config's, else the one its readout trains."""
+    return config.merge_rule or ("mixture" if config.readout == "mixture" else "max")
+
+
+def hard_readout_only(config: SequentialModelConfig) -> None:
+    """``check`` of the models without a readout choice or interest normalisation."""
+    if config.readout != "hard":
+        raise ValueError(f"readout={config.readout!r} is for comirec_dr / comirec_sa, not {config.model}")
+    if config.normalize_interests:
+        raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
