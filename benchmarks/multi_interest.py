@@ -18,6 +18,11 @@ item embeddings start from LightGCN item embeddings trained on the KG-linked `ml
 (only the TRAINING users' interactions, so no test target leaks; items mapped by raw item id;
 unlinked items keep random init).
 
+A row is a model of the registry (``kgrec.models.spec.model_names("sequential")``) with its
+recommended ``SequentialModelConfig.for_model`` configuration, or one of the benchmark's own
+variants of one (:data:`VARIANTS`: the K = 1 control, other readouts and merge rules, as config
+overrides); ``_kginit`` and ``mixture_lightgcn`` rows add the LightGCN prior.
+
 Every gradient-trained row uses the same recipe: Adam at ``--lr`` (default 1e-3), batch 256,
 ``--num-negatives`` uniform negatives per batch (default 0: the exact softmax over all 1,682 items),
 temperature 0.1, patience 3. (Session 2's table used 256 sampled negatives and lr 3e-3: every model
@@ -30,7 +35,6 @@ scored lower, YouTube-DNN 0.374 Recall@50.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import tempfile
@@ -48,16 +52,12 @@ from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split
 from kgrec.models.config import TrainConfig
 from kgrec.models.merge import CONTROLLABLE_POOL
-from kgrec.models.sequential.comirec_dr import ComiRecDR
-from kgrec.models.sequential.comirec_sa import ComiRecSA
-from kgrec.models.sequential.interest_mixture import InterestMixture
-from kgrec.models.sequential.mind import MIND
+from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential.multi_interest import MultiInterestModel, save_model
-from kgrec.models.sequential.youtube_dnn import YouTubeDNN
 from kgrec.models.sequential_evaluation import Popularity, category_matrix, evaluate_sequential
-from kgrec.models.sequential_trainer import SequentialTrainConfig, fit_sequential
-from kgrec.models.spec import build_model
+from kgrec.models.spec import build_model, model_names
 from kgrec.models.training.pairwise import fit
+from kgrec.models.training.sequential import fit_sequential
 
 D, K = 64, 4
 # torch-rechub 0.9.0 on the same protocol (README): Recall@50 (2 seeds), NDCG@50 (seed 2022), cos.
@@ -74,6 +74,22 @@ ALL_MODELS = (
     "comirec_sa_weighted", "comirec_dr_mixture", "comirec_sa_mixture", "comirec_sa_mixture_decor", "mixture", "youtube_dnn_kginit",
     "comirec_sa_kginit", "comirec_sa_mixture_kginit", "comirec_sa_mixture_decor_kginit", "mixture_lightgcn",
 )
+#: Benchmark rows that are not a model of the registry: ``row -> (registered model, overrides of its
+#: recommended SequentialModelConfig)``. Every other row (but ``popularity``) is a registered
+#: sequential model (``model_names("sequential")``) with its own defaults. ``_decor`` rows add the
+#: decorrelation penalty (weight ``--decorrelation``, filled in by :func:`row_config`); a
+#: ``_kginit`` suffix starts the row's item embeddings from LightGCN (set by the caller);
+#: ``mixture_lightgcn`` is the registered mixture on LightGCN item vectors.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "comirec_sa_k1": ("comirec_sa", {"num_interests": 1}),  # the K = 1 control
+    "comirec_dr_max": ("comirec_dr", {"readout": "max"}),
+    "comirec_dr_weighted": ("comirec_dr", {"merge_rule": "weighted"}),
+    "comirec_sa_weighted": ("comirec_sa", {"merge_rule": "weighted"}),
+    "comirec_dr_mixture": ("comirec_dr", {"readout": "mixture"}),  # served with the mixture merge
+    "comirec_sa_mixture": ("comirec_sa_mos", {"decorrelation": 0.0}),  # mos readout, unit interests
+    "comirec_sa_mixture_decor": ("comirec_sa_mos", {}),
+    "mixture_lightgcn": ("mixture", {}),
+}
 #: lambdas of the controllable merge evaluated for every row (BENCHMARKS.md reports 0.5, the default)
 CONTROLLABLE_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 COLUMNS = ("recall@20", "recall@50", "hit@50", "ndcg@50", "diversity@50", "interest_similarity", "train_s")
@@ -104,29 +120,17 @@ def lightgcn_item_vectors(kg_snapshot: Snapshot, seq_snapshot: Snapshot, split: 
     return vectors, present, info
 
 
-def build(name: str, n_items: int) -> MultiInterestModel:
-    """The model of benchmark row ``name`` (``_weighted``: round-robin merge; ``_mixture``: mixture
-    readout and merge; ``_decor`` (training config) and ``_kginit`` (prior init): set by the caller)."""
-    merge = "weighted" if "_weighted" in name else "max"
-    if name.startswith("youtube_dnn"):
-        return YouTubeDNN(n_items, D)
-    if name == "mind":
-        return MIND(n_items, D, K)
-    if name == "comirec_sa_k1":
-        return ComiRecSA(n_items, D, 1)
-    if name.startswith("comirec_dr"):
-        if name.endswith("_max"):
-            return ComiRecDR(n_items, D, K, readout="max")
-        if "_mixture" in name:
-            return ComiRecDR(n_items, D, K, readout="mixture", merge_rule="mixture")
-        return ComiRecDR(n_items, D, K, merge_rule=merge)
-    if name.startswith("comirec_sa"):
-        if name.endswith("_max"):
-            return ComiRecSA(n_items, D, K, readout="max")
-        if "_mixture" in name:
-            return ComiRecSA(n_items, D, K, readout="mixture", merge_rule="mixture", normalize_interests=True)
-        return ComiRecSA(n_items, D, K, merge_rule=merge)
-    raise ValueError(f"unknown benchmark row {name!r}")
+def row_config(name: str, recipe: dict, decorrelation: float) -> SequentialModelConfig:
+    """The configuration of benchmark row ``name``: the registered model's recommended config
+    (``SequentialModelConfig.for_model``) with the training recipe shared by every row (d, K, seed,
+    epochs, learning rate, negatives, ...) and then the row's own overrides (:data:`VARIANTS`)."""
+    base = name.removesuffix("_kginit")
+    model, overrides = VARIANTS.get(base, (base, {}))
+    if model not in model_names("sequential"):
+        raise ValueError(f"unknown benchmark row {name!r}; rows: {ALL_MODELS}")
+    if "_decor" in base:
+        overrides = overrides | {"decorrelation": decorrelation}
+    return SequentialModelConfig.for_model(model, **(recipe | overrides))
 
 
 def run_seed(
@@ -136,11 +140,12 @@ def run_seed(
 ) -> None:
     split = sequential_split(seq_snapshot, seed=seed)
     cats, _ = category_matrix(seq_snapshot.item_categories())
-    config = SequentialTrainConfig(
-        seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate, num_negatives=num_negatives,
-        mask_seen=mask_seen, target_window=target_window,
+    # shared by every row; a row's own overrides (VARIANTS, e.g. K = 1) win over d = D, K = K
+    recipe = dict(
+        embedding_dim=D, num_interests=K, seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate,
+        num_negatives=num_negatives, mask_seen=mask_seen, target_window=target_window,
     )
-    recipe = recipe_name(mask_seen, target_window)
+    tag = recipe_name(mask_seen, target_window)
     n_items = split.num_items
     trained: dict[str, object] = {}
     prior: tuple[np.ndarray, np.ndarray, dict] | None = None
@@ -162,8 +167,8 @@ def run_seed(
                 base = trained.get("youtube_dnn")
                 if base is None:
                     torch.manual_seed(seed)
-                    base = YouTubeDNN(n_items, D)
-                    fit_sequential(base, split, config)
+                    base = build_model(row_config("youtube_dnn", recipe, decorrelation), n_items)
+                    fit_sequential(base, split, row_config("youtube_dnn", recipe, decorrelation))
                     trained["youtube_dnn"] = base
                 vectors = base.item_embeddings().detach().numpy()
             else:
@@ -174,11 +179,13 @@ def run_seed(
                 rng = np.random.default_rng(seed)
                 vectors = np.where(present[:, None], vectors, 1e-3 * rng.standard_normal(vectors.shape)).astype(np.float32)
             t0 = time.perf_counter()
-            model = InterestMixture(n_items, D, num_clusters=8, top_components=K, seed=seed).fit(vectors)
+            # the registered mixture (C = 8 clusters, K components, k-means seeded with the seed)
+            model = build_model(row_config(name, recipe, decorrelation), n_items).fit(vectors)
             train_s, best_epoch = time.perf_counter() - t0, 0
         else:
+            config = row_config(name, recipe, decorrelation)
             torch.manual_seed(seed)
-            model = build(name, n_items)
+            model = build_model(config, n_items)
             reset = True
             if name.endswith("kginit"):
                 vectors, present, info = need_prior()
@@ -187,8 +194,7 @@ def run_seed(
                 model.reset_parameters()
                 model.set_item_prior(vectors, present)
                 reset = False
-            row_config = dataclasses.replace(config, decorrelation=decorrelation) if "_decor" in name else config
-            result = fit_sequential(model, split, row_config, reset=reset)
+            result = fit_sequential(model, split, config, reset=reset)
             train_s, best_epoch = result.train_seconds, result.best_epoch
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
@@ -209,12 +215,12 @@ def run_seed(
             extra.update({"max_merge_recall@50": mismatch["recall@50"],
                           "max_merge_diversity@50": mismatch["diversity@50"]})
         if save_models is not None:
-            save_model(model, save_models / recipe / str(seed) / name)
-        row = {"seed": seed, "model": name, "recipe": recipe, "train_s": train_s, "best_epoch": best_epoch,
+            save_model(model, save_models / tag / str(seed) / name)
+        row = {"seed": seed, "model": name, "recipe": tag, "train_s": train_s, "best_epoch": best_epoch,
                "wall_s": time.perf_counter() - started, **metrics, **extra}
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"seed {seed} {name:22s} [{recipe}] R@50={metrics['recall@50']:.4f} div@50={metrics['diversity@50']:.4f} "
+        print(f"seed {seed} {name:22s} [{tag}] R@50={metrics['recall@50']:.4f} div@50={metrics['diversity@50']:.4f} "
               f"sim={metrics['interest_similarity']:.3f} train={train_s:.1f}s epoch={best_epoch}", flush=True)
 
 
@@ -236,8 +242,9 @@ def fmt(values: list[float], digits: int = 3) -> str:
 def _groups(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
     """``(model, recipe, rows)`` in table order."""
     recipes = sorted({r.get("recipe", "base") for r in rows}, key=lambda x: (x != "base", x))
+    others = sorted({r["model"] for r in rows} - set(ALL_MODELS))  # e.g. --models comirec_sa_mos
     out = []
-    for name in (m for m in ALL_MODELS if any(r["model"] == m for r in rows)):
+    for name in (m for m in (*ALL_MODELS, *others) if any(r["model"] == m for r in rows)):
         for recipe in recipes:
             rs = [r for r in rows if r["model"] == name and r.get("recipe", "base") == recipe]
             if rs:
@@ -332,7 +339,8 @@ def read_rows(path: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="2020,2021,2022")
-    parser.add_argument("--models", default=",".join(ALL_MODELS))
+    parser.add_argument("--models", default=",".join(ALL_MODELS),
+                        help="benchmark rows (any registered sequential model is a row too)")
     parser.add_argument("--out", default=None, help="JSONL file of per-seed rows (appended)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from kgrec.features.graph import build_ckg, build_hetero_graph
 
 if TYPE_CHECKING:
     from kgrec.features.graph import CollaborativeKG
@@ -61,7 +62,6 @@ class InteractionData:
 
     @cached_property
     def ckg(self) -> CollaborativeKG:
-        from kgrec.features.graph import build_ckg
 
         if self.snapshot is None or self.split is None:
             raise ValueError("the collaborative knowledge graph needs a snapshot and a split")
@@ -69,7 +69,6 @@ class InteractionData:
 
     @cached_property
     def hetero(self) -> HeteroData:
-        from kgrec.features.graph import build_hetero_graph
 
         if self.snapshot is None or self.split is None:
             raise ValueError("the heterogeneous graph needs a snapshot and a split")

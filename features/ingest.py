@@ -82,10 +82,6 @@ class IngestReport:
     def n_quarantined(self) -> int:
         return sum(n for reasons in self.quarantined.values() for n in reasons.values())
 
-    @property
-    def n_excluded(self) -> int:
-        return sum(self.excluded.values())
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["snapshot_dir"] = str(self.snapshot_dir)

@@ -21,6 +21,7 @@ from typing import Any
 
 from kgrec.features.ingest import IngestReport, ingest
 from kgrec.features.spec import load_spec
+from kgrec.flows.config import PipelineConfig
 from kgrec.models.families import PipelineInputs, family_of
 from kgrec.models.spec import get_spec
 from kgrec.models.tracking import registry
@@ -30,8 +31,6 @@ from kgrec.serving.export import publish_index_for, register_trained
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-
-from kgrec.config import PipelineConfig
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 

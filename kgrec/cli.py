@@ -17,6 +17,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kgrec.features.ingest import ingest
+from kgrec.features.spec import load_spec
+from kgrec.flows.config import PipelineConfig
+from kgrec.flows.pipeline import configured_flow, run_pipeline
+from kgrec.models.spec import markdown_table, model_names
+from kgrec.models.tracking.settings import TrackingSettings, default_workdir, registered_ranker_name
+from kgrec.serving.champion import load_registered, load_registered_ranker
+from kgrec.serving.service import run
+
 DEFAULT_SERVE_MODEL = os.environ.get("KGREC_MODEL_NAME", "kgrec-music")
 
 
@@ -40,7 +49,6 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _tracking(args: argparse.Namespace):
-    from kgrec.models.tracking.settings import TrackingSettings, default_workdir
 
     return TrackingSettings(
         workdir=Path(args.workdir).resolve() if args.workdir else default_workdir(),
@@ -57,7 +65,6 @@ def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from kgrec.config import PipelineConfig
 
     config = PipelineConfig(
         dataset=args.dataset,
@@ -71,7 +78,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.json,
         **({"parallel_training": args.parallel} if args.parallel else {}),
     )
-    from kgrec.flows.pipeline import run_pipeline
 
     result = run_pipeline(config)
     _emit(result, args.json, format_pipeline_summary(result))
@@ -142,8 +148,6 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from kgrec.features.ingest import ingest
-    from kgrec.features.spec import load_spec
 
     report = ingest(load_spec(args.spec), Path(args.out), progress=sys.stderr.isatty() and not args.json)
     result = report.to_dict()
@@ -155,9 +159,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from kgrec.models.tracking.settings import registered_ranker_name
-    from kgrec.serving.champion import load_registered, load_registered_ranker
-    from kgrec.serving.service import run
 
     tracking = _tracking(args)
     loader = partial(load_registered, tracking, args.model_name, args.alias)
@@ -179,8 +180,6 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             "a schedule needs a Prefect server (the ephemeral one cannot schedule): run "
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    from kgrec.config import PipelineConfig
-    from kgrec.flows.pipeline import configured_flow
 
     config = PipelineConfig(
         dataset=args.dataset,
@@ -196,6 +195,15 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS_HELP = (
+    "comma-separated model names: "
+    + ", ".join(model_names("retriever"))
+    + " (retrievers, on the random/temporal split); "
+    + ", ".join(model_names("sequential"))
+    + " (sequential / multi-interest, on the sequential split). `kgrec models` describes each."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kgrec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -207,24 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="ingest → graph → train → evaluate → register → publish")
     p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
-    p.add_argument(
-        "--models", default="bprmf,lightgcn",
-        help="comma-separated model names: bprmf, lightgcn, kgat (embedding retrievers); youtube_dnn, "
-        "mind, comirec_dr, comirec_sa, comirec_sa_mos, comirec_sa_max, mixture (sequential / multi-interest, "
-        "on the sequential split)",
-    )
+    p.add_argument("--models", default="bprmf,lightgcn", help=MODELS_HELP)
     p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
     p.add_argument("--split", choices=["random", "temporal"], default="random",
                    help="split of the embedding retrievers (sequential models: sequential split)")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
-    p.add_argument("--ranker", choices=["kcan"],
+    p.add_argument("--ranker", choices=model_names("ranker"),
                    help="also train the ranking stage on the best retriever's top-200 and register "
                    "it as <registered model>-ranker")
     p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     tracking_args(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("models", help="the registered models, as a Markdown table")
+    p.set_defaults(func=lambda args: print(markdown_table()) or 0)
 
     p = sub.add_parser("ingest", help="validate and snapshot a dataset")
     p.add_argument("--spec", required=True, help="bundled spec name or path to a spec YAML")
@@ -249,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default="0 3 * * *")
     p.add_argument("--name", default="kgrec-nightly")
     p.add_argument("--dataset", default="music")
-    p.add_argument("--models", default="bprmf,lightgcn")
+    p.add_argument("--models", default="bprmf,lightgcn", help=MODELS_HELP)
     p.add_argument("--epochs", type=int)
-    p.add_argument("--ranker", choices=["kcan"])
+    p.add_argument("--ranker", choices=model_names("ranker"))
     tracking_args(p)
     p.set_defaults(func=_cmd_deploy)
     return parser

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
-from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense
+from kgrec.models.evaluation import ScoreSource, _as_score_fn, _rows_to_dense, ranked_list_metrics
 from kgrec.models.rankers.kcan import KCAN, KCANConfig, build_kcan
 from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.training.pairwise import train_pairs
@@ -176,7 +176,6 @@ def list_metrics(
     truth items, ideal DCG over ``min(|T_u|, K)`` positions), averaged over ALL ``B`` users given: a
     user without truth items counts 0 (``empty_users="zero"``; :func:`evaluate` skips such users).
     Entries < 0 are padding."""
-    from kgrec.models.evaluation import ranked_list_metrics
 
     truth = sp.csr_matrix(truth)
     rows = users.numpy()

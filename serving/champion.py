@@ -19,6 +19,8 @@ from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.candidates import CandidateService
 from kgrec.serving.index import IndexConfig, build_index, load_index
+from kgrec.serving.multi_interest import MultiInterestBundle, MultiInterestService
+from kgrec.serving.ranking import RankerBundle
 
 logger = logging.getLogger("kgrec.serving")
 
@@ -30,7 +32,6 @@ def open_service(
     build one). ``torch_threads`` applies to multi-interest models only (1 for a serving process:
     one request's tensors are far too small for intra-op threads)."""
     if bundle_kind(bundle_dir) == "multi_interest":
-        from kgrec.serving.multi_interest import MultiInterestBundle, MultiInterestService
 
         return MultiInterestService(MultiInterestBundle.load(bundle_dir), index, torch_threads=torch_threads)
     return CandidateService(RetrievalBundle.load(bundle_dir), index)
@@ -77,7 +78,6 @@ def load_registered_ranker(
 ) -> tuple[Any, dict[str, Any]] | None:
     """The ranking stage's ``(RankerBundle, info)`` for ``model_name@alias``; ``None`` when it is
     not registered and not ``required``."""
-    from kgrec.serving.ranking import RankerBundle
 
     mlflow.set_tracking_uri(tracking.resolved_tracking_uri)
     try:

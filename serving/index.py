@@ -6,7 +6,7 @@ and an approximate index (``auto_ann``: HNSW by default, or IVF) above it.
 
 Threads: builds and batched recall measurements use ``build_threads`` OpenMP threads
 (default: all cores) and restore the previous setting afterwards; single-query serving should run
-with one thread (``set_search_threads(1)``, done by ``CandidateService``) because OpenMP fan-out
+with one thread (``faiss_threads(1)``, set by the services) because OpenMP fan-out
 costs more than it saves for one query.
 
 Stored layout (``save_index``)::
@@ -53,10 +53,6 @@ class IndexConfig(BaseModel):
     target_recall: float | None = Field(0.95, gt=0.0, le=1.0)
     seed: int = 2020
     build_threads: int | None = Field(None, ge=1)
-
-
-def set_search_threads(n: int = 1) -> None:
-    faiss.omp_set_num_threads(int(n))
 
 
 @contextlib.contextmanager

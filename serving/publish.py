@@ -11,6 +11,7 @@ import mlflow
 from kgrec.models.tracking.registry import INDEX_ARTIFACT, INDEX_TAG
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
+from kgrec.serving.multi_interest import MultiInterestBundle
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
@@ -29,7 +30,6 @@ def publish_index(
     retriever -- whose per-interest queries all search this one item index.
     """
     if bundle_kind(bundle_dir) == "multi_interest":
-        from kgrec.serving.multi_interest import MultiInterestBundle
 
         mi_bundle = MultiInterestBundle.load(bundle_dir)
         items, queries = mi_bundle.item_embeddings, mi_bundle.sample_queries()

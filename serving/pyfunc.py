@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import pandas as pd
+from kgrec.serving.bundle import INDEX_DIRNAME, id_lookup
+from kgrec.serving.champion import open_service
+from kgrec.serving.index import load_index
+from kgrec.serving.ranking import RankerBundle
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -42,9 +46,6 @@ class TopKRecommender(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from kgrec.serving.bundle import INDEX_DIRNAME
-        from kgrec.serving.champion import open_service
-        from kgrec.serving.index import load_index
 
         artifacts = context.artifacts
         bundle_dir = Path(artifacts["bundle"])
@@ -98,7 +99,6 @@ class PairScorer(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from kgrec.serving.ranking import RankerBundle
 
         self.bundle = RankerBundle.load(Path(context.artifacts["bundle"]))
 
@@ -112,7 +112,6 @@ class PairScorer(mlflow.pyfunc.PythonModel):
         missing = {"user_id", "item_id"} - set(frame.columns)
         if missing:
             raise ValueError(f"model_input needs columns {sorted(missing)}")
-        from kgrec.serving.bundle import id_lookup
 
         users = id_lookup(self.bundle.users, "user_id", "user_idx")
         items = id_lookup(self.bundle.items, "item_id", "item_idx")

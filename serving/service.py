@@ -71,8 +71,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
+from kgrec.serving.bundle import INDEX_DIRNAME
 from kgrec.serving.candidates import CandidateError
+from kgrec.serving.champion import open_service
+from kgrec.serving.index import load_index
 from kgrec.serving.protocols import Ranker, Retriever
+from kgrec.serving.ranking import TwoStageService
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
@@ -146,7 +150,6 @@ class ServingState:
             self.summary = _summary(self.info)
             ranker = load_ranker() if load_ranker is not None else None
             if ranker is not None:
-                from kgrec.serving.ranking import TwoStageService
 
                 bundle, ranker_info = ranker
                 if not isinstance(bundle.model, Ranker):
@@ -376,9 +379,6 @@ def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> 
     builds one."""
 
     def load() -> tuple[Retriever, dict[str, Any]]:
-        from kgrec.serving.bundle import INDEX_DIRNAME
-        from kgrec.serving.champion import open_service
-        from kgrec.serving.index import load_index
 
         index = None
         if (Path(directory) / INDEX_DIRNAME).is_dir():

@@ -38,8 +38,11 @@ def test_pipeline_registers_a_champion_trained_on_the_real_snapshot(pipeline_run
     assert result["dataset"] == "music"
     assert result["ingest"]["rows_accepted"]["interactions"] == 21_173
     assert [m["model"] for m in result["models"]] == ["bprmf", "lightgcn"]
-    aliases = [m["registered"]["alias"] for m in result["models"]]
-    assert aliases[0] == "champion" and aliases[1] in {"champion", "challenger"}
+    first, second = (m["registered"] for m in result["models"])
+    assert first["alias"] == "champion" and first["previous_champion"] is None
+    # the second version takes over only when strictly better on the selection metric
+    assert second["previous_champion"] == first["version"]
+    assert second["alias"] == ("champion" if second["metric"] > first["metric"] else "challenger")
     for model in result["models"]:
         assert 0.0 < model["test"]["recall@20"] <= 1.0
         assert model["epochs_run"] == 2

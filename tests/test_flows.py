@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from kgrec.flows.config import PipelineConfig
 from kgrec.flows.pipeline import pipeline_flow
-
-from kgrec.config import PipelineConfig
 
 
 def test_deployment_parameters_validate_back_into_a_pipeline_config():

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from kgrec.models.tracking import registry
-from kgrec.serving.export import register_bundle
 from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle
+from kgrec.serving.export import register_bundle
 from mlflow import MlflowClient
 
 NAME = "kgrec-test"

@@ -50,19 +50,6 @@ def relation_project(x: Tensor, relation: Tensor, weight: Tensor) -> Tensor:
     return projected[inverse]
 
 
-def transr_distance(
-    head: Tensor, tail: Tensor, relation_emb: Tensor, relation: Tensor, weight: Tensor
-) -> Tensor:
-    r"""TransR plausibility score (KGAT Eq. 1; lower is more plausible)
-
-    .. math:: g(h, r, t) = \lVert \mathbf{W}_r \mathbf{e}_h + \mathbf{e}_r - \mathbf{W}_r \mathbf{e}_t
-              \rVert_2^2 = \lVert \mathbf{W}_r (\mathbf{e}_h - \mathbf{e}_t) + \mathbf{e}_r \rVert_2^2,
-
-    computed with one projection of the difference instead of two.
-    """
-    return (relation_project(head - tail, relation, weight) + relation_emb).pow(2).sum(-1)
-
-
 def transr_loss(
     head: Tensor,
     pos_tail: Tensor,

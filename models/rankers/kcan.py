@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import EpochHook, Recommender
 from kgrec.models.layers.kcan_subgraph import NeighbourTable, gather_subgraph, topk_neighbour_table
+from kgrec.models.persistence import load_state, save_module
 from kgrec.models.retrievers.kgat import KGAT, interaction_ckg
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.config import LoopConfig
@@ -333,7 +334,6 @@ class KCAN(Recommender):
         :func:`kgrec.models.persistence.save_module`: ``kcan.pt`` (state dict + the CKG tensors)
         and ``kcan.json`` (class, sizes, hyper-parameters, relation names, ``extra`` e.g. fusion
         weight)."""
-        from kgrec.models.persistence import save_module
 
         meta = {
             "kind": "kcan_ranker",
@@ -350,7 +350,6 @@ class KCAN(Recommender):
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> KCAN:
         """Rebuild a model written by :meth:`save` (in eval mode; weights read with
         ``weights_only=True``); ``model.meta`` holds ``kcan.json``."""
-        from kgrec.models.persistence import load_state
 
         blob, meta = load_state(path, "kcan", map_location="cpu", expected_class=cls.__name__)
         ckg = CollaborativeKG(

@@ -19,9 +19,6 @@ from kgrec.models.spec import get_spec
 from kgrec.models.training.config import LoopConfig
 from pydantic import Field, field_validator, model_validator
 
-#: The promotion gate's metric for sequential models (MLflow key of validation Recall@50).
-SEQUENTIAL_SELECTION_METRIC = "best_valid_recall_at_50"
-
 _METRIC = re.compile(r"^(recall|ndcg|hit)@(\d+)$")
 
 
@@ -95,11 +92,6 @@ class SequentialModelConfig(LoopConfig):
         """The default configuration of ``name``; ``None`` overrides mean "the default"."""
         defaults = get_spec(name, "sequential").defaults
         return cls(model=name, **(dict(defaults) | {k: v for k, v in overrides.items() if v is not None}))
-
-    @property
-    def mlflow_selection_metric(self) -> str:
-        """MLflow key of the best validation selection metric (``best_valid_recall_at_50``)."""
-        return "best_valid_" + self.selection_metric.replace("@", "_at_")
 
 
 def trained_merge_rule(config: SequentialModelConfig) -> str:

@@ -73,6 +73,7 @@ from kgrec.models.merge import (
     score_union,
     search_interests,
 )
+from kgrec.models.persistence import load_state, load_tensors, save_module
 from torch import Tensor
 
 #: ``class name -> module`` of every savable model (for :func:`load_model`).
@@ -457,7 +458,6 @@ def save_model(model: MultiInterestModel, directory: str | Path) -> Path:
     """Write ``model.json`` (class, hyper-parameters, merge rule, diversity weight) and ``model.pt``
     (state dict, buffers included) into ``directory`` with :func:`kgrec.models.persistence.save_module`;
     :func:`load_model` restores it."""
-    from kgrec.models.persistence import save_module
 
     name = type(model).__name__
     if name not in MODEL_CLASSES:
@@ -470,7 +470,6 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild a model written by :func:`save_model` (in eval mode). Directories written before
     :mod:`kgrec.models.persistence` (``model.json`` + a bare state dict in ``state.pt``) still load;
     either way the weights are read with ``torch.load(..., weights_only=True)``."""
-    from kgrec.models.persistence import load_state, load_tensors
 
     directory = Path(directory)
     if (directory / "model.pt").is_file():

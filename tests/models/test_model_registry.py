@@ -4,6 +4,7 @@ defaults, pipeline choices, model building)."""
 from __future__ import annotations
 
 import pytest
+from kgrec.flows.config import PipelineConfig
 from kgrec.models.families import FAMILIES, SequenceInputs, family_of
 from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential.multi_interest import MultiInterestModel
@@ -17,8 +18,6 @@ from kgrec.models.spec import (
     register,
 )
 from pydantic import ValidationError
-
-from kgrec.config import PipelineConfig
 
 SEQUENTIAL_MODEL_NAMES = model_names("sequential")
 
@@ -76,7 +75,7 @@ def test_pipeline_config_accepts_both_kinds_of_model_names():
 @pytest.mark.parametrize("name", SEQUENTIAL_MODEL_NAMES)
 def test_every_sequential_model_builds_from_its_config(name):
     config = SequentialModelConfig.for_model(name, epochs=None, embedding_dim=8, seed=3)
-    assert config.epochs == 30 and config.mlflow_selection_metric == "best_valid_recall_at_50"
+    assert config.epochs == 30 and family_of(name).selection_metric(config) == "best_valid_recall_at_50"
     model = build_sequential_model(config, num_items=20)
     assert isinstance(model, MultiInterestModel) and model.num_items == 20
     assert model.merge_rule == {"mixture": "weighted", "comirec_sa_mos": "mixture"}.get(name, "max")

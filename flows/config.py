@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from kgrec.models.spec import get_spec, model_names
 from kgrec.models.tracking.settings import TrackingSettings, registered_model_name
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class PipelineConfig(BaseModel):
