@@ -7,14 +7,11 @@ recommended ``defaults``.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from kgrec.models.spec import get_spec
-from kgrec.models.training.config import LoopConfig
-from pydantic import BaseModel, Field, field_validator, model_validator
-
-_METRIC = re.compile(r"^(recall|ndcg|hit|precision)@(\d+)$")
+from kgrec.models.training.config import LoopConfig, check_selection_metric
+from pydantic import BaseModel, Field, model_validator
 
 
 class TrainConfig(LoopConfig):
@@ -86,21 +83,9 @@ class TrainConfig(LoopConfig):
         schema = get_spec(self.model, "retriever").params
         return None if schema is None else schema.model_validate(self.params)
 
-    @field_validator("ks")
-    @classmethod
-    def _check_ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
-        if not ks or any(k < 1 for k in ks):
-            raise ValueError("ks must be a non-empty tuple of positive integers")
-        return tuple(sorted(set(ks)))
-
     @model_validator(mode="after")
     def _check_selection_metric(self) -> TrainConfig:
-        match = _METRIC.match(self.selection_metric)
-        if match is None or int(match.group(2)) not in self.ks:
-            raise ValueError(
-                f"selection_metric {self.selection_metric!r} must be <recall|ndcg|hit|precision>@K "
-                f"with K in ks={self.ks}"
-            )
+        check_selection_metric(self.selection_metric, self.ks, ("recall", "ndcg", "hit", "precision"))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,14 +12,11 @@ spec's ``check``.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from kgrec.models.spec import get_spec
-from kgrec.models.training.config import LoopConfig
-from pydantic import Field, field_validator, model_validator
-
-_METRIC = re.compile(r"^(recall|ndcg|hit)@(\d+)$")
+from kgrec.models.training.config import LoopConfig, check_selection_metric
+from pydantic import Field, model_validator
 
 
 class SequentialModelConfig(LoopConfig):
@@ -68,20 +65,9 @@ class SequentialModelConfig(LoopConfig):
     # on a busy 2-core machine 20x more. None leaves torch's thread count alone.
     torch_threads: int | None = Field(1, ge=1)
 
-    @field_validator("ks")
-    @classmethod
-    def _check_ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
-        if not ks or any(k < 1 for k in ks):
-            raise ValueError("ks must be a non-empty tuple of positive integers")
-        return tuple(sorted(set(ks)))
-
     @model_validator(mode="after")
     def _check(self) -> SequentialModelConfig:
-        match = _METRIC.match(self.selection_metric)
-        if match is None or int(match.group(2)) not in self.ks:
-            raise ValueError(
-                f"selection_metric {self.selection_metric!r} must be <recall|ndcg|hit>@K with K in ks={self.ks}"
-            )
+        check_selection_metric(self.selection_metric, self.ks, ("recall", "ndcg", "hit"))
         spec = get_spec(self.model, "sequential")
         if spec.check is not None:
             spec.check(self)

@@ -7,10 +7,18 @@ only these fields, so a loop setting means the same thing in every family.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def check_selection_metric(metric: str, ks: tuple[int, ...], names: tuple[str, ...]) -> None:
+    """``metric`` must be ``<name>@K`` with a name of ``names`` and K among the evaluated ``ks``."""
+    match = re.match(r"^(\w+)@(\d+)$", metric)
+    if match is None or match.group(1) not in names or int(match.group(2)) not in ks:
+        raise ValueError(f"selection_metric {metric!r} must be <{'|'.join(names)}>@K with K in ks={ks}")
 
 
 class LoopConfig(BaseModel):
@@ -25,6 +33,13 @@ class LoopConfig(BaseModel):
     seed: int = Field(2020, ge=0)
     device: str = Field("auto", description='"auto" (cuda if available, else cpu), "cpu", "cuda[:n]"')
     time_budget_s: float | None = Field(None, gt=0.0, description="stop after this much training time")
+
+    @field_validator("ks", check_fields=False)  # the families that evaluate at several K
+    @classmethod
+    def _check_ks(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("ks must be a non-empty tuple of positive integers")
+        return tuple(sorted(set(ks)))
 
     @field_validator("device")
     @classmethod
