@@ -51,9 +51,20 @@ are typed by the protocols of :mod:`kgrec.serving.protocols`, checked once when 
 Latency: handlers AND dependencies are ``async def`` on purpose (FastAPI runs a plain ``def``
 dependency in the threadpool too), and no dependency depends on another (each nesting level is one
 more resolution per request). One request is ~0.2 ms of CPU (faiss search + id mapping) with faiss
-pinned to one OpenMP thread; hopping to the threadpool would cost about as much again. Handlers
-return an ``ORJSONResponse`` themselves: a returned dict would go through ``jsonable_encoder`` and a
-declared return type through response-model validation. Scale throughput with uvicorn workers.
+pinned to one OpenMP thread; hopping to the threadpool would cost about as much again. Scale
+throughput with uvicorn workers.
+
+Response bodies: every success body has a response type below (``TypedDict`` types, so they are in the
+OpenAPI schema). Handlers return plain dicts and declare the type as their return annotation; FastAPI
+validates the dict against it and pydantic-core writes the JSON bytes in one pass (no
+``jsonable_encoder``). ``TypedDict`` rather than ``BaseModel`` on purpose: validation yields dicts
+instead of ~100 model instances per candidate list (30-60 us less CPU per ``k=100`` request), and a
+``NotRequired`` key that the handler leaves out is simply absent from the answer (``interest``,
+``merge``, ``diversity``, ...), while a ``None`` it puts in stays ``null`` (``name``,
+``ranking_score``), with no ``exclude_unset`` / ``exclude_none`` needed. Keys are written in the
+declared order. Cost: ~35 us more CPU per ``k=100`` request than the ``ORJSONResponse`` it replaced
+(response validation ~15 us; pydantic-core writes JSON in ~20 us where orjson took ~8). Error bodies
+(``{"detail": ...}``) are ``JSONResponse`` objects built by the exception handlers.
 """
 
 from __future__ import annotations
@@ -66,18 +77,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Required
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from kgrec.serving.bundle import INDEX_DIRNAME
 from kgrec.serving.candidates import CandidateError
 from kgrec.serving.champion import open_service
 from kgrec.serving.index import load_index
 from kgrec.serving.protocols import Ranker, Retriever
 from kgrec.serving.ranking import TwoStageService
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic rejects typing.TypedDict on Python < 3.12
 
 if TYPE_CHECKING:
     from kgrec.serving.ranking import RankerBundle, TwoStageService
@@ -103,6 +115,180 @@ class HistoryRequest(BaseModel):
     k: int = Field(100, ge=1, le=MAX_K)
     merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
     diversity: float | None = Field(None, ge=0.0, le=MAX_DIVERSITY)  # lambda of merge="controllable"
+
+
+# ---------------------------------------------------------------------------- response bodies
+# TypedDicts (module docstring, "Response bodies"): keys in answer order; NotRequired = absent unless
+# the handler sets it.
+class ModelSummary(TypedDict):
+    """Which registered model answered (``name`` and ``version`` of the loader's info)."""
+
+    name: str | None
+    version: str | int | None
+
+
+class Candidate(TypedDict):
+    item_id: str
+    score: float
+    name: str | None
+    interest: NotRequired[int]  # multi-interest retrievers: the interest the item came from
+
+
+class UserCandidates(TypedDict):
+    """``GET /v1/users/{user_id}/candidates``."""
+
+    user_id: str
+    k: int
+    model: ModelSummary
+    merge: NotRequired[str]  # multi-interest retrievers: the merge rule applied
+    interest_weights: NotRequired[list[float]]  # multi-interest retrievers; 0 = inactive interest
+    diversity: NotRequired[float]  # merge "controllable" only: its lambda
+    candidates: list[Candidate]
+    took_ms: float
+
+
+class HistoryCandidates(TypedDict):
+    """``POST /v1/candidates``."""
+
+    k: int
+    model: ModelSummary
+    merge: NotRequired[str]
+    interest_weights: NotRequired[list[float]]
+    diversity: NotRequired[float]
+    candidates: list[Candidate]
+    unknown_item_ids: list[str]  # posted ids the model does not know (ignored)
+    took_ms: float
+
+
+class RankedCandidate(TypedDict):
+    item_id: str
+    name: str | None
+    score: float | None  # fused; null where the ranker does not know the item (ranked last)
+    retrieval_score: float
+    ranking_score: float | None  # null where the ranker does not know the item
+    retrieval_rank: int  # 1-based position in the retrieval list
+
+
+class StageTimings(TypedDict):
+    retrieval: float
+    ranking: float
+    total: float
+
+
+class RankedCandidates(TypedDict):
+    """``GET /v1/users/{user_id}/ranked``."""
+
+    user_id: str
+    k: int
+    n: int  # candidates retrieved and re-ranked
+    model: ModelSummary
+    ranker: ModelSummary
+    candidates: list[RankedCandidate]
+    timings_ms: StageTimings
+
+
+class StageStats(TypedDict, total=False):
+    n: Required[int]  # samples in the window; the percentiles are absent while it is 0
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+class TwoStageLatency(TypedDict):
+    requests: int  # since startup
+    retrieval: StageStats
+    ranking: StageStats
+    total: StageStats
+
+
+class LatencyReport(TypedDict):
+    """``GET /v1/latency``."""
+
+    two_stage: TwoStageLatency
+
+
+class GraphNode(TypedDict):
+    type: str  # "item" | "entity" | "user"
+    id: str
+    name: NotRequired[str | None]  # items only
+
+
+class PathStep(TypedDict):
+    relation: str
+    attention: float
+    type: str
+    id: str
+    name: NotRequired[str | None]
+
+
+class ExplanationPath(TypedDict):
+    score: float
+    steps: list[PathStep]
+
+
+class Explanation(TypedDict):
+    """``GET /v1/users/{user_id}/candidates/{item_id}/explain``."""
+
+    user_id: str
+    item: GraphNode
+    score: float
+    already_seen: bool
+    paths: list[ExplanationPath]
+    model: ModelSummary
+    took_ms: float
+
+
+@with_config(ConfigDict(extra="allow"))  # the loader's info is free-form: other keys pass through
+class RankerInfo(TypedDict, total=False):
+    name: str | None
+    version: str | int | None
+    alias: str | None
+    run_id: str | None
+    snapshot_hash: str | None
+    model: str | None
+    dataset: str | None
+    alpha: float  # fusion weight of the ranking score
+    default_num_candidates: int
+    trained_with_retriever: str | None
+
+
+@with_config(ConfigDict(extra="allow"))
+class ModelInfo(TypedDict, total=False):
+    """``GET /v1/model``: the loader's info (the pipeline's keys first), the retriever's, the index."""
+
+    name: str | None  # registered model name
+    version: str | int | None
+    alias: str | None
+    run_id: str | None
+    model: str | None
+    dataset: str | None
+    snapshot_hash: str | None
+    index: dict[str, Any]  # the published index's kind, ntotal, ann_recall
+    kind: Required[str]  # "embedding" | "multi_interest"
+    num_interests: int  # multi-interest retrievers, down to merge_rules
+    merge_rule: str
+    diversity_weight: float
+    max_length: int
+    merge_rules: list[str]
+    index_kind: Required[str]
+    n_items: Required[int]
+    n_users: Required[int]
+    ranker: RankerInfo  # when a ranking model is loaded
+
+
+class Health(TypedDict):
+    status: str  # "ok"
+
+
+class Ready(TypedDict):
+    status: str  # "ready"
+    model: ModelInfo
+
+
+class NotReady(TypedDict):
+    status: str  # "unavailable"
+    detail: str
 
 
 class ServiceUnavailable(Exception):
@@ -223,15 +409,15 @@ two_stage = APIRouter(prefix="/v1", tags=["two-stage"])
 
 
 @health.get("/healthz")
-async def healthz() -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok"})
+async def healthz() -> Health:
+    return {"status": "ok"}
 
 
-@health.get("/readyz")
-async def readyz(state: State) -> ORJSONResponse:
+@health.get("/readyz", response_model=Ready, responses={503: {"model": NotReady, "description": "not loaded"}})
+async def readyz(state: State) -> Ready | JSONResponse:
     if state.retriever is None:
-        return ORJSONResponse({"status": "unavailable", "detail": state.error}, status_code=503)
-    return ORJSONResponse({"status": "ready", "model": state.info})
+        return JSONResponse({"status": "unavailable", "detail": state.error}, status_code=503)
+    return {"status": "ready", "model": state.info}
 
 
 @retrieval.get("/users/{user_id}/candidates")
@@ -242,35 +428,31 @@ async def user_candidates(
     k: int = Query(100, ge=1, le=MAX_K),
     merge: MergeParam | None = Query(None),
     diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
-) -> ORJSONResponse:
+) -> UserCandidates:
     t0 = time.perf_counter()
     result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
-    return ORJSONResponse(
-        {
-            "user_id": user_id,
-            "k": k,
-            "model": state.summary,
-            **result.response_fields(),
-            "candidates": result.records(),
-            "took_ms": _took_ms(t0),
-        }
-    )
+    return {
+        "user_id": user_id,
+        "k": k,
+        "model": state.summary,
+        **result.response_fields(),
+        "candidates": result.records(),
+        "took_ms": _took_ms(t0),
+    }
 
 
 @retrieval.post("/candidates")
-async def history_candidates(body: HistoryRequest, retriever: ReadyRetriever, state: State) -> ORJSONResponse:
+async def history_candidates(body: HistoryRequest, retriever: ReadyRetriever, state: State) -> HistoryCandidates:
     t0 = time.perf_counter()
     result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
-    return ORJSONResponse(
-        {
-            "k": body.k,
-            "model": state.summary,
-            **result.response_fields(),
-            "candidates": result.records(),
-            "unknown_item_ids": result.unknown_item_ids,
-            "took_ms": _took_ms(t0),
-        }
-    )
+    return {
+        "k": body.k,
+        "model": state.summary,
+        **result.response_fields(),
+        "candidates": result.records(),
+        "unknown_item_ids": result.unknown_item_ids,
+        "took_ms": _took_ms(t0),
+    }
 
 
 @retrieval.get("/users/{user_id}/candidates/{item_id}/explain")
@@ -280,17 +462,15 @@ async def explain(
     retriever: ReadyRetriever,
     state: State,
     max_paths: int = Query(5, ge=1, le=50),
-) -> ORJSONResponse:
+) -> Explanation:
     t0 = time.perf_counter()
     payload = retriever.explain(user_id, item_id, max_paths)
-    payload["model"] = state.summary
-    payload["took_ms"] = _took_ms(t0)
-    return ORJSONResponse(payload)
+    return {**payload, "model": state.summary, "took_ms": _took_ms(t0)}
 
 
 @retrieval.get("/model", dependencies=[Depends(ready_retriever)])
-async def model(state: State) -> ORJSONResponse:
-    return ORJSONResponse(state.info)
+async def model(state: State) -> ModelInfo:
+    return state.info
 
 
 # `async def` like the other handlers: one 200-pair KCAN forward (~4 ms on one thread) costs
@@ -303,36 +483,34 @@ async def ranked(
     state: State,
     k: int = Query(20, ge=1, le=MAX_K),
     n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
-) -> ORJSONResponse:
+) -> RankedCandidates:
     result = service.for_user(user_id, k, n)
-    return ORJSONResponse(
-        {
-            "user_id": user_id,
-            "k": k,
-            "n": result.num_candidates,
-            "model": state.summary,
-            "ranker": state.ranker_summary,
-            "candidates": result.records(),
-            "timings_ms": result.timings_ms,
-        }
-    )
+    return {
+        "user_id": user_id,
+        "k": k,
+        "n": result.num_candidates,
+        "model": state.summary,
+        "ranker": state.ranker_summary,
+        "candidates": result.records(),
+        "timings_ms": result.timings_ms,
+    }
 
 
 @two_stage.get("/latency")
-async def latency(service: ReadyTwoStage) -> ORJSONResponse:
-    return ORJSONResponse({"two_stage": service.latency.summary()})
+async def latency(service: ReadyTwoStage) -> LatencyReport:
+    return {"two_stage": service.latency.summary()}
 
 
 # ---------------------------------------------------------------------------- errors
-async def _candidate_error(request: Request, exc: CandidateError) -> ORJSONResponse:
-    return ORJSONResponse({"detail": exc.message}, status_code=exc.status_code)
+async def _candidate_error(request: Request, exc: CandidateError) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
 
 
-async def _unavailable(request: Request, exc: ServiceUnavailable) -> ORJSONResponse:
-    return ORJSONResponse({"detail": exc.message}, status_code=503)
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=503)
 
 
-async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for e in exc.errors():
         loc_parts = list(e.get("loc", ()))
@@ -345,7 +523,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONRespo
         loc = ".".join(str(p) for p in loc_parts)
         errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
     message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
-    return ORJSONResponse({"detail": message, "errors": errors}, status_code=422)
+    return JSONResponse({"detail": message, "errors": errors}, status_code=422)
 
 
 # ---------------------------------------------------------------------------- app
@@ -361,7 +539,6 @@ def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) ->
     app = FastAPI(
         title="kgrec candidates",
         lifespan=partial(_lifespan, load_service=load_service, load_ranker=load_ranker),
-        default_response_class=ORJSONResponse,
         exception_handlers={
             CandidateError: _candidate_error,
             ServiceUnavailable: _unavailable,

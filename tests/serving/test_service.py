@@ -54,6 +54,19 @@ def test_json_responses_and_every_endpoint_is_routed(client, broken_client):
     assert params == {"user_id", "k", "merge", "diversity"}
 
 
+def test_openapi_documents_the_candidates_body(client):
+    spec = client.get("/openapi.json").json()
+    schema = spec["paths"]["/v1/users/{user_id}/candidates"]["get"]["responses"]["200"]["content"][
+        "application/json"]["schema"]
+    ref = schema["$ref"]
+    assert ref.startswith("#/components/schemas/")
+    body = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert body["properties"]["candidates"]["type"] == "array"
+    item = spec["components"]["schemas"][body["properties"]["candidates"]["items"]["$ref"].rsplit("/", 1)[1]]
+    assert {"item_id", "score", "name", "interest"} <= set(item["properties"])
+    assert set(item["required"]) == {"item_id", "score", "name"}  # `interest`: multi-interest retrievers only
+
+
 def test_known_user(client, bundle, service):
     r = client.get("/v1/users/u5/candidates", params={"k": 25})
     assert r.status_code == 200
