@@ -53,7 +53,7 @@ from kgrec.features.split import random_split
 from kgrec.models.config import TrainConfig
 from kgrec.models.merge import CONTROLLABLE_POOL
 from kgrec.models.sequential.config import SequentialModelConfig
-from kgrec.models.sequential.multi_interest import MultiInterestModel, save_model
+from kgrec.models.sequential.multi_interest import save_model
 from kgrec.models.sequential_evaluation import Popularity, category_matrix, evaluate_sequential
 from kgrec.models.spec import build_model, model_names
 from kgrec.models.training.pairwise import fit
