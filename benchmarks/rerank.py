@@ -68,7 +68,8 @@ def history_entry(log: EpochLog) -> dict:
     }
 
 
-def run(name: str, args) -> dict:
+def run(name: str, args) -> list[dict]:
+    """One dataset: the retriever (and KGAT) trained once, KCAN once per ``--seeds`` seed."""
     data = load(name)
     t0 = time.perf_counter()
     config = TrainConfig.for_model("lightgcn", device="cpu")
@@ -76,7 +77,6 @@ def run(name: str, args) -> dict:
     fit(retriever, data, config)
     retr_seconds = time.perf_counter() - t0
     full = evaluate_split(retriever, data, "test", ks=(20,))
-    kcfg = KCANConfig(epochs=args.epochs, max_valid_users=args.max_valid_users)
     global_init, kgat_seconds = None, 0.0
     if args.global_init == "kgat":  # KCAN's global layer starts from a converged KGAT
         t0 = time.perf_counter()
@@ -84,6 +84,14 @@ def run(name: str, args) -> dict:
         global_init = build_model(kgat_config, data)
         fit(global_init, data, kgat_config)
         kgat_seconds = time.perf_counter() - t0
+    return [
+        train_one(name, data, retriever, full, global_init, seed, args, retr_seconds, kgat_seconds)
+        for seed in args.seeds
+    ]
+
+
+def train_one(name, data, retriever, full, global_init, seed, args, retr_seconds, kgat_seconds) -> dict:
+    kcfg = KCANConfig(epochs=args.epochs, max_valid_users=args.max_valid_users, seed=seed)
     kcan, res = train_kcan(data, retriever, kcfg, global_init=global_init)
     out = evaluate_reranking(retriever, kcan, data, "test", N=200, ks=(20,))
     med, p99 = latency(kcan, data, retriever)
@@ -92,6 +100,7 @@ def run(name: str, args) -> dict:
     return {
         "dataset": name,
         "retriever": "LightGCN",
+        "kcan_seed": seed,
         "retrieval_full_ranking": {"recall@20": full["recall@20"], "ndcg@20": full["ndcg@20"]},
         **out,
         "kcan_best_epoch": res.best_epoch,
@@ -116,30 +125,40 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--global-init", choices=["none", "kgat"], default="none",
                         help="kgat: train KGAT first and start KCAN's global layer from it")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[2020],
+                        help="KCAN seeds, comma-separated (the retriever and KGAT keep seed 2020)")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.datasets:
-        r = run(name, args)
-        rows.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "history"}, default=float), flush=True)
+        for r in run(name, args):
+            rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "history"}, default=float), flush=True)
     print()
-    print("| dataset | retriever | R@20 retrieval | N@20 retrieval | R@20 KCAN alone | N@20 KCAN alone "
+    print("| dataset | KCAN seed | retriever | R@20 retrieval | N@20 retrieval | R@20 KCAN alone | N@20 KCAN alone "
           "| R@20 retrieval→KCAN (fused, α) | N@20 retrieval→KCAN | ΔN@20 | cand. recall@200 "
           "| KCAN train s | 200-cand. forward median / p99 ms |")
-    print("|" + " --- |" * 12)
+    print("|" + " --- |" * 13)
     for r in rows:
         rr, kk, ff = r["retrieval"], r["kcan"], r["fused"]
         delta = ff["ndcg@20"] - rr["ndcg@20"]
         print(
-            f"| {r['dataset']} | {r['retriever']} | {rr['recall@20']:.4f} | {rr['ndcg@20']:.4f} "
+            f"| {r['dataset']} | {r['kcan_seed']} | {r['retriever']} | {rr['recall@20']:.4f} | {rr['ndcg@20']:.4f} "
             f"| {kk['recall@20']:.4f} | {kk['ndcg@20']:.4f} | {ff['recall@20']:.4f} (α={r['alpha']:.1f}) "
             f"| {ff['ndcg@20']:.4f} | {delta:+.4f} ({100 * delta / rr['ndcg@20']:+.1f}%) "
             f"| {r['candidate_recall@200']:.4f} | {r['kcan_train_seconds']:.0f} "
             f"| {r['latency_ms_median']:.2f} / {r['latency_ms_p99']:.2f} |"
         )
+    print()
+    for name in args.datasets:  # the spread over KCAN seeds
+        mine = [r for r in rows if r["dataset"] == name]
+        final = np.array([r["fused"]["ndcg@20"] for r in mine])
+        delta = final - np.array([r["retrieval"]["ndcg@20"] for r in mine])
+        spread = f" ± {final.std(ddof=1):.4f}" if len(mine) > 1 else ""
+        print(f"{name}: N@20 final {final.mean():.4f}{spread}, ΔN@20 {delta.mean():+.4f} over {len(mine)} seed(s), "
+              f"{int((delta > 0).sum())}/{len(mine)} above retrieval alone")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
 

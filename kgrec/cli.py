@@ -7,6 +7,7 @@ its last stdout line; human-readable output and logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from pydantic import ValidationError
 
 from kgrec.features.ingest import ingest
@@ -64,6 +66,17 @@ def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:
     sys.stdout.flush()
 
 
+#: Prefect's temporary server gets 20 s to start; the first start after an install (bytecode,
+#: database migrations) on a busy 2-core machine took longer. An explicit setting still wins.
+EPHEMERAL_STARTUP_SECONDS = 120
+
+
+def prefect_startup_grace() -> contextlib.AbstractContextManager:
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS})
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     config = PipelineConfig(
@@ -79,7 +92,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         **({"parallel_training": args.parallel} if args.parallel else {}),
     )
 
-    result = run_pipeline(config)
+    with prefect_startup_grace():
+        result = run_pipeline(config)
     _emit(result, args.json, format_pipeline_summary(result))
     return 0
 
