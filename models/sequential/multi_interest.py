@@ -54,7 +54,7 @@ interest away from the very items that define it.
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
 import math
 from abc import ABC, abstractmethod
@@ -74,17 +74,12 @@ from kgrec.models.merge import (
     search_interests,
 )
 from kgrec.models.persistence import load_state, load_tensors, save_module
+from kgrec.models.spec import model_specs
 from torch import Tensor
 
 #: ``class name -> module`` of every savable model (for :func:`load_model`).
-MODEL_CLASSES: dict[str, str] = {
-    "YouTubeDNN": "kgrec.models.sequential.youtube_dnn",
-    "MIND": "kgrec.models.sequential.mind",
-    "ComiRecDR": "kgrec.models.sequential.comirec_dr",
-    "ComiRecSA": "kgrec.models.sequential.comirec_sa",
-    "InterestMixture": "kgrec.models.sequential.interest_mixture",
-    "Popularity": "kgrec.models.sequential_evaluation",
-}
+#: Every concrete subclass by class name (filled by ``__init_subclass__``), for :func:`load_model`.
+MODEL_CLASSES: dict[str, type[MultiInterestModel]] = {}
 
 #: Training readouts (module docstring): ComiRec's argmax interest, the mixture of softmaxes, or
 #: the softmax of the max merge's score.
@@ -183,6 +178,11 @@ class MultiInterestModel(torch.nn.Module, ABC):
 
     #: Whether :func:`kgrec.models.sequential_trainer.fit_sequential` trains it by gradient descent.
     trainable: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not inspect.isabstract(cls):
+            MODEL_CLASSES[cls.__name__] = cls
 
     def __init__(
         self,
@@ -460,8 +460,8 @@ def save_model(model: MultiInterestModel, directory: str | Path) -> Path:
     :func:`load_model` restores it."""
 
     name = type(model).__name__
-    if name not in MODEL_CLASSES:
-        raise ValueError(f"{name} is not a registered multi-interest model ({sorted(MODEL_CLASSES)})")
+    if MODEL_CLASSES.get(name) is not type(model):
+        raise ValueError(f"{name} is not a loadable multi-interest model ({sorted(MODEL_CLASSES)})")
     meta = {"merge_rule": model.merge_rule, "diversity_weight": model.diversity_weight}
     return save_module(model, directory, model.hparams, name="model", meta=meta)
 
@@ -478,8 +478,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     else:  # legacy layout
         meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
         state = load_tensors(directory / "state.pt", map_location)
-    cls = getattr(importlib.import_module(MODEL_CLASSES[meta["class"]]), meta["class"])
-    model = cls(**meta["hparams"])
+    model_specs()  # imports every model file, so every class is known
+    if meta["class"] not in MODEL_CLASSES:
+        raise ValueError(f"unknown multi-interest model class {meta['class']!r} ({sorted(MODEL_CLASSES)})")
+    model = MODEL_CLASSES[meta["class"]](**meta["hparams"])
     model.load_state_dict(state)
     model.merge_rule = meta.get("merge_rule", model.merge_rule)
     model.diversity_weight = float(meta.get("diversity_weight", 0.0))
