@@ -21,9 +21,10 @@ r"""Two-stage recommendation: a retriever's top-N candidates re-ranked by KCAN.
   and the candidate recall@N (upper bound of any re-ranker), with the masking of
   :mod:`kgrec.models.evaluation` (same metric definitions; users without a truth item skipped).
 
-Configuration: :class:`KCANConfig` (pydantic, ``extra="forbid"``). KCAN is not registered in
-``models.zoo``: it needs the retriever's candidates to train and is evaluated on the re-ranked
-list, which ``models.trainer.fit`` does not do.
+Configuration: :class:`~kgrec.models.rankers.kcan.KCANConfig`. KCAN is the registry's ``ranker``
+family: :class:`RerankTask` is its training task for the one
+:class:`~kgrec.models.training.trainer.Trainer` (hard negatives from the retriever's candidates,
+selection on the re-ranked list).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ candidates:
 so an interest is also pushed down on every negative it ranks highest (the hard readout scores the
 negatives with the target's interest only, so the other interests never see them).
 
-``seen`` (``[B, I]`` bool, :func:`kgrec.models.sequential_trainer.seen_mask`) drops the items a user
+``seen`` (``[B, I]`` bool, :func:`kgrec.models.training.sequential.seen_mask`) drops the items a user
 already had from the negatives: retrieval never returns them, and as negatives they pull every
 interest away from the very items that define it.
 """
@@ -176,7 +176,7 @@ class MultiInterestModel(torch.nn.Module, ABC):
         readout: ``"hard"`` or ``"mixture"`` (module docstring).
     """
 
-    #: Whether :func:`kgrec.models.sequential_trainer.fit_sequential` trains it by gradient descent.
+    #: Whether :class:`~kgrec.models.training.sequential.SequentialTask` trains it by gradient descent.
     trainable: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
