@@ -69,6 +69,11 @@ EmptyUsers = Literal["skip", "zero"]
 
 
 # ---------------------------------------------------------------------------- core
+def metric_key(prefix: str, name: str) -> str:
+    """MLflow-safe metric name: ``("valid", "recall@20") -> "valid_recall_at_20"``."""
+    return f"{prefix}_{name.replace('@', '_at_')}"
+
+
 def dcg_discount(n: int, device: torch.device | str | None = None) -> Tensor:
     """``[n]`` float64 discounts ``1 / log2(r + 2)`` of the 0-based ranks ``r < n``."""
     return 1.0 / torch.log2(torch.arange(2, n + 2, dtype=torch.float64, device=device))

@@ -30,7 +30,7 @@ from kgrec.features.sequences import SequenceSplit, sequential_split
 from kgrec.features.snapshot import Snapshot, load_snapshot
 from kgrec.features.split import random_split, temporal_leave_last_out
 from kgrec.models.config import TrainConfig
-from kgrec.models.evaluation import evaluate_split
+from kgrec.models.evaluation import evaluate_split, metric_key
 from kgrec.models.rankers.kcan import KCANConfig
 from kgrec.models.reranking import RerankTask, evaluate_reranking
 from kgrec.models.retrievers.kgat import KGAT
@@ -71,10 +71,6 @@ class RankerInputs:
     global_init: KGAT | None = None
 
 
-def _metric_key(metric: str) -> str:
-    return "best_valid_" + metric.replace("@", "_at_")
-
-
 class ModelFamily:
     """Base of the three families (module docstring)."""
 
@@ -88,7 +84,7 @@ class ModelFamily:
 
     def selection_metric(self, config: Any) -> str:
         """The MLflow metric the promotion gate compares (``best_valid_recall_at_20``, ...)."""
-        return _metric_key(config.selection_metric)
+        return metric_key("best_valid", config.selection_metric)
 
     def fit(
         self, spec: ModelSpec, config: Any, inputs: Any, callbacks: Sequence[EpochCallback] = (), **trainer: Any
@@ -255,17 +251,20 @@ class PipelineInputs:
         self._built: dict[str, Any] = {}
 
     def for_family(self, family: Family) -> Any:
-        if family not in self._built:
-            if family == "sequential":
-                self._built[family] = SequenceInputs.of(self.snapshot, sequential_split(self.snapshot, seed=self.seed))
+        """Retrievers and rankers share one ``InteractionData``; sequential models get the
+        sequential split."""
+        key = "sequential" if family == "sequential" else "interactions"
+        if key not in self._built:
+            if key == "sequential":
+                self._built[key] = SequenceInputs.of(self.snapshot, sequential_split(self.snapshot, seed=self.seed))
             else:
                 parts = (
                     random_split(self.snapshot.interactions, seed=self.seed)
                     if self.split == "random"
                     else temporal_leave_last_out(self.snapshot.interactions)
                 )
-                self._built[family] = InteractionData.from_snapshot(self.snapshot, parts)
-        return self._built[family]
+                self._built[key] = InteractionData.from_snapshot(self.snapshot, parts)
+        return self._built[key]
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dataset": self.snapshot.name, "snapshot_hash": self.snapshot.hash}

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from kgrec.models.merge import MergeRule
-from kgrec.models.sequential.config import SequentialModelConfig, trained_merge_rule
+from kgrec.models.sequential.config import (
+    SequentialModelConfig,
+    served_as_configured,
+    trained_merge_rule,
+    unnormalised_interests,
+)
 from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, capsule_routing, init_normal_
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -77,13 +82,7 @@ def build_comirec_dr(config: SequentialModelConfig, num_items: int) -> ComiRecDR
         num_interests=config.num_interests, routing_iterations=config.routing_iterations,
         temperature=config.temperature, readout=config.readout, merge_rule=trained_merge_rule(config),
     )
-    model.diversity_weight = config.diversity_weight
-    return model
-
-
-def _no_normalisation(config: SequentialModelConfig) -> None:
-    if config.normalize_interests:
-        raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
+    return served_as_configured(model, config)
 
 
 SPEC = register(
@@ -92,6 +91,6 @@ SPEC = register(
         family="sequential",
         build=build_comirec_dr,
         summary="ComiRec-DR: capsule routing to K interests (Cen et al., KDD 2020)",
-        check=_no_normalisation,
+        check=unnormalised_interests,
     )
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from kgrec.models.merge import MergeRule
-from kgrec.models.sequential.config import SequentialModelConfig, trained_merge_rule
+from kgrec.models.sequential.config import SequentialModelConfig, served_as_configured, trained_merge_rule
 from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, init_normal_
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -103,8 +103,7 @@ def build_comirec_sa(config: SequentialModelConfig, num_items: int) -> ComiRecSA
         num_interests=config.num_interests, temperature=config.temperature, readout=config.readout,
         normalize_interests=config.normalize_interests, merge_rule=trained_merge_rule(config),
     )
-    model.diversity_weight = config.diversity_weight
-    return model
+    return served_as_configured(model, config)
 
 
 SPEC = register(

@@ -12,11 +12,13 @@ spec's ``check``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from kgrec.models.spec import get_spec
 from kgrec.models.training.config import LoopConfig, check_selection_metric
 from pydantic import Field, model_validator
+
+M = TypeVar("M")
 
 
 class SequentialModelConfig(LoopConfig):
@@ -85,9 +87,23 @@ def trained_merge_rule(config: SequentialModelConfig) -> str:
     return config.merge_rule or ("mixture" if config.readout == "mixture" else "max")
 
 
+def served_as_configured(model: M, config: SequentialModelConfig) -> M:
+    """The last step of every sequential ``build``: the config's merge rule (when it names one)
+    and the controllable merge's lambda."""
+    if config.merge_rule:
+        model.merge_rule = config.merge_rule
+    model.diversity_weight = config.diversity_weight
+    return model
+
+
+def unnormalised_interests(config: SequentialModelConfig) -> None:
+    """``check`` of the models without interest normalisation (all but ComiRec-SA)."""
+    if config.normalize_interests:
+        raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
+
+
 def hard_readout_only(config: SequentialModelConfig) -> None:
     """``check`` of the models without a readout choice or interest normalisation."""
     if config.readout != "hard":
         raise ValueError(f"readout={config.readout!r} is for comirec_dr / comirec_sa, not {config.model}")
-    if config.normalize_interests:
-        raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
+    unnormalised_interests(config)

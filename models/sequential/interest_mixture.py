@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only
+from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, served_as_configured
 from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential.youtube_dnn import build_youtube_dnn
 from kgrec.models.sequential_evaluation import evaluate_sequential
@@ -160,9 +160,7 @@ def build_mixture(config: SequentialModelConfig, num_items: int) -> InterestMixt
         num_clusters=config.num_clusters, top_components=config.num_interests, seed=config.seed,
         locality=config.locality,
     )
-    model.merge_rule = config.merge_rule or model.merge_rule
-    model.diversity_weight = config.diversity_weight
-    return model
+    return served_as_configured(model, config)
 
 
 def fit_mixture(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from kgrec.models.merge import MergeRule
-from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, trained_merge_rule
+from kgrec.models.sequential.config import (
+    SequentialModelConfig,
+    hard_readout_only,
+    served_as_configured,
+    trained_merge_rule,
+)
 from kgrec.models.sequential.multi_interest import (
     MultiInterestModel,
     capsule_routing,
@@ -124,8 +129,7 @@ def build_mind(config: SequentialModelConfig, num_items: int) -> MIND:
         num_interests=config.num_interests, routing_iterations=config.routing_iterations,
         temperature=config.temperature, merge_rule=trained_merge_rule(config),
     )
-    model.diversity_weight = config.diversity_weight
-    return model
+    return served_as_configured(model, config)
 
 
 SPEC = register(

@@ -3,7 +3,7 @@ r"""YouTube-DNN-style single-vector candidate generator (the baseline of the mul
 from __future__ import annotations
 
 import torch
-from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only
+from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, served_as_configured
 from kgrec.models.sequential.multi_interest import MultiInterestModel, init_normal_
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -77,9 +77,7 @@ def build_youtube_dnn(config: SequentialModelConfig, num_items: int) -> YouTubeD
         num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
         hidden_dim=config.hidden_dim, temperature=config.temperature,
     )
-    model.merge_rule = config.merge_rule or model.merge_rule
-    model.diversity_weight = config.diversity_weight
-    return model
+    return served_as_configured(model, config)
 
 
 SPEC = register(

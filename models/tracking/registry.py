@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from kgrec.models.evaluation import metric_key
 from kgrec.models.tracking.settings import TrackingSettings
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -42,11 +43,6 @@ MODEL_ARTIFACT = "model"
 INDEX_ARTIFACT = "index"
 INDEX_TAG = "kgrec.index_artifact"
 RANKER_KIND = "ranker"  # bundles of the ranking stage (serving/ranking.py): no index, pair scorer
-
-
-def metric_key(prefix: str, name: str) -> str:
-    """MLflow-safe metric name: ``("valid", "recall@20") -> "valid_recall_at_20"``."""
-    return f"{prefix}_{name.replace('@', '_at_')}"
 
 
 def prefixed_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
