@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 DATASET ?= music
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-full test test-all bench serve lint lock clean
+.PHONY: setup demo demo-full test test-all bench serve lint lock clean postgres stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "kgrec needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 		echo "setup: no GPU found, installing the CPU build of torch"; \
 		$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,stack]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,8 +32,31 @@ demo: setup
 demo-full: setup
 	$(VENV)/bin/kgrec pipeline --dataset $(DATASET) --models bprmf,lightgcn,kgat --ranker kcan
 
-test: setup
+# `kgrec stack` (and `pytest -m stack`) runs the machine's PostgreSQL server binaries. As root with
+# apt-get (CI: a fresh Debian machine) this installs them when none are found; else it says so.
+PG_FOUND = test -x "$$(pg_config --bindir 2>/dev/null)/initdb" || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1
+
+postgres:
+	@if ! { $(PG_FOUND); }; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "postgres: no PostgreSQL server binaries found; running: apt-get install -y --no-install-recommends postgresql"; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+		else \
+			echo "postgres: no PostgreSQL server binaries found (not root with apt-get): install postgresql for the stack tests"; \
+		fi; \
+	fi
+
+# The default suite, then the stack suite (real Postgres, MLflow, moto S3, Prefect server + worker;
+# ~5 min on 2 cores). Exit status 5 = PYTEST_ARGS selected no stack test.
+test: setup postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m stack $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+stack-up: setup postgres
+	$(VENV)/bin/kgrec stack up
+
+stack-down: setup
+	$(VENV)/bin/kgrec stack down
 
 test-all: setup
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)

@@ -10,12 +10,25 @@ global layer starting from the run's KGAT, if it trained one) and registers it a
 
 Only wiring lives here; every step is a library function that works (and is tested) without Prefect.
 I/O steps retry; a version whose index could not be published is rolled back, and the run that
-produced it is marked FAILED, so a failed flow leaves no half-published model behind.
+produced it is marked FAILED (KILLED when cancelled), so a failed flow leaves no half-published model
+behind. Each run first reaps what an interrupted one left (:func:`registry.reap_orphans`).
+
+Cancellation: :func:`run_pipeline` takes a ``threading.Event``; once it is set, training stops at
+the next optimiser step. The caller (the CLI's signal handler) also interrupts the main thread.
+
+Prefect's UI gets the library's log lines (epochs, metrics, promotion) and, per run, a Markdown
+artifact with the summary table and a link artifact to each model's MLflow run.
 """
 
 # No `from __future__ import annotations` here: with it, runs of the served deployment failed
 # Prefect's parameter validation ("`Pipeline_FlowModel` is not fully defined").
 
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +42,15 @@ from kgrec.models.tracking.experiment import Trained, evaluate_and_log, ranker_i
 from kgrec.models.tracking.settings import registered_model_name, registered_ranker_name
 from kgrec.serving.export import publish_index_for, register_trained
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+#: The cancellation event of the pipeline running in this context (flow parameters must be JSON).
+_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("kgrec_cancel", default=None)
 
 
 @task(name="ingest", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -41,8 +59,8 @@ def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
 
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
-def train_task(model: str, config: Any, inputs: Any, progress: bool) -> Trained:
-    return train_and_log(get_spec(model), config, inputs, progress=progress)
+def train_task(model: str, config: Any, inputs: Any, progress: bool, cancel: threading.Event | None) -> Trained:
+    return train_and_log(get_spec(model), config, inputs, progress=progress, cancel=cancel)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -50,7 +68,8 @@ def evaluate_task(trained: Trained) -> dict[str, float]:
     return evaluate_and_log(trained)
 
 
-@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
+# No retries: a retry after a partial failure would log the model a second time in the same run.
+@task(name="register", cache_policy=NO_CACHE)
 def register_task(trained: Trained, bundle_root: Path, name: str):
     return register_trained(trained, bundle_root, name)
 
@@ -75,20 +94,97 @@ def finish_one(trained: Trained, name: str, bundle_root: Path) -> dict[str, Any]
             index = publish_index_task(trained, version, bundle_dir)
             promotion = promote_task(name, version)
     except BaseException as exc:
-        registry.mark_failed(trained.run_id, exc)
+        registry.mark_ended(trained.run_id, exc)
         raise
     return trained.summary() | {"registered_model": name, "registered": promotion.to_dict(), "index": index}
+
+
+@contextlib.contextmanager
+def library_logs_to_prefect() -> Iterator[None]:
+    """Send the ``kgrec`` loggers' records to the flow run in Prefect's UI (what
+    ``PREFECT_LOGGING_EXTRA_LOGGERS=kgrec`` does, but also for a worker's flow runs)."""
+    library = logging.getLogger("kgrec")
+    handler, level = APILogHandler(), library.level
+    if library.getEffectiveLevel() > logging.INFO:
+        library.setLevel(logging.INFO)
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The run's summary as a Markdown table (a Prefect artifact)."""
+    rows = [*result["models"], *([result["ranker"]] if "ranker" in result else [])]
+    lines = [
+        f"### kgrec pipeline on {result['dataset']} (snapshot `{result['snapshot_hash'][:12]}`)",
+        "",
+        "| model | epochs | best | valid (selection) | test R@20 | test N@20 | version | alias | MLflow run |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | --- |",
+    ]
+    for m in rows:
+        reg, test, selection = m["registered"], m["test"], m["selection_metric"]
+        lines.append(
+            f"| {m['model']} | {m['epochs_run']} | {m['best_epoch']} | "
+            f"{selection} {_fmt(m['valid'].get(selection))} | {_fmt(test.get('recall@20'))} | "
+            f"{_fmt(test.get('ndcg@20'))} | {m['registered_model']} v{reg['version']} | {reg['alias']} | "
+            f"`{m['run_id']}` |"
+        )
+    lines += ["", f"Champion: {result['registered_model']} v{result['champion_version']}; "
+              f"tracking: `{result['tracking_uri']}`."]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, for a tracking server (the embedded store has no UI URL)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def publish_artifacts(result: dict[str, Any], experiment_id: str) -> None:
+    create_markdown_artifact(
+        markdown=summary_markdown(result), key=f"kgrec-summary-{_artifact_key(result['dataset'])}",
+        description="kgrec pipeline summary",
+    )
+    for m in [*result["models"], *([result["ranker"]] if "ranker" in result else [])]:
+        if url := mlflow_run_url(result["tracking_uri"], experiment_id, m["run_id"]):
+            create_link_artifact(
+                link=url, link_text=f"MLflow run of {m['model']}",
+                key=f"mlflow-run-{_artifact_key(m['model'])}",
+            )
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
 @flow(name="kgrec-pipeline")
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """The whole pipeline on one dataset; returns the figures the CLI prints."""
+    with library_logs_to_prefect():
+        return _pipeline(config, _cancel.get())
+
+
+def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
     logger = get_run_logger()
+    cancel = cancel or threading.Event()
+    started_ms = int(time.time() * 1000)
     tracking = config.tracking
-    registry.configure_tracking(tracking)
+    client = registry.configure_tracking(tracking)
     report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
     inputs = PipelineInputs(report.snapshot_dir, config.split, config.seed)
     name = config.registered_model or registered_model_name(inputs.snapshot.name)
+    reaped = registry.reap_orphans([name, registered_ranker_name(name)], started_ms, tracking.experiment)
+    if reaped.versions or reaped.runs:
+        logger.warning("cleaned up after an interrupted run: versions %s, runs %s", reaped.versions, reaped.runs)
     bundle_root = tracking.workdir / "bundles"
     # Training runs as concurrent tasks on the flow's task runner (config.parallel_training
     # workers); registration and promotion then go in the order the models were listed.
@@ -97,17 +193,26 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         spec = get_spec(model)
         model_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
         logger.info("training %s on %s", model, inputs.snapshot.name)
-        futures.append(train_task.submit(model, model_config, inputs.for_family(spec.family), config.progress))
-    trained = [future.result() for future in futures]
+        futures.append(
+            train_task.submit(model, model_config, inputs.for_family(spec.family), config.progress, cancel)
+        )
+    try:
+        trained = [future.result() for future in futures]
+    except BaseException:
+        cancel.set()  # a failed or interrupted run trains nothing more ...
+        wait(futures)  # ... and its training threads end their MLflow runs before the flow ends
+        raise
     results = [finish_one(t, name, bundle_root) for t in trained]
     ranker = None
     if config.ranker is not None:
         spec = get_spec(config.ranker)
         ranker_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
-        ranked = train_task(spec.name, ranker_config, ranker_inputs(inputs.for_family("retriever"), trained), False)
+        ranked = train_task(
+            spec.name, ranker_config, ranker_inputs(inputs.for_family("retriever"), trained), False, cancel
+        )
         ranker = finish_one(ranked, registered_ranker_name(name), bundle_root)
     champion = registry.resolve_alias(name, registry.CHAMPION)
-    return {
+    result = {
         **inputs.describe(),
         "ingest": report.to_dict(),
         "registered_model": name,
@@ -116,11 +221,19 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         "models": results,
         **({"ranker": ranker} if ranker is not None else {}),
     }
+    publish_artifacts(result, client.get_experiment_by_name(tracking.experiment).experiment_id)
+    logger.info("champion of %s: v%s", name, champion.version)
+    return result
 
 
-def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Run the pipeline flow with ``config.parallel_training`` concurrent training tasks."""
-    return configured_flow(config)(config)
+def run_pipeline(config: PipelineConfig, cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run the pipeline flow with ``config.parallel_training`` concurrent training tasks; setting
+    ``cancel`` stops training at its next optimiser step."""
+    token = _cancel.set(cancel)
+    try:
+        return configured_flow(config)(config)
+    finally:
+        _cancel.reset(token)
 
 
 def configured_flow(config: PipelineConfig):

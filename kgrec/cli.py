@@ -11,11 +11,17 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from prefect.exceptions import TerminationSignal
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from pydantic import ValidationError
 
@@ -24,9 +30,16 @@ from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
 from kgrec.models.spec import markdown_table, model_names
-from kgrec.models.tracking.settings import TrackingSettings, default_workdir, registered_ranker_name
+from kgrec.models.tracking.registry import state_since
+from kgrec.models.tracking.settings import (
+    TrackingSettings,
+    default_workdir,
+    registered_model_name,
+    registered_ranker_name,
+)
 from kgrec.serving.champion import load_registered, load_registered_ranker
 from kgrec.serving.service import run
+from kgrec.stack import add_stack_commands
 
 DEFAULT_SERVE_MODEL = os.environ.get("KGREC_MODEL_NAME", "kgrec-music")
 
@@ -39,7 +52,7 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("alembic", "mlflow.store", "httpx", "urllib3", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # MLflow's advice on signatures and pickling does not apply to our bundle-backed pyfunc.
+    # MLflow's advice on type hints does not apply to our bundle-backed pyfunc.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -77,6 +90,41 @@ def prefect_startup_grace() -> contextlib.AbstractContextManager:
     return temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS})
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the CLI (a KeyboardInterrupt, so that every cleanup that runs
+    on Ctrl-C runs for both)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the returned event (training stops at its next optimiser step) and
+    interrupt the main thread (whatever step runs there rolls back). Later signals are reported
+    and ignored while the run cleans up: SIGKILL still forces an exit."""
+    cancel, received = threading.Event(), threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if received.is_set():
+            print(f"kgrec: {name} again: still cleaning up (SIGKILL forces an exit)", file=sys.stderr)
+            return
+        received.set()
+        cancel.set()
+        print(f"kgrec: {name} received: stopping and rolling back", file=sys.stderr)
+        raise Interrupted(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield cancel
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     config = PipelineConfig(
@@ -92,10 +140,32 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         **({"parallel_training": args.parallel} if args.parallel else {}),
     )
 
-    with prefect_startup_grace():
-        result = run_pipeline(config)
+    started_ms = int(time.time() * 1000)
+    try:
+        with prefect_startup_grace(), stop_on_signals() as cancel:
+            result = run_pipeline(config, cancel)
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        # Prefect turns a SIGTERM during a flow run into its own TerminationSignal.
+        signum = getattr(exc, "signum", None) or getattr(exc, "signal", None) or signal.SIGINT
+        kept = _what_was_kept(config, started_ms)
+        _emit(
+            {"status": "cancelled", "signal": signal.Signals(signum).name, "kept": kept},
+            args.json,
+            f"kgrec pipeline: cancelled by {signal.Signals(signum).name}; {kept}",
+        )
+        return 128 + signum
     _emit(result, args.json, format_pipeline_summary(result))
     return 0
+
+
+def _what_was_kept(config: PipelineConfig, since_ms: int) -> str:
+    """One line on the registry after an interrupted run (versions it left, how its runs ended)."""
+    name = config.registered_model or registered_model_name(config.dataset_name)
+    try:
+        mlflow.set_tracking_uri(config.tracking.resolved_tracking_uri)
+        return state_since([name, registered_ranker_name(name)], since_ms, config.tracking.experiment).kept()
+    except Exception as exc:  # the store itself may be what failed
+        return f"registry state unknown ({type(exc).__name__}: {exc})"
 
 
 def format_pipeline_summary(result: dict[str, Any]) -> str:
@@ -267,13 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="serve the pipeline flow as a Prefect deployment on a cron")
     p.add_argument("--cron", default="0 3 * * *")
-    p.add_argument("--name", default="kgrec-nightly")
+    # distinct from infra/prefect.yaml's work-pool deployment (kgrec-pool-nightly)
+    p.add_argument("--name", default="kgrec-serve-nightly")
     p.add_argument("--dataset", default="music")
     p.add_argument("--models", default="bprmf,lightgcn", help=MODELS_HELP)
     p.add_argument("--epochs", type=int)
     p.add_argument("--ranker", choices=model_names("ranker"))
     tracking_args(p)
     p.set_defaults(func=_cmd_deploy)
+    add_stack_commands(sub)  # kgrec stack up | down | status (kgrec/stack/)
     return parser
 
 
@@ -283,8 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValidationError, ValueError, FileNotFoundError, LookupError) as exc:
-        print(f"kgrec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, exc, 2)
+    except Exception as exc:
+        if args.verbose:
+            logging.getLogger("kgrec").exception("kgrec %s failed", args.command)
+        return _fail(args, exc, 1)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    """One line on stderr (the traceback with -v) and, with --json, one JSON object on stdout."""
+    message = f"{type(exc).__name__}: {exc}" if code == 1 else str(exc)
+    hint = "" if code == 2 or args.verbose else " (-v for the traceback)"
+    print(f"kgrec {args.command}: error: {message}{hint}", file=sys.stderr)
+    if getattr(args, "json", False):
+        _emit({"status": "failed", "error": message}, True, "")
+    return code
 
 
 if __name__ == "__main__":

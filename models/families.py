@@ -211,7 +211,9 @@ class RankerFamily(ModelFamily):
         return RerankTask(inputs.data, inputs.retriever, config, inputs.global_init)
 
     def evaluate(self, model, config: KCANConfig, inputs: RankerInputs) -> dict[str, float]:
-        out = evaluate_reranking(inputs.retriever, model, inputs.data, "test", N=config.num_candidates, ks=(20,))
+        out = evaluate_reranking(
+            inputs.retriever, model, inputs.data, "test", N=config.num_candidates, ks=(5, 10, 20, 50)
+        )
         flat = dict(out["fused"])
         for stage in ("kcan", "retrieval"):
             flat |= {f"{stage}_{k}": v for k, v in out[stage].items()}

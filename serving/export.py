@@ -3,16 +3,19 @@
 * :func:`export_bundle` -- the artefact of a :class:`~kgrec.models.tracking.experiment.Trained`
   model, by its artefact kind: an embedding retriever's :class:`RetrievalBundle`, a sequential
   model's :class:`MultiInterestBundle`, a ranker's :class:`RankerBundle`.
-* :func:`register_bundle` -- log a bundle as an MLflow pyfunc model in its run and register it as
+* :func:`register_bundle` -- log a bundle as an MLflow pyfunc model (models from code, named
+  after the model: :func:`kgrec.serving.pyfunc.log_bundle_model`) in its run and register it as
   a version linked to that logged model, tagged with its kind and selection metric.
-* :func:`register_trained` -- both, for a trained model.
+* :func:`log_run_plots` -- the diagnostic plots of the run (:mod:`kgrec.models.tracking.plots`):
+  test Recall/NDCG@K, training curves, and the popularity bias of the served top-k lists
+  (:func:`log_popularity_bias`, through the exported bundle's service).
+* :func:`register_trained` -- all of them, for a trained model.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
@@ -21,6 +24,7 @@ import torch
 from kgrec.features.sequences import ordered_sequences, raw_id_order
 from kgrec.features.snapshot import Snapshot
 from kgrec.models.explain import attention_graph_of
+from kgrec.models.tracking import plots
 from kgrec.models.tracking.experiment import Trained
 from kgrec.models.tracking.registry import (
     BUNDLE_KIND_TAG,
@@ -30,10 +34,11 @@ from kgrec.models.tracking.registry import (
     SELECTION_METRIC_TAG,
     create_version,
 )
-from kgrec.serving.bundle import RetrievalBundle, bundle_kind
+from kgrec.serving.bundle import RetrievalBundle, bundle_kind, id_lookup, read_meta
+from kgrec.serving.champion import open_service
 from kgrec.serving.multi_interest import MultiInterestBundle
 from kgrec.serving.publish import publish_index
-from kgrec.serving.pyfunc import PairScorer, TopKRecommender, ranker_signature, signature
+from kgrec.serving.pyfunc import log_bundle_model
 from kgrec.serving.ranking import RankerBundle
 from mlflow.entities.model_registry import ModelVersion
 
@@ -135,50 +140,92 @@ def export_bundle(trained: Trained, directory: Path) -> Path:
     return EXPORTERS[trained.kind](trained, Path(directory) / trained.run_id)
 
 
-def serving_requirements(with_torch: bool = False) -> list[str]:
-    """The installed versions of what the pyfunc model needs at load time (multi-interest models
-    and rankers compute with torch)."""
-    pins = []
-    packages = ("kgrec", "numpy", "scipy", "polars", "pyarrow", "faiss-cpu", "pandas")
-    for package in packages + (("torch",) if with_torch else ()):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
-
-
 def register_bundle(
     run_id: str,
     bundle_dir: Path,
     name: str,
     tags: Mapping[str, str],
     selection_metric: str = SELECTION_METRIC,
+    model_name: str | None = None,
 ) -> ModelVersion:
     """Log the bundle as an MLflow pyfunc model inside ``run_id`` and register it under ``name``,
-    tagged with the bundle's kind and ``selection_metric`` (the run metric the gate compares)."""
+    tagged with the bundle's kind and ``selection_metric`` (the run metric the gate compares).
+
+    The logged model is named after the model (``model_name``, else the bundle's ``meta.json``
+    ``model``): ``lightgcn``, ``kcan``, ... in the run's and the experiment's model lists."""
     kind = bundle_kind(bundle_dir)
     ranker = kind == RANKER_KIND
+    logged_name = model_name or str(read_meta(bundle_dir).get("model") or MODEL_ARTIFACT)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=PairScorer() if ranker else TopKRecommender(),
-            artifacts={"bundle": str(bundle_dir)},
-            signature=ranker_signature() if ranker else signature(),
-            # Explicit requirements: MLflow's inference would re-import the model in a subprocess.
-            pip_requirements=serving_requirements(with_torch=kind in ("multi_interest", RANKER_KIND)),
-        )
+        info = log_bundle_model(bundle_dir, logged_name)
     tags = {**dict(tags), BUNDLE_KIND_TAG: kind, SELECTION_METRIC_TAG: selection_metric}
     description = "kgrec ranking models" if ranker else "kgrec candidate-retrieval models"
     return create_version(run_id, info, name, tags, description=description)
 
 
+#: Users sampled (fixed seed) for the popularity-bias plot, and the list length examined.
+POPULARITY_USERS = 500
+POPULARITY_K = 20
+POPULARITY_SEED = 0
+
+
+def log_popularity_bias(
+    trained: Trained, bundle_dir: Path, k: int = POPULARITY_K, n_users: int = POPULARITY_USERS,
+    seed: int = POPULARITY_SEED,
+) -> dict[str, float] | None:
+    """The popularity bias of the served top-``k`` lists of ``n_users`` users sampled with
+    ``seed`` (the exported bundle through :func:`~kgrec.serving.champion.open_service`, as served),
+    against the popularity of the items in the snapshot's interactions: metrics and
+    :data:`~kgrec.models.tracking.plots.POPULARITY_BIAS_PLOT` logged to the run. None for a
+    ranker (it scores given pairs and serves no lists of its own)."""
+    if bundle_kind(bundle_dir) == RANKER_KIND:
+        return None
+    service = open_service(bundle_dir)
+    bundle = service.bundle
+    user_ids = sorted(bundle.users["user_id"].to_list())
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(user_ids), size=min(n_users, len(user_ids)), replace=False)
+    k = max(1, min(k, service.n_items))
+    results = service.for_users([user_ids[i] for i in sorted(sample)], k)
+    item_index = id_lookup(bundle.items, "item_id", "item_idx")
+    recommended = [np.array([item_index[i] for i in r.item_ids], np.int64) for r in results if r is not None]
+    snapshot = trained.family.snapshot(trained.inputs)
+    counts = np.bincount(snapshot.interactions["item_idx"].to_numpy(), minlength=bundle.n_items)
+    bias = plots.popularity_bias(recommended, counts, k, title=trained.name)
+    plots.log_popularity_bias(trained.run_id, bias)
+    return bias.metrics
+
+
+def log_run_plots(trained: Trained, bundle_dir: Path) -> list[str]:
+    """Log the run's diagnostic plots (module docstring); returns the artefact paths logged. A
+    plot that fails is logged as a warning: diagnostics never fail a registration."""
+    logged: list[str] = []
+    try:
+        logged += plots.log_model_plots(
+            trained.run_id, trained.test_metrics, trained.fit.history, trained.config.selection_metric,
+            trained.fit.best_epoch, title=trained.name,
+        )
+    except Exception:
+        logger.warning("%s: could not plot the test metrics / training curves", trained.name, exc_info=True)
+    try:
+        if log_popularity_bias(trained, bundle_dir) is not None:
+            logged.append(plots.POPULARITY_BIAS_PLOT)
+    except Exception:
+        logger.warning("%s: could not plot the popularity bias", trained.name, exc_info=True)
+    return logged
+
+
 def register_trained(trained: Trained, bundle_root: Path, name: str) -> tuple[ModelVersion, Path]:
-    """Export ``trained``'s bundle and register it as a version of ``name``."""
+    """Export ``trained``'s bundle, log its run's plots and register it as a version of ``name``
+    (the logged model named after the model)."""
     bundle_dir = export_bundle(trained, bundle_root)
+    log_run_plots(trained, bundle_dir)
     snapshot = trained.family.snapshot(trained.inputs)
     tags = {"kgrec.model": trained.name, "kgrec.snapshot_hash": snapshot.hash}
-    return register_bundle(trained.run_id, bundle_dir, name, tags, trained.selection_metric), bundle_dir
+    version = register_bundle(
+        trained.run_id, bundle_dir, name, tags, trained.selection_metric, model_name=trained.name
+    )
+    return version, bundle_dir
 
 
 def publish_index_for(trained: Trained, version: ModelVersion, bundle_dir: Path) -> dict[str, object] | None:

@@ -31,3 +31,39 @@ def test_a_ranker_needs_an_embedding_retriever_in_the_same_run():
         PipelineConfig(dataset="ml-100k-seq", models=["comirec_sa"], ranker="kcan")
     with pytest.raises(ValidationError):
         PipelineConfig(ranker="xgboost")
+
+
+def test_a_flow_run_shows_library_logs_and_leaves_summary_artifacts_in_prefect(tmp_path, monkeypatch, shared_data):
+    """What a Prefect UI user sees: epochs and the promotion among the flow run's logs, a Markdown
+    summary and the registered version among its artifacts."""
+    from kgrec.flows.pipeline import run_pipeline
+    from kgrec.models.tracking.settings import TrackingSettings
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
+    config = PipelineConfig(dataset="music", models=["bprmf"], epochs=2,
+                            tracking=TrackingSettings(workdir=tmp_path / "work"))
+    with prefect_test_harness(server_startup_timeout=120):
+        result = run_pipeline(config)
+        APILogHandler().flush()  # logs go to the API in batches
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs()
+            logs = [log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    assert any(m.startswith("epoch 2 loss=") for m in logs), logs
+    assert any("-> champion" in m for m in logs)
+    (summary,) = [a for a in artifacts if a.type == "markdown"]
+    assert summary.key == "kgrec-summary-music"
+    version = result["models"][0]["registered"]["version"]
+    assert "| bprmf | 2 |" in summary.data and f"kgrec-music v{version} | champion" in summary.data

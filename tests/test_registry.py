@@ -143,3 +143,83 @@ def test_the_gate_reads_the_selection_metric_of_the_bundle_kind(tracking, tmp_pa
         registry.BUNDLE_KIND_TAG] == "embedding"
     assert registry.promote(NAME, embedding).alias == "challenger"
     assert registry.resolve_alias(NAME).version == better.version
+
+
+def test_a_displaced_champion_becomes_previous_and_every_version_says_why(tracking, tmp_path):
+    first = _trained_version(tmp_path, 0.30, seed=1)
+    registry.promote(NAME, first)
+    better = _trained_version(tmp_path, 0.35, seed=2)
+    assert registry.promote(NAME, better).alias == "champion"
+    worse = _trained_version(tmp_path, 0.10, seed=3)
+    registry.promote(NAME, worse)
+    client = MlflowClient()
+    aliases = {a: v for a, v in client.get_registered_model(NAME).aliases.items()}
+    assert aliases == {"champion": better.version, "previous": first.version, "challenger": worse.version}
+    described = {v: client.get_model_version(NAME, v).description for v in (first.version, better.version, worse.version)}
+    assert "First version" in described[first.version]
+    assert f"Beat champion v{first.version} (0.3000)" in described[better.version]
+    assert f"Did not beat champion v{better.version} (0.3500): challenger" in described[worse.version]
+    assert "best_valid_recall_at_20 = 0.1000" in described[worse.version]
+    assert all(client.get_model_version(NAME, v).tags[registry.STATE_TAG] == "ready" for v in described)
+
+
+def test_the_experiment_opens_on_training_runs(tracking):
+    assert MlflowClient().get_experiment_by_name("kgrec").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(KeyboardInterrupt(), "KILLED"), (registry.TrainingCancelled("stop"), "KILLED"), (ValueError("x"), "FAILED")],
+)
+def test_a_cancelled_run_ends_killed_and_a_failed_one_failed(tracking, error, status):
+    with pytest.raises(type(error)):
+        with registry.tracked_run("m", {}, {}) as run_id:
+            raise error
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == status
+    assert run.data.tags[registry.OWNER_TAG] == registry.process_owner()
+
+
+def _dead_owner() -> str:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return registry.process_owner().rsplit(":", 2)[0] + f":{child.stdout.strip()}:12345"
+
+
+def test_orphans_of_dead_processes_are_reaped_and_live_work_is_left_alone(tracking, tmp_path):
+    import time
+
+    client = MlflowClient()
+    champion = _trained_version(tmp_path, 0.30, seed=1)
+    registry.promote(NAME, champion)
+    orphan = _trained_version(tmp_path, 0.50, seed=2)  # registered, never published: SIGKILL
+    client.set_model_version_tag(NAME, orphan.version, registry.OWNER_TAG, _dead_owner())
+    live = _trained_version(tmp_path, 0.40, seed=3)  # pending, owned by this (live) process
+    with mlflow.start_run(tags={registry.OWNER_TAG: _dead_owner()}) as stale:
+        pass
+    client.update_run(stale.info.run_id, status="RUNNING")  # what a SIGKILL mid-training leaves
+    before = int(time.time() * 1000) + 1
+    later = _trained_version(tmp_path, 0.45, seed=4)  # newer than the run: not its business
+    client.set_model_version_tag(NAME, later.version, registry.OWNER_TAG, _dead_owner())
+
+    reaped = registry.reap_orphans([NAME], before, experiment="kgrec")
+
+    left = {v.version for v in client.search_model_versions(f"name='{NAME}'")}
+    assert reaped.versions == [(NAME, str(orphan.version))]
+    assert left == {champion.version, live.version, later.version}
+    assert client.get_run(orphan.run_id).info.status == "KILLED"
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert "orphan" in client.get_run(stale.info.run_id).data.tags["kgrec.error"]
+    assert registry.resolve_alias(NAME).version == champion.version
+
+
+def test_owner_liveness_tells_a_reused_pid_from_the_process(tracking):
+    import os
+
+    assert registry.owner_alive(registry.process_owner()) is True
+    host, pid, _ = registry.process_owner().rsplit(":", 2)
+    assert registry.owner_alive(f"{host}:{pid}:1") is False  # same pid, another start time
+    assert registry.owner_alive(f"elsewhere:{os.getpid()}:1") is None
+    assert registry.owner_alive(None) is None

@@ -5,11 +5,15 @@ family or a model name: the spec's family (:mod:`kgrec.models.families`) supplie
 task, test protocol and data identity.
 
 * :func:`train_and_log` -- one MLflow run: the validated config (flat), the data's identity
-  (snapshot hash, split, sizes) and ``model`` / ``family`` as params; per-epoch ``train_loss``,
+  (snapshot hash, split, sizes) and ``model`` / ``family`` as params; its lineage
+  (:mod:`kgrec.models.tracking.lineage`: the snapshot as the ``training`` dataset input, the git
+  commit / dirty flag and the kgrec version as tags); per-epoch ``train_loss``,
   ``epoch_seconds`` and ``valid_*`` as metrics (step = epoch); then ``best_valid_*`` (the promotion
   gate reads the family's selection metric), ``best_epoch``, ``seconds_per_epoch``,
   ``train_seconds``.
-* :func:`evaluate_and_log` -- test metrics of the best-validation weights, logged as ``test_*``.
+* :func:`evaluate_and_log` -- test metrics of the best-validation weights, logged as ``test_*``;
+  families that evaluate at several K (a config with ``ks``) also report the :data:`CURVE_KS` up
+  to their largest K (the Recall/NDCG@K plot), at no extra ranking cost.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ from kgrec.features.dataset import InteractionData
 from kgrec.models.families import ModelFamily, RankerInputs, family_of
 from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.spec import ModelSpec
+from kgrec.models.tracking.lineage import lineage_tags, log_snapshot_input
 from kgrec.models.tracking.registry import prefixed_metrics, tracked_run
 from kgrec.models.training.trainer import EpochLog, FitResult
 
 logger = logging.getLogger("kgrec.models")
+
+#: Cut-offs the test evaluation adds (up to the config's largest K) for the metrics-at-K curves.
+CURVE_KS = (1, 5, 10, 20, 50, 100)
 
 
 @dataclass
@@ -113,8 +121,12 @@ def train_and_log(
     data_params = family.data_params(inputs)
     params = {**config.to_dict(), **data_params, "family": spec.family, **(extra_params or {})}
     dataset = str(data_params.get("dataset", "unknown"))
-    tags = {"kgrec.model": spec.name, "kgrec.dataset": dataset, "kgrec.bundle_kind": family.artifact}
+    tags = {
+        "kgrec.model": spec.name, "kgrec.dataset": dataset, "kgrec.bundle_kind": family.artifact,
+        **lineage_tags(),
+    }
     with tracked_run(f"{spec.name}-{dataset}", params, tags) as run_id:
+        log_snapshot_input(family.snapshot(inputs))
         model, result = family.fit(spec, config, inputs, (log_epoch,), progress=progress, cancel=cancel)
         if not result.best_valid:
             raise RuntimeError(f"{spec.name}: no validation result (no validation users?)")
@@ -135,13 +147,24 @@ def train_and_log(
 
 
 def evaluate_and_log(trained: Trained) -> dict[str, float]:
-    """Test metrics of the best-validation weights through the family's protocol, logged to the
-    model's run as ``test_*``."""
-    metrics = trained.family.evaluate(trained.model, trained.config, trained.inputs)
+    """Test metrics of the best-validation weights through the family's protocol (at the
+    config's ``ks`` and the :data:`CURVE_KS` below its largest), logged to the model's run as
+    ``test_*``."""
+    metrics = trained.family.evaluate(trained.model, curve_config(trained.config), trained.inputs)
     trained.test_metrics = metrics
     with mlflow.start_run(run_id=trained.run_id):
         mlflow.log_metrics(prefixed_metrics("test", metrics))
     return metrics
+
+
+def curve_config(config: Any) -> Any:
+    """``config`` evaluating also at the :data:`CURVE_KS` up to its largest K (the same config when
+    it has no ``ks``: such a family evaluates at its own fixed K)."""
+    ks = getattr(config, "ks", None)
+    if not ks or not hasattr(config, "model_copy"):
+        return config
+    extended = tuple(sorted(set(ks) | {k for k in CURVE_KS if k <= max(ks)}))
+    return config if extended == tuple(ks) else config.model_copy(update={"ks": extended})
 
 
 def ranker_inputs(data: InteractionData, trained: Iterable[Trained]) -> RankerInputs:

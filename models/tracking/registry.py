@@ -5,6 +5,13 @@ version takes the alias ``champion`` only if it beats the current champion on th
 otherwise it is tagged ``challenger``. Registration is transactional: a version whose index could not
 be published is deleted again (see :func:`pending_version`).
 
+Every version carries its lifecycle in tags: ``kgrec.state`` is ``pending`` from registration until
+its index is published and the gate has run, then ``ready``; ``kgrec.owner`` names the process that
+registered it (host, pid, process start). A version left ``pending`` by a process that no longer
+exists (SIGKILL, power loss) is an orphan: the next run deletes it and ends its run KILLED
+(:func:`reap_orphans`). Schema creation and alias moves take a lock on the store (:func:`store_lock`),
+so pipelines started at once on one machine are safe.
+
 The selection metric belongs to the bundle kind and is stored as the version tag
 ``kgrec.selection_metric`` (read by :func:`promote`): ``best_valid_recall_at_20`` for embedding
 retrievers (the default, also for versions without the tag), ``best_valid_recall_at_50`` for
@@ -17,16 +24,22 @@ not comparable: such a candidate never replaces the champion automatically (it b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from kgrec.models.evaluation import metric_key
 from kgrec.models.tracking.settings import TrackingSettings
+from kgrec.models.training.trainer import TrainingCancelled
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -36,6 +49,7 @@ logger = logging.getLogger("kgrec.models")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+PREVIOUS = "previous"  # the champion a better version displaced
 SELECTION_METRIC = "best_valid_recall_at_20"  # embedding retrievers (and untagged versions)
 SELECTION_METRIC_TAG = "kgrec.selection_metric"
 BUNDLE_KIND_TAG = "kgrec.bundle_kind"
@@ -43,6 +57,15 @@ MODEL_ARTIFACT = "model"
 INDEX_ARTIFACT = "index"
 INDEX_TAG = "kgrec.index_artifact"
 RANKER_KIND = "ranker"  # bundles of the ranking stage (serving/ranking.py): no index, pair scorer
+STATE_TAG = "kgrec.state"
+PENDING, READY = "pending", "ready"
+OWNER_TAG = "kgrec.owner"
+ALIAS_AT_REGISTRATION_TAG = "kgrec.alias_at_registration"
+#: The experiment opens on training runs, not on MLflow's GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: Pending versions of a process on another host count as orphans only after this long.
+FOREIGN_ORPHAN_SECONDS = 24 * 3600
+LOCK_TIMEOUT_SECONDS = 900
 
 
 def prefixed_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -53,28 +76,72 @@ def prefixed_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, flo
     }
 
 
+def store_lock(tracking_uri: str | None = None) -> FileLock:
+    """A lock on one tracking store, shared by every process on this machine.
+
+    Held while MLflow creates its schema (two pipelines into a fresh SQLite store otherwise race on
+    the migrations) and while an alias moves (read the champion, compare, move). For a SQLite store
+    the lock file sits next to the database; for a tracking server it lives under
+    ``$KGREC_LOCK_DIR`` (default ``~/.cache/kgrec/locks``), keyed by the server's URI. Pipelines on
+    different machines against one server are not serialised by it (see ARCHITECTURE.md).
+    """
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    else:
+        root = Path(os.environ.get("KGREC_LOCK_DIR") or Path.home() / ".cache" / "kgrec" / "locks")
+        path = root / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=LOCK_TIMEOUT_SECONDS)
+
+
 def configure_tracking(settings: TrackingSettings) -> MlflowClient:
-    """Point MLflow at the configured store and make sure the experiment exists."""
+    """Point MLflow at the configured store and make sure the experiment exists (tagged as a
+    model-training experiment), creating the schema under :func:`store_lock`."""
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    client = MlflowClient(settings.resolved_tracking_uri)
-    experiment = client.get_experiment_by_name(settings.experiment)
-    if experiment is None:
-        client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    uri = settings.resolved_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        client = MlflowClient(uri)  # opens (and for a new SQLite file, migrates) the store
+        client.search_registered_models(max_results=1)  # the registry's store, on the same file
+        experiment = client.get_experiment_by_name(settings.experiment)
+        if experiment is None:
+            try:
+                client.create_experiment(
+                    settings.experiment,
+                    artifact_location=settings.artifact_location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
+            except MlflowException:  # created meanwhile by a pipeline on another machine
+                if client.get_experiment_by_name(settings.experiment) is None:
+                    raise
+        elif EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(settings.experiment)
     return client
 
 
+def is_cancellation(error: BaseException) -> bool:
+    """A signal or a cancelled fit (KILLED), as opposed to a failure (FAILED)."""
+    return isinstance(error, TrainingCancelled) or not isinstance(error, Exception)
+
+
+def end_status(error: BaseException) -> str:
+    return "KILLED" if is_cancellation(error) else "FAILED"
+
+
 @contextlib.contextmanager
 def tracked_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
-    """An MLflow run that ends FAILED, with the error as a tag, when the body raises."""
-    with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
+    """An MLflow run that ends FAILED (KILLED when cancelled), with the error as a tag, when the
+    body raises. The run is tagged with its owner process, so a run a killed process left RUNNING is
+    recognised and ended by the next pipeline (:func:`reap_orphans`)."""
+    with mlflow.start_run(run_name=run_name, tags={**dict(tags), OWNER_TAG: process_owner()}) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         try:
             yield run.info.run_id
         except BaseException as exc:
             mlflow.set_tag("kgrec.error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(status="FAILED")
+            mlflow.end_run(status=end_status(exc))
             raise
 
 
@@ -82,6 +149,92 @@ def _param_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return ",".join(map(str, value))
     return value
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), which
+    tells a live process from a later one that reused its pid; None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_owner(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
+
+
+def owner_alive(owner: str | None) -> bool | None:
+    """Whether the process named by an owner tag still runs: True/False on this host, None when
+    it ran elsewhere (or the tag is missing or malformed)."""
+    try:
+        host, pid, start = (owner or "").rsplit(":", 2)
+    except ValueError:
+        return None
+    if host != socket.gethostname() or start == "?":
+        return None
+    return _process_start(int(pid)) == start
+
+
+def _abandoned(owner: str | None, created_ms: int, before_ms: int) -> bool:
+    if created_ms >= before_ms:
+        return False  # newer than this run: a concurrent pipeline's work in progress
+    alive = owner_alive(owner)
+    if alive is None:
+        return owner is None or time.time() * 1000 - created_ms > FOREIGN_ORPHAN_SECONDS * 1000
+    return not alive
+
+
+@dataclass
+class Reaped:
+    """What :func:`reap_orphans` cleaned up: ``(name, version)`` pairs deleted and runs ended."""
+
+    versions: list[tuple[str, str]] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+
+
+def reap_orphans(names: Iterable[str], before_ms: int, experiment: str | None = None) -> Reaped:
+    """Delete versions an interrupted run left half-registered and end runs a killed process left
+    RUNNING (both KILLED, with the reason as a tag).
+
+    An orphan version is ``pending`` (or, from before the lifecycle tags, has neither a state nor a
+    promotion tag), was created before ``before_ms`` and belongs to a process that is gone (on
+    another host: older than :data:`FOREIGN_ORPHAN_SECONDS`). Pending work of live processes, and
+    anything newer than ``before_ms``, is left alone.
+    """
+    client = MlflowClient()
+    reaped = Reaped()
+    for name in names:
+        for version in client.search_model_versions(f"name='{name}'"):
+            tags = version.tags or {}
+            state = tags.get(STATE_TAG)
+            legacy = state is None and ALIAS_AT_REGISTRATION_TAG not in tags
+            if not (state == PENDING or legacy):
+                continue
+            if not _abandoned(tags.get(OWNER_TAG), version.creation_timestamp, before_ms):
+                continue
+            logger.warning("removing orphan %s v%s (run %s, never published)", name, version.version, version.run_id)
+            client.delete_model_version(name, version.version)
+            reaped.versions.append((name, str(version.version)))
+            _end_orphan_run(client, version.run_id, f"orphan: {name} v{version.version} was never published")
+            reaped.runs.append(version.run_id)
+    if experiment is not None and (exp := client.get_experiment_by_name(experiment)) is not None:
+        for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            owner = run.data.tags.get(OWNER_TAG)
+            if owner is not None and _abandoned(owner, run.info.start_time, before_ms):
+                _end_orphan_run(client, run.info.run_id, "orphan: its process ended without ending the run")
+                reaped.runs.append(run.info.run_id)
+    return reaped
+
+
+def _end_orphan_run(client: MlflowClient, run_id: str | None, reason: str) -> None:
+    if not run_id:
+        return
+    with contextlib.suppress(MlflowException):
+        client.set_tag(run_id, "kgrec.error", reason)
+        client.set_terminated(run_id, status="KILLED")
 
 
 @dataclass(frozen=True)
@@ -92,6 +245,7 @@ class Promotion:
     previous_champion: str | None
     previous_metric: float | None
     selection_metric: str = SELECTION_METRIC
+    description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -110,7 +264,8 @@ def create_version(
     with contextlib.suppress(MlflowException):
         client.create_registered_model(name, description=description)
     version = client.create_model_version(
-        name=name, source=model_info.model_uri, run_id=run_id, tags=dict(tags),
+        name=name, source=model_info.model_uri, run_id=run_id,
+        tags={**dict(tags), STATE_TAG: PENDING, OWNER_TAG: process_owner()},
         model_id=model_info.model_id,
     )
     logger.info("registered %s version %s from run %s", name, version.version, run_id)
@@ -119,7 +274,8 @@ def create_version(
 
 @contextlib.contextmanager
 def pending_version(name: str, version: ModelVersion) -> Iterator[ModelVersion]:
-    """Delete the version again if anything inside the block fails (no half-published versions)."""
+    """Delete the version again if anything inside the block fails or is cancelled (no
+    half-published versions); a version still ``pending`` afterwards is reaped by the next run."""
     try:
         yield version
     except BaseException:
@@ -149,32 +305,44 @@ def selection_metric(client: MlflowClient, version: ModelVersion, metric: str | 
 
 
 def promote(name: str, version: ModelVersion) -> Promotion:
-    """Give ``version`` the alias ``champion`` if it beats the current one, else ``challenger``.
+    """Mark ``version`` ready and give it the alias ``champion`` if it beats the current one, else
+    ``challenger``; a displaced champion becomes ``previous``. The decision is written into the
+    version's description.
 
     Ties keep the incumbent: a new version must be strictly better to take over. Both are compared on
     the candidate's selection metric (module docstring); a champion selected on another metric is
-    not comparable and stays.
+    not comparable and stays. Read-compare-move runs under :func:`store_lock`, so two pipelines
+    finishing at once cannot both see the old champion and leave the worse one in place.
     """
     client = MlflowClient()
-    version = client.get_model_version(name, version.version)  # with its tags
-    metric_name = selection_metric_name(version)
-    candidate = selection_metric(client, version, metric_name)
-    incumbent = current_champion(client, name)
-    incumbent_metric = None
-    comparable = True
-    if incumbent is not None:
-        incumbent_name = selection_metric_name(incumbent)
-        comparable = incumbent_name == metric_name
-        incumbent_metric = selection_metric(client, incumbent, incumbent_name)
-        if not comparable:
-            logger.warning(
-                "%s v%s is selected on %s, champion v%s on %s: not comparable, keeping the champion",
-                name, version.version, metric_name, incumbent.version, incumbent_name,
-            )
-    wins = incumbent is None or (comparable and candidate > incumbent_metric)
-    alias = CHAMPION if wins else CHALLENGER
-    client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, "kgrec.alias_at_registration", alias)
+    with store_lock():
+        version = client.get_model_version(name, version.version)  # with its tags
+        metric_name = selection_metric_name(version)
+        candidate = selection_metric(client, version, metric_name)
+        incumbent = current_champion(client, name)
+        incumbent_metric = None
+        comparable = True
+        if incumbent is not None:
+            incumbent_name = selection_metric_name(incumbent)
+            comparable = incumbent_name == metric_name
+            incumbent_metric = selection_metric(client, incumbent, incumbent_name)
+            if not comparable:
+                logger.warning(
+                    "%s v%s is selected on %s, champion v%s on %s: not comparable, keeping the champion",
+                    name, version.version, metric_name, incumbent.version, incumbent_name,
+                )
+        wins = incumbent is None or (comparable and candidate > incumbent_metric)
+        alias = CHAMPION if wins else CHALLENGER
+        client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+        if wins and incumbent is not None:
+            client.set_registered_model_alias(name, PREVIOUS, incumbent.version)
+        client.set_registered_model_alias(name, alias, version.version)
+        client.set_model_version_tag(name, version.version, ALIAS_AT_REGISTRATION_TAG, alias)
+        dataset = client.get_run(version.run_id).data.tags.get("kgrec.dataset")
+        description = version_description(
+            version, metric_name, candidate, incumbent, incumbent_metric, alias, dataset
+        )
+        client.update_model_version(name, version.version, description=description)
     logger.info(
         "%s v%s %s=%.4f vs champion %s (%s) -> %s",
         name, version.version, metric_name, candidate,
@@ -187,7 +355,40 @@ def promote(name: str, version: ModelVersion) -> Promotion:
         previous_champion=str(incumbent.version) if incumbent else None,
         previous_metric=incumbent_metric,
         selection_metric=metric_name,
+        description=description,
     )
+
+
+def version_description(
+    version: ModelVersion,
+    metric_name: str,
+    value: float,
+    incumbent: ModelVersion | None,
+    incumbent_value: float | None,
+    alias: str,
+    dataset: str | None = None,
+) -> str:
+    """What the MLflow UI shows on a version's page: the model, its data, its selection figure and
+    what it was compared with."""
+    tags = version.tags or {}
+    snapshot = tags.get("kgrec.snapshot_hash", "")
+    data = f" on {dataset}" if dataset else ""
+    head = (
+        f"{tags.get('kgrec.model', 'model')}{data} (snapshot {snapshot[:12] or 'unknown'}), "
+        f"run {version.run_id}: {metric_name} = {value:.4f}."
+    )
+    if incumbent is None:
+        verdict = "First version with a selection figure: champion."
+    elif selection_metric_name(incumbent) != metric_name:
+        verdict = (
+            f"Not comparable with champion v{incumbent.version} (selected on "
+            f"{selection_metric_name(incumbent)}): {alias}."
+        )
+    elif alias == CHAMPION:
+        verdict = f"Beat champion v{incumbent.version} ({incumbent_value:.4f}), now {PREVIOUS}: champion."
+    else:
+        verdict = f"Did not beat champion v{incumbent.version} ({incumbent_value:.4f}): {alias}."
+    return f"{head} {verdict}"
 
 
 def resolve_alias(name: str, alias: str = CHAMPION) -> ModelVersion:
@@ -226,8 +427,46 @@ def download_version(version: ModelVersion, destination: Path) -> tuple[Path, Pa
     return bundle_dir, index_dir
 
 
-def mark_failed(run_id: str, error: BaseException) -> None:
-    """Record that a run's later steps (evaluation, registration, publishing) failed."""
+def mark_ended(run_id: str, error: BaseException) -> None:
+    """Record that a run's later steps (evaluation, registration, publishing) failed (FAILED) or
+    were cancelled (KILLED)."""
     client = MlflowClient()
     client.set_tag(run_id, "kgrec.error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, status="FAILED")
+    client.set_terminated(run_id, status=end_status(error))
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """What a (possibly interrupted) pipeline left: versions created and runs started since a time."""
+
+    versions: list[dict[str, Any]]
+    runs: list[dict[str, str]]
+
+    def kept(self) -> str:
+        ready = [f"{v['name']} v{v['version']}" + (f" ({','.join(v['aliases'])})" if v["aliases"] else "")
+                 for v in self.versions]
+        statuses: dict[str, int] = {}
+        for run in self.runs:
+            statuses[run["status"]] = statuses.get(run["status"], 0) + 1
+        runs = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "none"
+        return f"kept {', '.join(ready) or 'no new version'}; runs: {runs}"
+
+
+def state_since(names: Iterable[str], since_ms: int, experiment: str) -> RegistryState:
+    """Versions of ``names`` created and runs of ``experiment`` started at or after ``since_ms``."""
+    client = MlflowClient()
+    versions = [
+        # searches do not return aliases: read each version
+        {"name": name, "version": str(v.version), "aliases": list(v.aliases or []),
+         "state": (v.tags or {}).get(STATE_TAG)}
+        for name in names
+        for found in client.search_model_versions(f"name='{name}'")
+        if found.creation_timestamp >= since_ms
+        for v in [client.get_model_version(name, found.version)]
+    ]
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else [
+        {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status}
+        for r in client.search_runs([exp.experiment_id], f"attributes.start_time >= {since_ms}")
+    ]
+    return RegistryState(sorted(versions, key=lambda v: (v["name"], int(v["version"]))), runs)

@@ -139,7 +139,8 @@ class Trainer:
         config: the family's configuration (:class:`LoopSettings` fields).
         callbacks: called with every :class:`EpochLog`, in order (e.g. MLflow logging).
         progress: a tqdm bar when stderr is a terminal, else one log line per epoch.
-        cancel: when set, the fit raises :class:`TrainingCancelled` before the next epoch.
+        cancel: when set, the fit raises :class:`TrainingCancelled` before the next optimiser step
+            (so within one batch, not one epoch, of a signal).
     """
 
     def __init__(
@@ -168,6 +169,11 @@ class Trainer:
         )
         hooks = list(model.epoch_hooks())
         hook_optimizers = [hook_optimizer(h) for h in hooks]
+        name = type(model).__name__
+        if self.cancel is not None:
+            # Every task steps an optimiser per batch: checking there needs no change to the tasks.
+            for opt in (optimizer, *filter(None, hook_optimizers)):
+                opt.register_step_pre_hook(self._stop_if_cancelled(name))
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -176,7 +182,6 @@ class Trainer:
         best_epoch, best_value, best_second, best_valid = 0, float("-inf"), float("-inf"), {}
         best_state: dict[str, torch.Tensor] | None = None
         bad, stop_reason, train_seconds = 0, "epochs", 0.0
-        name = type(model).__name__
         bar = (
             tqdm(total=config.epochs, desc=f"fit {name}", unit="epoch")
             if self.progress and sys.stderr.isatty()
@@ -244,6 +249,13 @@ class Trainer:
         )
         task.finish(model, result)
         return result
+
+    def _stop_if_cancelled(self, name: str) -> Callable[..., None]:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self.cancel is not None and self.cancel.is_set():
+                raise TrainingCancelled(f"{name}: cancelled during training")
+
+        return hook
 
     @staticmethod
     def _report(bar: Any, log: EpochLog, metric: str, best: float) -> None:

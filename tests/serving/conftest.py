@@ -81,20 +81,19 @@ MODEL_INFO = {
 }
 
 
-def _log_and_load_pyfunc(tmp_path, python_model, artifacts: dict, signature):
-    """Log ``python_model`` to a throwaway sqlite MLflow store under ``tmp_path`` and load it back
-    as the pyfunc a deployment would get; the global tracking URI is restored afterwards."""
+def _log_and_load_pyfunc(tmp_path, bundle_dir):
+    """Log a bundle as registration does (models-from-code, staged kgrec code) to a throwaway
+    sqlite MLflow store under ``tmp_path`` and load it back as the pyfunc a deployment would get;
+    the global tracking URI is restored afterwards."""
     import mlflow
+    from kgrec.serving.pyfunc import log_bundle_model
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
         exp = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=exp):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=python_model, artifacts=artifacts, signature=signature,
-                pip_requirements=["kgrec"],  # skip requirement inference (slow subprocess)
-            )
+            info = log_bundle_model(bundle_dir, "model")
         return mlflow.pyfunc.load_model(info.model_uri)
     finally:
         mlflow.set_tracking_uri(previous)

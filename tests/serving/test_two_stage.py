@@ -221,10 +221,9 @@ def test_a_ranker_that_fails_to_load_makes_the_service_unready(retrieval):
 
 def test_ranker_pyfunc_scores_pairs_by_raw_id(tmp_path, ranker, log_and_load_pyfunc):
     import pandas as pd
-    from kgrec.serving.pyfunc import PairScorer, ranker_signature
 
     bundle_dir = ranker.write(tmp_path / "ranker")
-    model = log_and_load_pyfunc(tmp_path, PairScorer(), {"bundle": str(bundle_dir)}, ranker_signature())
+    model = log_and_load_pyfunc(tmp_path, bundle_dir)
     frame = pd.DataFrame({"user_id": ["u7", "u7", "ghost", "u3"], "item_id": ["i4", "i90", "i4", "nope"]})
     out = model.predict(frame)
     assert out["known"].tolist() == [True, True, False, False]
