@@ -220,7 +220,10 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         "",
         f"  champion: {result['registered_model']} version {result['champion_version']}",
         f"  tracking: {result['tracking_uri']}",
-        f"  MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}",
+        "  MLflow UI: " + (
+            f"open {result['tracking_uri']}" if result["tracking_uri"].startswith(("http://", "https://"))
+            else f".venv/bin/mlflow ui --backend-store-uri {result['tracking_uri']}"
+        ),
         f"  start the service: .venv/bin/kgrec serve --model-name {result['registered_model']}"
         " --host 127.0.0.1 --port 8000",
     ]

@@ -12,6 +12,7 @@ from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.export import register_bundle
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 NAME = "kgrec-test"
 
@@ -85,6 +86,9 @@ def test_failed_publication_rolls_the_version_back(tracking, tmp_path):
     versions = {v.version for v in client.search_model_versions(f"name='{NAME}'")}
     assert doomed.version not in versions
     assert registry.resolve_alias(NAME).version == champion.version
+    with pytest.raises(MlflowException):  # its logged model went with it
+        client.get_logged_model(registry.logged_model_id(doomed))
+    assert client.get_logged_model(registry.logged_model_id(champion)).name == "test"
 
 
 def test_a_run_that_raises_is_marked_failed_with_the_error(tracking):

@@ -216,7 +216,7 @@ def reap_orphans(names: Iterable[str], before_ms: int, experiment: str | None = 
             if not _abandoned(tags.get(OWNER_TAG), version.creation_timestamp, before_ms):
                 continue
             logger.warning("removing orphan %s v%s (run %s, never published)", name, version.version, version.run_id)
-            client.delete_model_version(name, version.version)
+            delete_version(client, name, version)
             reaped.versions.append((name, str(version.version)))
             _end_orphan_run(client, version.run_id, f"orphan: {name} v{version.version} was never published")
             reaped.runs.append(version.run_id)
@@ -280,8 +280,25 @@ def pending_version(name: str, version: ModelVersion) -> Iterator[ModelVersion]:
         yield version
     except BaseException:
         logger.error("rolling back %s version %s", name, version.version)
-        MlflowClient().delete_model_version(name, version.version)
+        delete_version(MlflowClient(), name, version)
         raise
+
+
+def delete_version(client: MlflowClient, name: str, version: ModelVersion) -> None:
+    """Delete a version and the logged model behind it (no model left without its version)."""
+    client.delete_model_version(name, version.version)
+    if model_id := logged_model_id(version):
+        with contextlib.suppress(MlflowException):
+            client.delete_logged_model(model_id)
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was created from (not every store returns ``model_id``; the
+    source ``models:/<id>`` names it too)."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/").split("/")[0] or None if source.startswith("models:/") else None
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
