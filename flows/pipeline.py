@@ -26,6 +26,7 @@ artifact with the summary table and a link artifact to each model's MLflow run.
 import contextlib
 import contextvars
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -40,11 +41,12 @@ from kgrec.models.spec import get_spec
 from kgrec.models.tracking import registry
 from kgrec.models.tracking.experiment import Trained, evaluate_and_log, ranker_inputs, train_and_log
 from kgrec.models.tracking.settings import registered_model_name, registered_ranker_name
+from kgrec.models.training.trainer import TrainingCancelled
 from kgrec.serving.export import publish_index_for, register_trained
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -60,6 +62,8 @@ def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
 def train_task(model: str, config: Any, inputs: Any, progress: bool, cancel: threading.Event | None) -> Trained:
+    if cancel is not None and cancel.is_set():  # queued behind a model that failed or was stopped
+        raise TrainingCancelled(f"{model}: cancelled before it started")
     return train_and_log(get_spec(model), config, inputs, progress=progress, cancel=cancel)
 
 
@@ -149,6 +153,15 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | 
 
 
 def publish_artifacts(result: dict[str, Any], experiment_id: str) -> None:
+    """Best effort: the models are registered and promoted by now, and a Prefect API hiccup must
+    not turn that into a failed run (which a retry would train again)."""
+    try:
+        _publish_artifacts(result, experiment_id)
+    except Exception as exc:
+        get_run_logger().warning("could not create the Prefect artifacts: %s: %s", type(exc).__name__, exc)
+
+
+def _publish_artifacts(result: dict[str, Any], experiment_id: str) -> None:
     create_markdown_artifact(
         markdown=summary_markdown(result), key=f"kgrec-summary-{_artifact_key(result['dataset'])}",
         description="kgrec pipeline summary",
@@ -163,7 +176,7 @@ def publish_artifacts(result: dict[str, Any], experiment_id: str) -> None:
 
 def _artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return "".join(c if c.isalnum() else "-" for c in text.lower())
+    return re.sub(r"[^a-z0-9-]", "-", text.lower())
 
 
 @flow(name="kgrec-pipeline")
@@ -197,12 +210,21 @@ def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[st
             train_task.submit(model, model_config, inputs.for_family(spec.family), config.progress, cancel)
         )
     try:
+        for future in as_completed(futures):  # the first failure stops the others at once
+            future.result()
         trained = [future.result() for future in futures]
     except BaseException:
         cancel.set()  # a failed or interrupted run trains nothing more ...
         wait(futures)  # ... and its training threads end their MLflow runs before the flow ends
         raise
-    results = [finish_one(t, name, bundle_root) for t in trained]
+    results = []
+    for i, one in enumerate(trained):
+        try:
+            results.append(finish_one(one, name, bundle_root))
+        except BaseException as exc:
+            for rest in trained[i + 1:]:  # trained, never registered: their runs say why
+                registry.mark_ended(rest.run_id, exc)
+            raise
     ranker = None
     if config.ranker is not None:
         spec = get_spec(config.ranker)

@@ -160,8 +160,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _what_was_kept(config: PipelineConfig, since_ms: int) -> str:
     """One line on the registry after an interrupted run (versions it left, how its runs ended)."""
-    name = config.registered_model or registered_model_name(config.dataset_name)
     try:
+        # the flow's own naming: the spec's dataset name, not the spec file's
+        name = config.registered_model or registered_model_name(load_spec(config.dataset).name)
         mlflow.set_tracking_uri(config.tracking.resolved_tracking_uri)
         return state_since([name, registered_ranker_name(name)], since_ms, config.tracking.experiment).kept()
     except Exception as exc:  # the store itself may be what failed
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValidationError, ValueError, FileNotFoundError, LookupError) as exc:
+        if args.verbose:
+            logging.getLogger("kgrec").exception("kgrec %s failed", args.command)
         return _fail(args, exc, 2)
     except Exception as exc:
         if args.verbose:

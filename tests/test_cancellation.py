@@ -29,8 +29,8 @@ def _env(work: Path) -> dict[str, str]:
         "KGREC_HOME": str(work / "kgrec"),
         "OMP_NUM_THREADS": "1",
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("KGREC_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "KGREC_TRACKING_URI", "PREFECT_API_URL"):  # e.g. a sourced stack.env
+        env.pop(name, None)
     return env
 
 
@@ -97,7 +97,7 @@ def test_a_signal_mid_training_stops_within_seconds_and_leaves_no_version(tmp_pa
     stopped_after = time.monotonic() - sent
 
     assert proc.returncode == code
-    assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
+    assert stopped_after < 20, f"took {stopped_after:.1f} s to stop"  # about 4 s on 2 idle cores
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == "cancelled" and summary["signal"] == signal.Signals(sig).name
     assert "no new version" in summary["kept"] and "KILLED" in summary["kept"]
@@ -105,7 +105,9 @@ def test_a_signal_mid_training_stops_within_seconds_and_leaves_no_version(tmp_pa
     assert client.search_model_versions(f"name='{NAME}'") == []
     runs = client.search_runs([client.get_experiment_by_name("kgrec").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
-    time.sleep(1)
+    deadline = time.monotonic() + 15  # this test's process reaps; init may be slower with orphans
+    while [pid for pid in children if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not [pid for pid in children if _alive(pid)], "a child process outlived the pipeline"
 
 

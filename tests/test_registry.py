@@ -204,6 +204,7 @@ def test_orphans_of_dead_processes_are_reaped_and_live_work_is_left_alone(tracki
     with mlflow.start_run(tags={registry.OWNER_TAG: _dead_owner()}) as stale:
         pass
     client.update_run(stale.info.run_id, status="RUNNING")  # what a SIGKILL mid-training leaves
+    by_hand = client.create_model_version(NAME, source=champion.source, run_id=champion.run_id)  # untagged
     before = int(time.time() * 1000) + 1
     later = _trained_version(tmp_path, 0.45, seed=4)  # newer than the run: not its business
     client.set_model_version_tag(NAME, later.version, registry.OWNER_TAG, _dead_owner())
@@ -212,7 +213,7 @@ def test_orphans_of_dead_processes_are_reaped_and_live_work_is_left_alone(tracki
 
     left = {v.version for v in client.search_model_versions(f"name='{NAME}'")}
     assert reaped.versions == [(NAME, str(orphan.version))]
-    assert left == {champion.version, live.version, later.version}
+    assert left == {champion.version, live.version, by_hand.version, later.version}
     assert client.get_run(orphan.run_id).info.status == "KILLED"
     assert client.get_run(stale.info.run_id).info.status == "KILLED"
     assert "orphan" in client.get_run(stale.info.run_id).data.tags["kgrec.error"]
@@ -227,3 +228,12 @@ def test_owner_liveness_tells_a_reused_pid_from_the_process(tracking):
     assert registry.owner_alive(f"{host}:{pid}:1") is False  # same pid, another start time
     assert registry.owner_alive(f"elsewhere:{os.getpid()}:1") is None
     assert registry.owner_alive(None) is None
+
+
+def test_a_failure_after_the_alias_moved_does_not_roll_the_champion_back(tracking, tmp_path):
+    first = _trained_version(tmp_path, 0.30, seed=1)
+    with pytest.raises(RuntimeError, match="bookkeeping"):
+        with registry.pending_version(NAME, first):
+            registry.promote(NAME, first)
+            raise RuntimeError("bookkeeping after promotion failed")
+    assert registry.resolve_alias(NAME).version == first.version

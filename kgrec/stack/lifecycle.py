@@ -171,7 +171,7 @@ def down(settings: StackSettings, say: Say = _stderr) -> dict[str, Any]:
     for name in reversed(SERVICES):
         if name == "postgres":
             pg = _postgres(layout, state)
-            if pg.pid() is None:
+            if (pg_pid := pg.pid()) is None:
                 stopped[name] = []
             else:
                 try:
@@ -179,7 +179,7 @@ def down(settings: StackSettings, say: Say = _stderr) -> dict[str, Any]:
                 except StackError:  # binaries removed under a running server: signals still work
                     bindir = None
                 stopped[name] = (pg.stop(bindir, settings.stop_timeout_s) if bindir
-                                 else stop_tree(pg.pid(), settings.stop_timeout_s))
+                                 else stop_tree(pg_pid, settings.stop_timeout_s))
             layout.pid_file(name).unlink(missing_ok=True)
         else:
             service = detached[name]

@@ -156,6 +156,8 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float, pid: int | 
         if pid is not None and not alive(pid):
             raise StackError(f"{what} exited while starting; end of {log_file}:\n{log_tail(log_file)}")
         if time.monotonic() > deadline:
+            if pid is not None:  # else the next `up` would take the half-started process as running
+                stop_tree(pid, 10)
             raise StackError(f"{what} not ready after {timeout:.0f} s; end of {log_file}:\n{log_tail(log_file)}")
         time.sleep(interval)
 

@@ -27,7 +27,9 @@ _FOREIGN_ENV = ("MLFLOW_TRACKING_URI", "KGREC_TRACKING_URI", "PREFECT_API_URL", 
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
+    """The caller's environment without what points elsewhere and without cloud credentials (the
+    MLflow server gets the S3 ones it needs explicitly: :func:`s3_credentials`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith((*_FOREIGN_ENV, "AWS_"))}
     return env | {"PYTHONUNBUFFERED": "1"}
 
 

@@ -140,8 +140,9 @@ def tracked_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str
         try:
             yield run.info.run_id
         except BaseException as exc:
-            mlflow.set_tag("kgrec.error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(status=end_status(exc))
+            with _logged_failure(f"ending run {run.info.run_id}"):
+                mlflow.set_tag("kgrec.error", f"{type(exc).__name__}: {exc}"[:5000])
+                mlflow.end_run(status=end_status(exc))
             raise
 
 
@@ -171,11 +172,12 @@ def owner_alive(owner: str | None) -> bool | None:
     it ran elsewhere (or the tag is missing or malformed)."""
     try:
         host, pid, start = (owner or "").rsplit(":", 2)
+        pid_number = int(pid)
     except ValueError:
         return None
     if host != socket.gethostname() or start == "?":
         return None
-    return _process_start(int(pid)) == start
+    return _process_start(pid_number) == start
 
 
 def _abandoned(owner: str | None, created_ms: int, before_ms: int) -> bool:
@@ -199,27 +201,34 @@ def reap_orphans(names: Iterable[str], before_ms: int, experiment: str | None = 
     """Delete versions an interrupted run left half-registered and end runs a killed process left
     RUNNING (both KILLED, with the reason as a tag).
 
-    An orphan version is ``pending`` (or, from before the lifecycle tags, has neither a state nor a
-    promotion tag), was created before ``before_ms`` and belongs to a process that is gone (on
-    another host: older than :data:`FOREIGN_ORPHAN_SECONDS`). Pending work of live processes, and
-    anything newer than ``before_ms``, is left alone.
+    An orphan version is tagged ``pending``, was created before ``before_ms``, holds no alias and
+    belongs to a process that is gone (on another host: older than :data:`FOREIGN_ORPHAN_SECONDS`).
+    Versions kgrec did not tag (registered by hand), pending work of live processes and anything
+    newer than ``before_ms`` are left alone. Runs under :func:`store_lock`, so two pipelines started
+    together do not both try to delete one orphan.
     """
     client = MlflowClient()
     reaped = Reaped()
-    for name in names:
-        for version in client.search_model_versions(f"name='{name}'"):
-            tags = version.tags or {}
-            state = tags.get(STATE_TAG)
-            legacy = state is None and ALIAS_AT_REGISTRATION_TAG not in tags
-            if not (state == PENDING or legacy):
-                continue
-            if not _abandoned(tags.get(OWNER_TAG), version.creation_timestamp, before_ms):
-                continue
-            logger.warning("removing orphan %s v%s (run %s, never published)", name, version.version, version.run_id)
-            delete_version(client, name, version)
-            reaped.versions.append((name, str(version.version)))
-            _end_orphan_run(client, version.run_id, f"orphan: {name} v{version.version} was never published")
-            reaped.runs.append(version.run_id)
+    with store_lock():
+        for name in names:
+            for found in client.search_model_versions(f"name='{name}' and tag.`{STATE_TAG}` = '{PENDING}'"):
+                tags = found.tags or {}
+                if tags.get(STATE_TAG) != PENDING:
+                    continue
+                if not _abandoned(tags.get(OWNER_TAG), found.creation_timestamp, before_ms):
+                    continue
+                try:
+                    version = client.get_model_version(name, found.version)  # searches omit aliases
+                    if version.aliases:
+                        continue
+                    delete_version(client, name, version)
+                except MlflowException as exc:  # gone meanwhile (deleted by hand): nothing to do
+                    logger.info("orphan %s v%s: %s", name, found.version, exc)
+                    continue
+                logger.warning("removed orphan %s v%s (run %s, never published)", name, found.version, found.run_id)
+                reaped.versions.append((name, str(found.version)))
+                _end_orphan_run(client, found.run_id, f"orphan: {name} v{found.version} was never published")
+                reaped.runs.append(found.run_id)
     if experiment is not None and (exp := client.get_experiment_by_name(experiment)) is not None:
         for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
             owner = run.data.tags.get(OWNER_TAG)
@@ -279,9 +288,25 @@ def pending_version(name: str, version: ModelVersion) -> Iterator[ModelVersion]:
     try:
         yield version
     except BaseException:
-        logger.error("rolling back %s version %s", name, version.version)
-        delete_version(MlflowClient(), name, version)
+        client = MlflowClient()
+        with _logged_failure(f"rolling back {name} version {version.version}"):
+            if client.get_model_version(name, version.version).aliases:
+                logger.warning("%s v%s already holds an alias: keeping it", name, version.version)
+            else:
+                logger.error("rolling back %s version %s", name, version.version)
+                delete_version(client, name, version)
         raise
+
+
+@contextlib.contextmanager
+def _logged_failure(what: str) -> Iterator[None]:
+    """Cleanup after a failure must not replace that failure (the store may be what failed): its
+    own errors are logged, and whatever a SIGKILL-proof next run can clean up is left to
+    :func:`reap_orphans`."""
+    try:
+        yield
+    except Exception as exc:
+        logger.error("%s failed: %s: %s", what, type(exc).__name__, exc)
 
 
 def delete_version(client: MlflowClient, name: str, version: ModelVersion) -> None:
@@ -350,16 +375,18 @@ def promote(name: str, version: ModelVersion) -> Promotion:
                 )
         wins = incumbent is None or (comparable and candidate > incumbent_metric)
         alias = CHAMPION if wins else CHALLENGER
-        client.set_model_version_tag(name, version.version, STATE_TAG, READY)
-        if wins and incumbent is not None:
-            client.set_registered_model_alias(name, PREVIOUS, incumbent.version)
-        client.set_registered_model_alias(name, alias, version.version)
-        client.set_model_version_tag(name, version.version, ALIAS_AT_REGISTRATION_TAG, alias)
         dataset = client.get_run(version.run_id).data.tags.get("kgrec.dataset")
         description = version_description(
             version, metric_name, candidate, incumbent, incumbent_metric, alias, dataset
         )
         client.update_model_version(name, version.version, description=description)
+        client.set_model_version_tag(name, version.version, ALIAS_AT_REGISTRATION_TAG, alias)
+        client.set_model_version_tag(name, version.version, STATE_TAG, READY)
+        # The alias move is the commit point, and the last step: once a version holds an alias,
+        # nothing rolls it back (pending_version).
+        if wins and incumbent is not None:
+            client.set_registered_model_alias(name, PREVIOUS, incumbent.version)
+        client.set_registered_model_alias(name, alias, version.version)
     logger.info(
         "%s v%s %s=%.4f vs champion %s (%s) -> %s",
         name, version.version, metric_name, candidate,
@@ -448,8 +475,9 @@ def mark_ended(run_id: str, error: BaseException) -> None:
     """Record that a run's later steps (evaluation, registration, publishing) failed (FAILED) or
     were cancelled (KILLED)."""
     client = MlflowClient()
-    client.set_tag(run_id, "kgrec.error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, status=end_status(error))
+    with _logged_failure(f"ending run {run_id}"):
+        client.set_tag(run_id, "kgrec.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status=end_status(error))
 
 
 @dataclass(frozen=True)
