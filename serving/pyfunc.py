@@ -147,11 +147,11 @@ class PairScorer(mlflow.pyfunc.PythonModel):
     Output columns: ``user_id``, ``item_id``, ``score`` (KCAN's score; NaN where the user or the item
     is unknown to the ranker) and ``known``.
     """
+
     # No type hints on predict: the signature validates the input. MLflow would otherwise wrap
     # predict and warn about the missing hints each time this module is imported (as ChatModel
     # and ResponsesAgent do, we opt out).
     _skip_type_hint_validation = True
-
 
     def __init__(self) -> None:
         self.bundle = None
