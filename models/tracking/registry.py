@@ -162,9 +162,18 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _machine() -> str:
+    """This host and pid namespace: two containers may share a hostname but not their pids."""
+    try:
+        namespace = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}@{namespace}"
+
+
 def process_owner(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
+    return f"{_machine()}:{pid}:{_process_start(pid) or '?'}"
 
 
 def owner_alive(owner: str | None) -> bool | None:
@@ -175,7 +184,7 @@ def owner_alive(owner: str | None) -> bool | None:
         pid_number = int(pid)
     except ValueError:
         return None
-    if host != socket.gethostname() or start == "?":
+    if host != _machine() or start == "?":
         return None
     return _process_start(pid_number) == start
 
