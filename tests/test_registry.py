@@ -8,23 +8,12 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from kgrec.models.tracking import registry
-from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.serving.bundle import RetrievalBundle
 from kgrec.serving.export import register_bundle
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 NAME = "kgrec-test"
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it after each test.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
-    settings = TrackingSettings(workdir=tmp_path / "work", tracking_uri=None)
-    registry.configure_tracking(settings)
-    return settings
 
 
 def _bundle(tmp_path, seed: int):

@@ -17,21 +17,11 @@ from kgrec.features.split import random_split
 from kgrec.features.synthetic import PowerLawConfig, powerlaw_snapshot
 from kgrec.models.families import family_of
 from kgrec.models.spec import get_spec
-from kgrec.models.tracking import lineage, registry
+from kgrec.models.tracking import lineage
 from kgrec.models.tracking.experiment import train_and_log
-from kgrec.models.tracking.settings import TrackingSettings
 from mlflow import MlflowClient
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
-    settings = TrackingSettings(workdir=tmp_path / "work", tracking_uri=None)
-    registry.configure_tracking(settings)
-    return settings
 
 
 def _git(cwd: Path, *args: str) -> str:

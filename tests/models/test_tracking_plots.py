@@ -14,24 +14,13 @@ from kgrec.features.split import random_split
 from kgrec.features.synthetic import PowerLawConfig, powerlaw_snapshot
 from kgrec.models.families import family_of
 from kgrec.models.spec import get_spec
-from kgrec.models.tracking import plots, registry
+from kgrec.models.tracking import plots
 from kgrec.models.tracking.experiment import evaluate_and_log, train_and_log
-from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.models.training.trainer import EpochLog
 from kgrec.serving.export import POPULARITY_K, register_trained
 from mlflow import MlflowClient
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it after each test.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
-    settings = TrackingSettings(workdir=tmp_path / "work", tracking_uri=None)
-    registry.configure_tracking(settings)
-    return settings
 
 
 def _lines(ax) -> dict[str, list[tuple[float, float]]]:
