@@ -121,7 +121,7 @@ def library_logs_to_prefect() -> Iterator[None]:
 
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run's summary as a Markdown table (a Prefect artifact)."""
-    rows = [*result["models"], *([result["ranker"]] if "ranker" in result else [])]
+    rows = registered_rows(result)
     lines = [
         f"### kgrec pipeline on {result['dataset']} (snapshot `{result['snapshot_hash'][:12]}`)",
         "",
@@ -141,8 +141,18 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_metric(value: float | None, digits: int = 4, missing: str = "—") -> str:
+    """A metric for people: ``digits`` decimals, ``missing`` for an absent or NaN value."""
+    return missing if value is None or value != value else f"{value:.{digits}f}"
+
+
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return format_metric(value, missing="-")  # Markdown tables
+
+
+def registered_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-model results of a pipeline run: its retrievers, then its ranker if it trained one."""
+    return [*result["models"], *([result["ranker"]] if "ranker" in result else [])]
 
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -166,7 +176,7 @@ def _publish_artifacts(result: dict[str, Any], experiment_id: str) -> None:
         markdown=summary_markdown(result), key=f"kgrec-summary-{_artifact_key(result['dataset'])}",
         description="kgrec pipeline summary",
     )
-    for m in [*result["models"], *([result["ranker"]] if "ranker" in result else [])]:
+    for m in registered_rows(result):
         if url := mlflow_run_url(result["tracking_uri"], experiment_id, m["run_id"]):
             create_link_artifact(
                 link=url, link_text=f"MLflow run of {m['model']}",

@@ -29,6 +29,7 @@ from kgrec.features.ingest import ingest
 from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
+from kgrec.flows.pipeline import format_metric as _fmt
 from kgrec.models.spec import markdown_table, model_names
 from kgrec.models.tracking.registry import state_since
 from kgrec.models.tracking.settings import (
@@ -229,10 +230,6 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
         " --host 127.0.0.1 --port 8000",
     ]
     return "\n".join(lines)
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
