@@ -14,8 +14,9 @@ manifest::
 :class:`Bundle` is the base: :meth:`Bundle.write` writes atomically (sibling temp directory renamed
 into place, :func:`kgrec.serving.files.atomic_directory`) and finishes with the manifest;
 :meth:`Bundle.load` (or :func:`load_bundle`, which picks the class from ``meta.json``'s ``kind``)
-verifies the manifest -- a listed file missing, or its size or sha256 changed, raises
-:class:`BundleError` naming it; unlisted files (a later ``index/``) are ignored -- and then reads the
+verifies the manifest (:mod:`kgrec.serving.integrity`) -- a listed file missing, or its size or
+sha256 changed, raises :class:`BundleIntegrityError` (a :class:`BundleError` and an
+``IntegrityError``) naming it; unlisted files (a later ``index/``) are ignored -- and then reads the
 id maps and the payload. A bundle written before manifests existed (no ``MANIFEST.json``) still
 loads, unverified, with a warning. Subclasses register their ``kind`` by subclassing and implement
 only ``_write_payload``, ``_read_payload`` and their checks:
@@ -34,28 +35,30 @@ only ``_write_payload``, ``_read_payload`` and their checks:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 from kgrec.models.explain import AttentionGraph
+from kgrec.serving import integrity
 from kgrec.serving.files import atomic_directory
+from kgrec.serving.integrity import MANIFEST_FILE as MANIFEST_FILE  # re-exported: bundle names kept
+from kgrec.serving.integrity import MANIFEST_VERSION as MANIFEST_VERSION
+from kgrec.serving.integrity import IntegrityError
+from kgrec.serving.integrity import write_manifest as write_manifest
 
 logger = logging.getLogger("kgrec.serving")
 
 META_FILE = "meta.json"
 USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
-MANIFEST_FILE = "MANIFEST.json"
-MANIFEST_VERSION = 1
 BUNDLE_FILES = (  # the required files of an embedding bundle (MANIFEST.json aside)
     "user_embeddings.npy",
     "item_embeddings.npy",
@@ -69,7 +72,6 @@ EXPLAIN_DIRNAME = "explain"  # optional: attention-weighted CKG of models that c
 EMBEDDING_KIND = "embedding"
 #: modules whose import registers the other bundle kinds (imported on first need: they import this one)
 BUNDLE_MODULES = ("kgrec.serving.multi_interest", "kgrec.serving.ranking")
-_CHUNK = 1 << 20
 
 
 class BundleError(ValueError):
@@ -140,75 +142,17 @@ def _check_ids(frame: pl.DataFrame, id_col: str, idx_col: str, n: int, what: str
 
 
 # ---------------------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _bundle_files(directory: Path) -> list[str]:
-    """Relative POSIX paths of every file under ``directory`` but the manifest, sorted."""
-    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
-    return sorted(n for n in names if n != MANIFEST_FILE)
-
-
-def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write ``MANIFEST.json`` (sha256 and size of every other file, recursively) and return it."""
-    directory = Path(directory)
-    files = {
-        name: {"sha256": _sha256(directory / name), "size": (directory / name).stat().st_size}
-        for name in _bundle_files(directory)
-    }
-    manifest = {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
+class BundleIntegrityError(BundleError, IntegrityError):
+    """A bundle fails its manifest: both a :class:`BundleError` (bundle loading) and an
+    :class:`~kgrec.serving.integrity.IntegrityError` (what a service reports as not ready)."""
 
 
 def verify_manifest(directory: str | os.PathLike[str]) -> bool:
-    """Check ``directory`` against its ``MANIFEST.json``; False (and a warning) when it has none
-    (a bundle written before manifests). Raises :class:`BundleError` naming the first listed file
-    that is missing or whose size or sha256 differs; unlisted files are ignored (logged)."""
-    directory = Path(directory)
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        logger.warning("bundle %s has no %s (written before checksummed bundles): loading it unverified",
-                       directory, MANIFEST_FILE)
-        return False
-    try:
-        manifest = json.loads(path.read_text())
-        files: dict[str, dict[str, Any]] = manifest["files"]
-        entries = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BundleError(f"bundle {directory}: unreadable {MANIFEST_FILE}: {exc!r}") from exc
-    for name in entries:
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or name == MANIFEST_FILE:
-            raise BundleError(f"bundle {directory}: {MANIFEST_FILE} lists an invalid path {name!r}")
-    missing = [name for name in sorted(entries) if not (directory / name).is_file()]
-    if missing:
-        raise BundleError(f"bundle {directory} is missing {', '.join(missing)} (listed in {MANIFEST_FILE})")
-    for name, (size, _) in sorted(entries.items()):  # sizes first: cheap
-        actual = (directory / name).stat().st_size
-        if actual != size:
-            raise BundleError(f"bundle {directory}: {name} has {actual} bytes, {MANIFEST_FILE} says {size}")
-    for name, (_, sha) in sorted(entries.items()):
-        actual_sha = _sha256(directory / name)
-        if actual_sha != sha:
-            raise BundleError(
-                f"bundle {directory}: {name} fails its checksum (sha256 {actual_sha[:12]}..., "
-                f"{MANIFEST_FILE} says {sha[:12]}...)"
-            )
-    extra = [n for n in _bundle_files(directory) if n not in entries]
-    if extra:
-        later = [n for n in extra if n.split("/", 1)[0] == INDEX_DIRNAME]
-        unknown = [n for n in extra if n not in later]
-        if unknown:
-            logger.warning("bundle %s: ignoring files not in %s: %s", directory, MANIFEST_FILE, ", ".join(unknown))
-        if later:
-            logger.debug("bundle %s: %d index files added after writing", directory, len(later))
-    return True
+    """Check a bundle directory against its ``MANIFEST.json``; False (and a warning) when it has none
+    (a bundle written before manifests). Raises :class:`BundleIntegrityError` naming the first listed
+    file that is missing or whose size or sha256 differs; unlisted files are ignored (logged; quietly
+    for an ``index/`` added after writing). The generic code is :mod:`kgrec.serving.integrity`."""
+    return integrity.verify_manifest(directory, "bundle", later=(INDEX_DIRNAME,), error=BundleIntegrityError)
 
 
 # ---------------------------------------------------------------------------- base class

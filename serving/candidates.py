@@ -32,6 +32,16 @@ from kgrec.serving.index import index_kind, index_over
 _MAX_INDEX_K = 4096
 
 
+#: The most characters of a client's input an error message quotes.
+QUOTE_LIMIT = 200
+
+
+def quote_input(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a client-supplied value, cut to ``limit`` characters (a 1 MB id is not echoed)."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 class CandidateError(Exception):
     """Base class of request errors; ``status_code`` is the HTTP status the service answers."""
 
@@ -50,7 +60,7 @@ class UnknownUserError(CandidateError):
     status_code = 404
 
     def __init__(self, user_id: str):
-        super().__init__(f"unknown user {user_id!r}")
+        super().__init__(f"unknown user {quote_input(user_id)}")
         self.user_id = user_id
 
 
@@ -60,8 +70,8 @@ class UnknownItemsError(CandidateError):
     status_code = 422
 
     def __init__(self, item_ids: Sequence[str]):
-        shown = ", ".join(repr(i) for i in list(item_ids)[:10])
-        more = f" (+{len(item_ids) - 10} more)" if len(item_ids) > 10 else ""
+        shown = ", ".join(quote_input(i, 40) for i in list(item_ids)[:5])
+        more = f" (+{len(item_ids) - 5} more)" if len(item_ids) > 5 else ""
         super().__init__(f"none of the item ids is known: {shown}{more}")
         self.item_ids = list(item_ids)
 
@@ -70,7 +80,7 @@ class UnknownItemError(CandidateError):
     status_code = 404
 
     def __init__(self, item_id: str):
-        super().__init__(f"unknown item {item_id!r}")
+        super().__init__(f"unknown item {quote_input(item_id)}")
         self.item_id = item_id
 
 

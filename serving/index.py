@@ -13,6 +13,11 @@ Stored layout (``save_index``)::
 
     items.faiss   faiss.write_index output
     index.json    kind, metric, ntotal, dim, ann_recall, ann_recall_k, build_seconds, config, ...
+    MANIFEST.json sha256 + size of both (``kgrec.serving.integrity``), written last
+
+``load_index`` verifies the manifest before faiss reads a byte: vectors overwritten in place (NaNs at
+the same size) or an edited ``index.json`` raise :class:`~kgrec.serving.integrity.IntegrityError`
+naming the file. An index published before manifests existed loads, unverified, with a warning.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 from kgrec.serving.files import atomic_directory
+from kgrec.serving.integrity import IntegrityError, verify_manifest, write_manifest
 from pydantic import BaseModel, ConfigDict, Field
 
 INDEX_FILE = "items.faiss"
@@ -211,27 +217,40 @@ def build_and_measure(
 
 
 def save_index(index: faiss.Index, directory: str | os.PathLike[str], info: dict[str, Any]) -> Path:
-    """Write ``items.faiss`` + ``index.json`` atomically (temp dir, then rename) to ``directory``."""
+    """Write ``items.faiss`` + ``index.json`` and, last, ``MANIFEST.json`` atomically (temp dir, then
+    rename) to ``directory``."""
     target = Path(directory)
     full = {"kind": index_kind(index), "metric": "inner_product", **info}
     full["ntotal"], full["dim"] = int(index.ntotal), int(index.d)
     with atomic_directory(target) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         (tmp / INFO_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        write_manifest(tmp)
     return target
 
 
 def load_index(directory: str | os.PathLike[str]) -> tuple[faiss.Index, dict[str, Any]]:
+    """Verify (manifest, then ``index.json`` against the stored index) and read a saved index.
+
+    Raises :class:`IntegrityError` when the manifest fails or ``index.json`` disagrees with the
+    stored index, ``FileNotFoundError`` when a file is missing (no manifest to name it)."""
     src = Path(directory)
+    verify_manifest(src, "index")
     for name in (INDEX_FILE, INFO_FILE):
         if not (src / name).is_file():
             raise FileNotFoundError(f"index directory {src} is missing {name}")
-    info = json.loads((src / INFO_FILE).read_text())
-    index = faiss.read_index(str(src / INDEX_FILE))
+    try:
+        info = json.loads((src / INFO_FILE).read_text())
+    except ValueError as exc:
+        raise _mismatch(src, INFO_FILE, f"unreadable {INFO_FILE}: {exc}") from exc
+    try:
+        index = faiss.read_index(str(src / INDEX_FILE))
+    except RuntimeError as exc:  # a corrupt file of an unverified index
+        raise _mismatch(src, INDEX_FILE, f"faiss cannot read {INDEX_FILE}: {exc}") from exc
     if "ntotal" in info and int(info["ntotal"]) != index.ntotal:
-        raise ValueError(f"index {src}: index.json ntotal {info['ntotal']} != stored {index.ntotal}")
+        raise _mismatch(src, INFO_FILE, f"{INFO_FILE} ntotal {info['ntotal']} != stored {index.ntotal}")
     if "dim" in info and int(info["dim"]) != index.d:
-        raise ValueError(f"index {src}: index.json dim {info['dim']} != stored {index.d}")
+        raise _mismatch(src, INFO_FILE, f"{INFO_FILE} dim {info['dim']} != stored {index.d}")
     # search-time parameters travel in index.json too (explicit beats serialisation details)
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexIVF) and "nprobe" in info:
@@ -241,3 +260,16 @@ def load_index(directory: str | os.PathLike[str]) -> tuple[faiss.Index, dict[str
         if ef:
             base.hnsw.efSearch = int(ef)
     return index, info
+
+
+def _mismatch(directory: Path, file: str, reason: str) -> IntegrityError:
+    return IntegrityError(f"index {directory}: {reason}", directory=directory, file=file, reason=reason)
+
+
+def check_index_matches(index: faiss.Index, n_items: int, dim: int, what: str = "index") -> None:
+    """Raise :class:`IntegrityError` unless ``index`` holds ``n_items`` vectors of ``dim`` (the
+    bundle it is served with): an index of another version or model would return wrong items."""
+    if int(index.ntotal) != int(n_items) or int(index.d) != int(dim):
+        reason = (f"{what} holds {int(index.ntotal)} vectors of dim {int(index.d)}, "
+                  f"the bundle {int(n_items)} items of dim {int(dim)}")
+        raise IntegrityError(reason, file=INDEX_FILE, reason=reason)

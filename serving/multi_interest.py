@@ -41,6 +41,7 @@ Every candidate carries ``interest``, the index of the interest it came from.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,7 @@ class MultiInterestResult(CandidateResult):
     interest_weights: list[float] = field(default_factory=list)  # [K]; 0 = inactive interest
     merge: str = "max"
     diversity: float | None = None  # lambda of the controllable merge (None for the other rules)
+    merge_ms: float = 0.0  # time spent merging the per-interest lists (a stage of the metrics)
 
     def records(self) -> list[dict[str, Any]]:
         """``[{"item_id", "score", "name", "interest"}]`` (the HTTP payload)."""
@@ -392,12 +394,18 @@ class MultiInterestService:
             weights = self.model.interest_weights(h, n, mask_t)[0].double().numpy()
         weights = np.where(mask, np.maximum(weights, 0.0), 0.0)
 
+        merge_seconds = 0.0
+
         def merge(ids: np.ndarray, sc: np.ndarray):
+            nonlocal merge_seconds
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                return merge_for_model(
+                merged = merge_for_model(
                     self.model, h, n, v_t, mask_t, ids, sc, k, rule, [exclude], self._item_emb, weights[None],
                     categories=self._categories, diversity=diversity,
                 )
+            merge_seconds += time.perf_counter() - t0
+            return merged
 
         n_items = self.n_items
         target = min(k, n_items - exclude.shape[0])
@@ -433,4 +441,5 @@ class MultiInterestService:
             interest_weights=[round(float(w), 6) for w in weights],
             merge=rule,
             diversity=diversity,
+            merge_ms=merge_seconds * 1e3,
         )

@@ -1,4 +1,8 @@
-"""Publish a registered version's faiss index next to it in MLflow."""
+"""Publish a registered version's faiss index next to it in MLflow.
+
+The index is saved with its checksum manifest (``save_index`` writes ``MANIFEST.json`` last), and the
+manifest's own sha256 is recorded on the version (``INDEX_MANIFEST_TAG``) so the serving cache can
+tell the published index from a rewritten one."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import mlflow
 from kgrec.models.tracking.registry import INDEX_ARTIFACT, INDEX_TAG
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind
 from kgrec.serving.index import IndexConfig, build_and_measure, save_index
+from kgrec.serving.integrity import INDEX_MANIFEST_TAG, manifest_digest
 from kgrec.serving.multi_interest import MultiInterestBundle
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -41,6 +46,7 @@ def publish_index(
     with tempfile.TemporaryDirectory() as tmp:
         index_dir = Path(tmp) / INDEX_ARTIFACT
         save_index(index, index_dir, info)
+        digest = manifest_digest(index_dir)  # save_index wrote the manifest last
         MlflowClient().log_artifacts(version.run_id, str(index_dir), artifact_path=INDEX_ARTIFACT)
     with mlflow.start_run(run_id=version.run_id):
         mlflow.log_metrics(
@@ -50,7 +56,9 @@ def publish_index(
             }
         )
         mlflow.set_tag("kgrec.index_kind", info["kind"])
-    MlflowClient().set_model_version_tag(version.name, version.version, INDEX_TAG, INDEX_ARTIFACT)
+    client = MlflowClient()
+    client.set_model_version_tag(version.name, version.version, INDEX_MANIFEST_TAG, digest)
+    client.set_model_version_tag(version.name, version.version, INDEX_TAG, INDEX_ARTIFACT)  # last
     logger.info(
         "published %s index for %s v%s: recall@%d=%.4f",
         info["kind"], version.name, version.version, info["ann_recall_k"], info["ann_recall"],

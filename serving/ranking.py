@@ -13,16 +13,13 @@ the retrieval service, score all ``n`` pairs with one batched KCAN forward, orde
 score :math:`(1-\\alpha) z(s_{ret}) + \\alpha z(s_{KCAN})` (per-request z-scores, ``alpha`` chosen on
 validation when the ranker was trained, see :mod:`kgrec.models.reranking`) and return the top ``k``
 with both scores. Candidates the ranker does not know (an item newer than its snapshot) keep their
-place after every scored candidate. Each request's stage times are returned and kept in a bounded
-window (:class:`StageLatency`) that the service exposes.
+place after every scored candidate. Each request's stage times are returned; the service records
+them in its Prometheus histograms (:mod:`kgrec.serving.metrics`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from kgrec.models.rankers.kcan import KCAN
 from kgrec.models.reranking import fuse
 from kgrec.models.tracking.registry import RANKER_KIND
 from kgrec.serving.bundle import Bundle, BundleError, id_lookup
-from kgrec.serving.candidates import CandidateError, InvalidRequestError
+from kgrec.serving.candidates import CandidateError, InvalidRequestError, quote_input
 
 RANKER_FILES = ("kcan.pt", "kcan.json", "users.parquet", "items.parquet", "meta.json")
 MAX_CANDIDATES = 1000
@@ -46,7 +43,7 @@ class UnknownRankerUserError(CandidateError):
     status_code = 404
 
     def __init__(self, user_id: str):
-        super().__init__(f"user {user_id!r} is unknown to the ranking model")
+        super().__init__(f"user {quote_input(user_id)} is unknown to the ranking model")
 
 
 @dataclass
@@ -100,40 +97,6 @@ class RankerBundle(Bundle):
         return cls(KCAN.load(directory), users, items, meta)
 
 
-class StageLatency:
-    """Per-stage latencies of the last ``window`` requests (thread-safe), summarised on demand."""
-
-    def __init__(self, stages: Sequence[str], window: int = 10_000):
-        self._lock = threading.Lock()
-        self._samples = {s: deque(maxlen=window) for s in stages}
-        self._count = 0
-
-    def record(self, timings_ms: dict[str, float]) -> None:
-        with self._lock:
-            self._count += 1
-            for stage, ms in timings_ms.items():
-                self._samples[stage].append(ms)
-
-    def summary(self) -> dict[str, Any]:
-        with self._lock:
-            snapshot = {s: np.fromiter(d, dtype=np.float64) for s, d in self._samples.items()}
-            count = self._count
-        out: dict[str, Any] = {"requests": count}
-        for stage, ms in snapshot.items():
-            out[stage] = (
-                {
-                    "n": int(ms.size),
-                    "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                    "p90_ms": round(float(np.percentile(ms, 90)), 3),
-                    "p99_ms": round(float(np.percentile(ms, 99)), 3),
-                    "mean_ms": round(float(ms.mean()), 3),
-                }
-                if ms.size
-                else {"n": 0}
-            )
-        return out
-
-
 @dataclass(slots=True)
 class RankedResult:
     user_id: str
@@ -175,7 +138,6 @@ class TwoStageService:
         self.torch_threads = torch_threads
         self._user_index = id_lookup(ranker.users, "user_id", "user_idx")
         self._item_index = id_lookup(ranker.items, "item_id", "item_idx")
-        self.latency = StageLatency(self.STAGES)
         if torch_threads is not None:  # before the warm-up: it would start a pool of all cores
             torch.set_num_threads(torch_threads)
         self._warm_up()
@@ -184,6 +146,9 @@ class TwoStageService:
         """Build KCAN's cached global representations and subgraph table before the first request."""
         with torch.inference_mode():
             self.model.score_pairs(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+
+    def knows_user(self, user_id: str) -> bool:
+        return user_id in self._user_index
 
     def info(self) -> dict[str, Any]:
         meta = self.ranker.meta
@@ -229,7 +194,6 @@ class TwoStageService:
             "ranking": round((t2 - t1) * 1e3, 3),
             "total": round((t2 - t0) * 1e3, 3),
         }
-        self.latency.record(timings)
         ids, names = retrieved.item_ids, retrieved.names
         return RankedResult(
             user_id=user_id,

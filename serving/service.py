@@ -69,38 +69,47 @@ declared order. Cost: ~35 us more CPU per ``k=100`` request than the ``ORJSONRes
 
 from __future__ import annotations
 
-import gc
+import asyncio
+import contextlib
+import hmac
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Required
+from typing import Annotated, Any, Literal, NotRequired, Required
 
+import faiss
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from kgrec.models.tracking.settings import registered_ranker_name
 from kgrec.serving.bundle import INDEX_DIRNAME
-from kgrec.serving.candidates import CandidateError
-from kgrec.serving.champion import open_service
+from kgrec.serving.cache import ServeCache
+from kgrec.serving.candidates import QUOTE_LIMIT, CandidateError
+from kgrec.serving.champion import RegisteredModel, RegisteredRanker, open_service
+from kgrec.serving.errors import ServiceUnavailable
 from kgrec.serving.index import load_index
-from kgrec.serving.protocols import Ranker, Retriever
+from kgrec.serving.metrics import MULTIPROC_ENV, ServiceMetrics
+from kgrec.serving.middleware import RequestEdge, configure_logging, request_id_var
+from kgrec.serving.protocols import Retriever
 from kgrec.serving.ranking import TwoStageService
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, MAX_ID_LENGTH, SETTINGS_ENV, ServeSettings
+from kgrec.serving.state import Loader, RankerLoader, Served, ServingState, public_message
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, with_config
+from starlette.exceptions import HTTPException
 from typing_extensions import TypedDict  # pydantic rejects typing.TypedDict on Python < 3.12
-
-if TYPE_CHECKING:
-    from kgrec.serving.ranking import RankerBundle, TwoStageService
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_HISTORY = 500
 
-Loader = Callable[[], "tuple[Retriever, dict[str, Any]]"]
-RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
 MergeParam = Literal["max", "weighted", "mixture", "controllable"]
 #: Upper bound of the controllable merge's lambda in a request (beyond it the list is pure diversity).
 MAX_DIVERSITY = 100.0
@@ -111,7 +120,9 @@ class HistoryRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    item_ids: list[str] = Field(..., min_length=1, max_length=MAX_HISTORY)
+    item_ids: list[Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]] = Field(
+        ..., min_length=1, max_length=MAX_HISTORY
+    )
     k: int = Field(100, ge=1, le=MAX_K)
     merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
     diversity: float | None = Field(None, ge=0.0, le=MAX_DIVERSITY)  # lambda of merge="controllable"
@@ -291,71 +302,51 @@ class NotReady(TypedDict):
     detail: str
 
 
-class ServiceUnavailable(Exception):
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+class ReloadReport(TypedDict):
+    """``POST /admin/reload``."""
+
+    status: str  # "reloaded" | "unchanged" | "failed"
+    model: ModelSummary | None  # what serves after the call
+    previous: NotRequired[ModelSummary | None]  # "reloaded": what served before
+    detail: NotRequired[str]  # "failed": why (the old version keeps serving)
+    seconds: NotRequired[float]
 
 
-def _summary(info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": info.get("name", info.get("registered_name")),
-        "version": info.get("version"),
-    }
+class ErrorMessage(BaseModel):
+    """Every error but 422: ``{"detail": "<short message>"}``."""
+
+    detail: str
 
 
-# ---------------------------------------------------------------------------- state
-@dataclass
-class ServingState:
-    """What the lifespan loaded (``app.state.kgrec``); ``retriever is None`` until it succeeds."""
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
 
-    retriever: Retriever | None = None
-    two_stage: TwoStageService | None = None  # the ranker, with its per-stage latency window
-    info: dict[str, Any] = field(default_factory=dict)  # /readyz and /v1/model
-    summary: dict[str, Any] = field(default_factory=dict)  # {"name", "version"} of the retriever
-    ranker_summary: dict[str, Any] = field(default_factory=dict)  # the same for the ranker
-    error: str | None = "model not loaded yet"
 
-    def load(self, load_service: Loader, load_ranker: RankerLoader | None) -> None:
-        """Run the loaders; on failure keep ``retriever`` None and record the error."""
-        t0 = time.perf_counter()
-        try:
-            retriever, info = load_service()
-            if not isinstance(retriever, Retriever):
-                raise TypeError(
-                    f"loader returned {type(retriever).__name__}, expected a Retriever "
-                    "(CandidateService or MultiInterestService)"
-                )
-            self.info = {
-                **dict(info or {}),
-                **retriever.info(),
-                "index_kind": retriever.index_kind,
-                "n_items": retriever.n_items,
-                "n_users": retriever.n_users,
-            }
-            self.summary = _summary(self.info)
-            ranker = load_ranker() if load_ranker is not None else None
-            if ranker is not None:
+class ValidationErrors(BaseModel):
+    """422: FastAPI's shape (``detail``: one entry per problem), plus ``message``, all in one line."""
 
-                bundle, ranker_info = ranker
-                if not isinstance(bundle.model, Ranker):
-                    raise TypeError(f"ranker bundle holds {type(bundle.model).__name__}, expected a Ranker")
-                self.two_stage = TwoStageService(retriever, bundle)
-                self.info["ranker"] = {**dict(ranker_info or {}), **self.two_stage.info()}
-                self.ranker_summary = _summary(self.info["ranker"])
-            self.retriever, self.error = retriever, None
-            # the loaded model is long-lived: keep its objects out of the collector's scans so
-            # generation-2 collections do not show up in the latency tail
-            gc.collect()
-            gc.freeze()
-            log.info("model loaded in %.2fs: %s", time.perf_counter() - t0, self.summary)
-        except Exception as exc:  # keep serving /healthz and report on /readyz
-            self.two_stage = None
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("model load failed")
+    detail: list[FieldError]
+    message: str
 
-    def unload(self) -> None:
-        self.retriever = self.two_stage = None
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorMessage, "description": description}
+
+
+#: Declared on every route that can answer them (the 422 is declared by FastAPI itself).
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("malformed request (e.g. invalid JSON)"),
+    401: _error("missing or wrong bearer token"),
+    413: _error("request body too large"),
+    422: {"model": ValidationErrors, "description": "invalid parameters or body"},
+}
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **COMMON_ERRORS,
+    404: _error("unknown user or item"),
+    503: _error("no model (or no ranker) loaded"),
+}
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -364,32 +355,16 @@ async def serving_state(request: Request) -> ServingState:
     return request.app.state.kgrec
 
 
-async def ready_retriever(request: Request) -> Retriever:
-    """The loaded retriever; 503 while none is."""
-    return _ready(request.app.state.kgrec)
-
-
-async def ready_two_stage(request: Request) -> TwoStageService:
-    """The two-stage service; 503 while the retriever is not loaded or no ranker is registered."""
-    state: ServingState = request.app.state.kgrec
-    _ready(state)  # "model not loaded" wins over "no ranker"
-    if state.two_stage is None:
-        raise ServiceUnavailable(
-            "no ranking model loaded: register one with `kgrec pipeline --ranker kcan` and "
-            "restart the service"
-        )
-    return state.two_stage
-
-
-def _ready(state: ServingState) -> Retriever:
-    if state.retriever is None:
-        raise ServiceUnavailable(f"model not loaded: {state.error}")
-    return state.retriever
-
-
 State = Annotated[ServingState, Depends(serving_state)]
-ReadyRetriever = Annotated[Retriever, Depends(ready_retriever)]
-ReadyTwoStage = Annotated["TwoStageService", Depends(ready_two_stage)]  # ranking imports torch: lazily
+
+
+def _two_stage(served: Served) -> TwoStageService:
+    if served.two_stage is None:
+        raise ServiceUnavailable(
+            "no ranking model loaded: register one with `kgrec pipeline --ranker kcan`; the service "
+            "picks it up at its next registry poll or on POST /admin/reload"
+        )
+    return served.two_stage
 
 
 def _merge_kwargs(retriever: Retriever, merge: str | None, diversity: float | None) -> dict[str, Any]:
@@ -402,39 +377,83 @@ def _took_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1e3, 3)
 
 
+def _observe_retrieval(metrics: ServiceMetrics, seconds: float, result: Any) -> None:
+    merge_ms = getattr(result, "merge_ms", 0.0)
+    metrics.observe_stage("retrieve", max(0.0, seconds - merge_ms / 1e3))
+    if merge_ms:
+        metrics.observe_stage("merge", merge_ms / 1e3)
+
+
+_bearer = HTTPBearer(auto_error=False, description="the service's token ($KGREC_SERVE_TOKEN)")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+class _Auth:
+    """``Authorization: Bearer <token>`` check (constant-time); 401 when it is missing or wrong, 403
+    when the service has no token (admin endpoints are then disabled)."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    async def __call__(self, credentials: BearerCredentials) -> None:
+        if self.token is None:
+            raise HTTPException(403, "admin endpoints are disabled: start the service with $KGREC_SERVE_TOKEN "
+                                     "or --token-file")
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
 # ---------------------------------------------------------------------------- routers
 health = APIRouter(tags=["health"])
-retrieval = APIRouter(prefix="/v1", tags=["retrieval"])
-two_stage = APIRouter(prefix="/v1", tags=["two-stage"])
+ops = APIRouter(tags=["operations"])
+admin = APIRouter(prefix="/admin", tags=["admin"], responses={401: _error("missing or wrong bearer token"),
+                                                            403: _error("no token configured")})
+retrieval = APIRouter(prefix="/v1", tags=["retrieval"], responses=MODEL_ERRORS)
+two_stage = APIRouter(prefix="/v1", tags=["two-stage"], responses=MODEL_ERRORS)
+
+UserId = Annotated[str, PathParam(max_length=MAX_ID_LENGTH, description="raw user id")]
+ItemId = Annotated[str, PathParam(max_length=MAX_ID_LENGTH, description="raw item id")]
 
 
-@health.get("/healthz")
+@health.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> Health:
     return {"status": "ok"}
 
 
-@health.get("/readyz", response_model=Ready, responses={503: {"model": NotReady, "description": "not loaded"}})
+@health.api_route("/readyz", methods=["GET", "HEAD"], response_model=Ready,
+                  responses={503: {"model": NotReady, "description": "not loaded"}})
 async def readyz(state: State) -> Ready | JSONResponse:
-    if state.retriever is None:
+    served = state.current
+    if served is None:
         return JSONResponse({"status": "unavailable", "detail": state.error}, status_code=503)
-    return {"status": "ready", "model": state.info}
+    return {"status": "ready", "model": state.model_info(served)}
+
+
+@ops.get("/metrics", response_class=PlainTextResponse, responses={401: _error("missing or wrong bearer token")})
+async def metrics(state: State) -> Response:
+    """Prometheus exposition (all workers' samples under ``--workers``)."""
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @retrieval.get("/users/{user_id}/candidates")
 async def user_candidates(
-    user_id: str,
-    retriever: ReadyRetriever,
+    user_id: UserId,
     state: State,
     k: int = Query(100, ge=1, le=MAX_K),
     merge: MergeParam | None = Query(None),
     diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
 ) -> UserCandidates:
+    served = state.ready()
+    retriever = served.retriever
     t0 = time.perf_counter()
     result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
+    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
     return {
         "user_id": user_id,
         "k": k,
-        "model": state.summary,
+        "model": served.summary,
         **result.response_fields(),
         "candidates": result.records(),
         "took_ms": _took_ms(t0),
@@ -442,12 +461,15 @@ async def user_candidates(
 
 
 @retrieval.post("/candidates")
-async def history_candidates(body: HistoryRequest, retriever: ReadyRetriever, state: State) -> HistoryCandidates:
+async def history_candidates(body: HistoryRequest, state: State) -> HistoryCandidates:
+    served = state.ready()
+    retriever = served.retriever
     t0 = time.perf_counter()
     result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
+    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
     return {
         "k": body.k,
-        "model": state.summary,
+        "model": served.summary,
         **result.response_fields(),
         "candidates": result.records(),
         "unknown_item_ids": result.unknown_item_ids,
@@ -457,20 +479,22 @@ async def history_candidates(body: HistoryRequest, retriever: ReadyRetriever, st
 
 @retrieval.get("/users/{user_id}/candidates/{item_id}/explain")
 async def explain(
-    user_id: str,
-    item_id: str,
-    retriever: ReadyRetriever,
+    user_id: UserId,
+    item_id: ItemId,
     state: State,
     max_paths: int = Query(5, ge=1, le=50),
 ) -> Explanation:
+    served = state.ready()
     t0 = time.perf_counter()
-    payload = retriever.explain(user_id, item_id, max_paths)
-    return {**payload, "model": state.summary, "took_ms": _took_ms(t0)}
+    payload = served.retriever.explain(user_id, item_id, max_paths)
+    state.metrics.observe_stage("explain", time.perf_counter() - t0)
+    return {**payload, "model": served.summary, "took_ms": _took_ms(t0)}
 
 
-@retrieval.get("/model", dependencies=[Depends(ready_retriever)])
+@retrieval.get("/model")
 async def model(state: State) -> ModelInfo:
-    return state.info
+    """What is served, and the state of its reloads (``reload``)."""
+    return state.model_info(state.ready())
 
 
 # `async def` like the other handlers: one 200-pair KCAN forward (~4 ms on one thread) costs
@@ -478,77 +502,210 @@ async def model(state: State) -> ModelInfo:
 # 11.2 -> 9.3 ms, benchmarks/two_stage_latency.py). Scale throughput with uvicorn workers.
 @two_stage.get("/users/{user_id}/ranked")
 async def ranked(
-    user_id: str,
-    service: ReadyTwoStage,
+    user_id: UserId,
     state: State,
     k: int = Query(20, ge=1, le=MAX_K),
     n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
 ) -> RankedCandidates:
-    result = service.for_user(user_id, k, n)
+    served = state.ready()
+    result = _two_stage(served).for_user(user_id, k, n)
+    timings = result.timings_ms
+    state.metrics.observe_stage("retrieve", timings["retrieval"] / 1e3)
+    state.metrics.observe_stage("rerank", timings["ranking"] / 1e3)
     return {
         "user_id": user_id,
         "k": k,
         "n": result.num_candidates,
-        "model": state.summary,
-        "ranker": state.ranker_summary,
+        "model": served.summary,
+        "ranker": served.ranker_summary,
         "candidates": result.records(),
-        "timings_ms": result.timings_ms,
+        "timings_ms": timings,
     }
 
 
 @two_stage.get("/latency")
-async def latency(service: ReadyTwoStage) -> LatencyReport:
-    return {"two_stage": service.latency.summary()}
+async def latency(state: State) -> LatencyReport:
+    """Percentiles of this worker's Prometheus histograms (``/metrics`` has the buckets)."""
+    _two_stage(state.ready())
+    total = state.metrics.quantiles("kgrec_http_request_duration_seconds",
+                                    {"endpoint": RANKED_ROUTE, "method": "GET"})
+    answered = state.metrics.registry.get_sample_value(
+        "kgrec_http_requests_total", {"endpoint": RANKED_ROUTE, "method": "GET", "status": "200"}) or 0
+    return {"two_stage": {
+        "requests": int(answered),
+        "retrieval": state.metrics.stage_quantiles("retrieve"),
+        "ranking": state.metrics.stage_quantiles("rerank"),
+        "total": total,
+    }}
+
+
+@admin.post("/reload")
+async def reload(state: State, force: bool = Query(False, description="reload even if the version is unchanged")
+                 ) -> ReloadReport:
+    """Load the version the alias names now, verify it, and swap it in (the old one serves until
+    then, and keeps serving if the new one fails: ``status`` is then ``failed``)."""
+    return await asyncio.to_thread(state.reload, force, "admin")
+
+
+RANKED_ROUTE = "/v1/users/{user_id}/ranked"
+WORKER_HEALTHCHECK_SECONDS = 300.0
 
 
 # ---------------------------------------------------------------------------- errors
+def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+    return {"detail": errors, "message": message[:1000]}
+
+
 async def _candidate_error(request: Request, exc: CandidateError) -> JSONResponse:
+    if exc.status_code == 422:  # same body as every other 422 (the OpenAPI schema has one)
+        loc = ["body", "item_ids"] if request.method == "POST" else ["query"]
+        body = _validation_body([{"loc": loc, "msg": exc.message, "type": "value_error"}])
+        return JSONResponse(body, status_code=422)
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
 
 
 async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-    return JSONResponse({"detail": exc.message}, status_code=503)
+    return JSONResponse({"detail": public_message(exc.message)}, status_code=503)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for e in exc.errors():
-        loc_parts = list(e.get("loc", ()))
-        msg = str(e.get("msg", ""))
-        if e.get("type") == "json_invalid":
-            pos = loc_parts[1] if len(loc_parts) > 1 else "?"
-            loc_parts = loc_parts[:1]
+        loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
+        if e.get("type") == "json_invalid":  # not a valid document at all: 400, like any parser
+            pos = loc[1] if len(loc) > 1 else "?"
             cause = (e.get("ctx") or {}).get("error")
-            msg = f"malformed JSON body at character {pos}" + (f": {cause}" if cause else "")
-        loc = ".".join(str(p) for p in loc_parts)
-        errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
-    message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
-    return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+            message = f"malformed JSON body at character {pos}" + (f": {cause}" if cause else "")
+            return JSONResponse({"detail": message}, status_code=400)
+        # the message, never the input: a 1 MB id is not echoed back
+        errors.append({"loc": loc, "msg": quote_limit(str(e.get("msg", ""))), "type": str(e.get("type", ""))})
+    return JSONResponse(_validation_body(errors), status_code=422)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error answering %s %s", request.method, request.url.path[:200])
+    return JSONResponse({"detail": f"internal error (request id {request_id_var.get()})"}, status_code=500)
+
+
+def quote_limit(text: str) -> str:
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
 
 # ---------------------------------------------------------------------------- app
 @asynccontextmanager
-async def _lifespan(app: FastAPI, *, load_service: Loader, load_ranker: RankerLoader | None):
+async def _lifespan(app: FastAPI, *, poll_interval_s: float, fail_fast: bool):
     state: ServingState = app.state.kgrec
-    state.load(load_service, load_ranker)
-    yield
-    state.unload()
+    loaded = state.current is not None or await asyncio.to_thread(state.load)
+    if not loaded and fail_fast:
+        raise RuntimeError(f"--fail-fast: the model cannot be loaded: {state.error}")
+    poller = None
+    if poll_interval_s > 0:
+        poller = asyncio.create_task(_poll(state, poll_interval_s), name="kgrec-registry-poll")
+    try:
+        yield
+    finally:
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        state.unload()
 
 
-def create_app(load_service: Loader, load_ranker: RankerLoader | None = None) -> FastAPI:
+async def _poll(state: ServingState, interval: float) -> None:
+    """Ask the registry every ``interval`` seconds whether the alias moved (a reload runs in a
+    thread: the event loop keeps answering meanwhile)."""
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(state.reload, False, "poll")
+
+
+def create_app(
+    load_service: Loader,
+    load_ranker: RankerLoader | None = None,
+    *,
+    token: str | None = None,
+    require_token: bool = False,
+    poll_interval_s: float = 0.0,
+    fail_fast: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    cors_origins: tuple[str, ...] = (),
+    access_log: bool = True,
+    torch_threads: int | None = 1,
+) -> FastAPI:
+    """The service app. ``token``: the bearer token of ``/admin/*`` (admin is disabled without one);
+    ``require_token``: every endpoint but the health probes needs it (a bind beyond loopback);
+    ``poll_interval_s``: how often the loaders are asked for a new version (0: never)."""
+    metrics = ServiceMetrics()
     app = FastAPI(
         title="kgrec candidates",
-        lifespan=partial(_lifespan, load_service=load_service, load_ranker=load_ranker),
+        lifespan=partial(_lifespan, poll_interval_s=poll_interval_s, fail_fast=fail_fast),
         exception_handlers={
             CandidateError: _candidate_error,
             ServiceUnavailable: _unavailable,
             RequestValidationError: _invalid,
+            HTTPException: _http_error,
+            Exception: _unexpected,
         },
     )
-    app.state.kgrec = ServingState()
-    for router in (retrieval, two_stage, health):  # matched in this order: the hot routes first
-        app.include_router(router)
+    app.state.kgrec = ServingState(load_service, load_ranker, metrics, torch_threads=torch_threads)
+    if require_token and token is None:
+        raise ValueError("require_token needs a token")
+    guard = [Depends(_Auth(token))]
+    everywhere = guard if require_token else []
+    # matched in this order: the hot routes first
+    for router in (retrieval, two_stage):
+        app.include_router(router, dependencies=everywhere)
+    app.include_router(admin, dependencies=guard)
+    app.include_router(ops, dependencies=everywhere)
+    app.include_router(health)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestEdge, metrics=metrics, max_body_bytes=max_body_bytes, access_log=access_log)
     return app
+
+
+def app_from_settings(settings: ServeSettings) -> FastAPI:
+    """The app ``kgrec serve`` runs: the registered ``model_name@alias`` (and its ranker), watched
+    every ``poll_interval_s``, with the settings' limits and token."""
+    threads = settings.threads_per_worker
+    faiss.omp_set_num_threads(threads)
+    cache = ServeCache(settings.cache_dir or settings.tracking.workdir / "serve-cache")
+    loader = RegisteredModel(settings.tracking, settings.model_name, settings.alias, cache=cache,
+                             torch_threads=threads)
+    ranker = None
+    if not settings.no_ranker:
+        # the default ranker is optional (retrieval-only deployments); a named one must load
+        ranker = RegisteredRanker(
+            settings.tracking, settings.ranker_name or registered_ranker_name(settings.model_name),
+            settings.ranker_alias, cache=cache, required=settings.ranker_name is not None,
+        )
+    return create_app(
+        loader, ranker,
+        token=settings.token(),
+        require_token=not settings.loopback,
+        poll_interval_s=settings.poll_interval_s,
+        fail_fast=settings.fail_fast,
+        max_body_bytes=settings.max_body_bytes,
+        cors_origins=settings.cors_origins,
+        access_log=settings.access_log,
+        torch_threads=threads,
+    )
+
+
+def app_from_env() -> FastAPI:
+    """App factory of each ``--workers`` process (``uvicorn ...:app_from_env --factory``): the
+    settings come as JSON in ``$KGREC_SERVE_SETTINGS``."""
+    settings = ServeSettings.model_validate_json(os.environ[SETTINGS_ENV])
+    configure_logging(settings.log_level, settings.log_format)
+    return app_from_settings(settings)
 
 
 def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> Loader:
@@ -571,17 +728,36 @@ def bundle_loader(directory: str | Path, info: dict[str, Any] | None = None) -> 
     return load
 
 
-def run(
-    host: str,
-    port: int,
-    load_service: Loader,
-    log_level: str = "warning",
-    load_ranker: RankerLoader | None = None,
-    **uvicorn_kwargs: Any,
-) -> None:
-    """Serve ``create_app(load_service, load_ranker)`` with uvicorn (access log off: it costs latency)."""
+def _preload(state: ServingState) -> None:
+    if not state.load():
+        raise SystemExit(f"kgrec serve: error: --fail-fast: the model cannot be loaded: {state.error}")
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the service with uvicorn: one process, or ``settings.workers`` processes that each build
+    the app from the same settings (uvicorn's own supervisor; Prometheus samples shared through a
+    multi-process directory that is removed at exit). uvicorn's access log is off: ours is JSON."""
     import uvicorn
 
-    uvicorn_kwargs.setdefault("access_log", False)
-    app = create_app(load_service, load_ranker)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs)
+    configure_logging(settings.log_level, settings.log_format)
+    common = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
+                  log_level=settings.log_level, timeout_graceful_shutdown=10)
+    if settings.workers == 1:
+        app = app_from_settings(settings)
+        if settings.fail_fast:
+            _preload(app.state.kgrec)  # loaded here, the lifespan keeps it
+        uvicorn.run(app, **common)
+        return
+    if settings.fail_fast:
+        # uvicorn's supervisor restarts a worker whose startup fails, forever: check once, here
+        state = app_from_settings(settings).state.kgrec
+        _preload(state)
+        state.unload()
+        del state
+    with tempfile.TemporaryDirectory(prefix="kgrec-metrics-") as metrics_dir:
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        # a worker is ready once its model is loaded (the lifespan): give it time, and do not
+        # take a long GIL-bound reload for a dead worker
+        uvicorn.run("kgrec.serving.service:app_from_env", factory=True, workers=settings.workers,
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS, **common)

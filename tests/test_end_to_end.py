@@ -107,4 +107,4 @@ def test_service_answers_candidates_over_loopback(pipeline_run):
 
         assert client.get("/v1/users/no-such-user/candidates").status_code == 404
         assert client.get(f"/v1/users/{user_id}/candidates", params={"k": 0}).status_code == 422
-        assert client.post("/v1/candidates", content=b"{not json").status_code == 422
+        assert client.post("/v1/candidates", content=b"{not json").status_code == 400

@@ -97,4 +97,4 @@ def test_explain_bad_requests_are_4xx_with_a_message(kg_client, kg_bundle, plain
     for http, url, status, message in cases:
         response = http.get(url)
         assert response.status_code == status, (url, response.text)
-        assert message in response.json()["detail"]
+        assert message in response.text

@@ -13,6 +13,7 @@ from kgrec.serving.index import (
     resolve_kind,
     save_index,
 )
+from kgrec.serving.integrity import IntegrityError, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_save_load(tmp_path, clustered, kind):
     x = x[:5000]
     index, info = build_and_measure(x, IndexConfig(kind=kind), queries=q, k=20)
     out = save_index(index, tmp_path / "index", info)
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "items.faiss"]
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "index.json", "items.faiss"]
     stored = json.loads((out / "index.json").read_text())
     for key in ("kind", "ntotal", "dim", "ann_recall", "build_seconds", "config"):
         assert key in stored
@@ -96,7 +97,10 @@ def test_load_index_errors(tmp_path):
     info = json.loads((tmp_path / "i" / "index.json").read_text())
     info["ntotal"] = 5
     (tmp_path / "i" / "index.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="ntotal"):
+    with pytest.raises(IntegrityError, match="index.json"):  # the manifest catches the edit first
+        load_index(tmp_path / "i")
+    write_manifest(tmp_path / "i")  # re-signed: index.json still has to agree with the stored index
+    with pytest.raises(IntegrityError, match="ntotal 5 != stored 4"):
         load_index(tmp_path / "i")
 
 

@@ -41,7 +41,11 @@ def test_json_responses_and_every_endpoint_is_routed(client, broken_client):
     routed = {(method.upper(), path) for path, ops in paths.items() for method in ops}
     assert routed == {
         ("GET", "/healthz"),
+        ("HEAD", "/healthz"),
         ("GET", "/readyz"),
+        ("HEAD", "/readyz"),
+        ("GET", "/metrics"),
+        ("POST", "/admin/reload"),
         ("GET", "/v1/model"),
         ("GET", "/v1/users/{user_id}/candidates"),
         ("GET", "/v1/users/{user_id}/candidates/{item_id}/explain"),
@@ -100,7 +104,8 @@ def test_bad_k(client, k):
 def test_k_above_catalogue_but_within_limit(client):
     r = client.get("/v1/users/u5/candidates", params={"k": 900})  # <= 1000 but > 800 items
     assert r.status_code == 422
-    assert "catalogue size 800" in r.json()["detail"]
+    assert "catalogue size 800" in r.json()["message"]
+    assert r.json()["detail"][0]["msg"] == "k must be between 1 and the catalogue size 800, got 900"
 
 
 def test_history(client):
@@ -134,21 +139,24 @@ def test_history(client):
 def test_bad_bodies(client, payload):
     r = client.post("/v1/candidates", json=payload)
     assert r.status_code == 422, r.text
-    assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    body = r.json()  # FastAPI's 422 shape (the OpenAPI schema's), plus a one-line message
+    assert isinstance(body["detail"], list) and body["detail"] and isinstance(body["message"], str)
+    assert all({"loc", "msg", "type"} <= set(e) and isinstance(e["loc"], list) for e in body["detail"])
 
 
 def test_malformed_json(client):
     r = client.post("/v1/candidates", content=b'{"item_ids": ["i1",', headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400  # not a JSON document at all
     assert "json" in r.json()["detail"].lower()
     r = client.post("/v1/candidates", content=b"", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 422  # no body: the required field is missing
 
 
 def test_all_items_unknown(client):
     r = client.post("/v1/candidates", json={"item_ids": ["zz", "yy"]})
     assert r.status_code == 422
-    assert "none of the item ids is known" in r.json()["detail"]
+    assert "none of the item ids is known" in r.json()["message"]
+    assert r.json()["detail"][0]["loc"] == ["body", "item_ids"]
 
 
 def test_not_ready(broken_client):
