@@ -1,19 +1,28 @@
 """FastAPI candidates service.
 
-``create_app(load_service, load_ranker=None)`` builds the app; ``load_service()`` runs once at
-startup (lifespan) and returns ``(service, model_info)``, the service being any
-:class:`~kgrec.serving.protocols.Retriever`: a ``CandidateService`` (embedding retriever) or a
-``MultiInterestService`` (multi-interest retriever, :mod:`kgrec.serving.multi_interest`).
-``model_info`` is free-form JSON describing what is served; the keys the pipeline uses are ``name``
-(registered model name), ``version``, ``alias``, ``run_id``, ``model``, ``dataset``. A loader that
-raises leaves the process up: ``/healthz`` stays 200, ``/readyz`` answers 503 with the error, and the
-candidate endpoints answer 503.
+``create_app(load_service, load_ranker=None, ...)`` builds the app; ``load_service()`` returns
+``(service, model_info)``, the service being any :class:`~kgrec.serving.protocols.Retriever`: a
+``CandidateService`` (embedding retriever) or a ``MultiInterestService`` (multi-interest retriever,
+:mod:`kgrec.serving.multi_interest`). ``model_info`` is free-form JSON describing what is served; the
+keys the pipeline uses are ``name`` (registered model name), ``version``, ``alias``, ``run_id``,
+``model``, ``dataset``. ``kgrec serve`` builds it from :class:`~kgrec.serving.settings.ServeSettings`
+(:func:`app_from_settings`; :func:`app_from_env` is the factory of ``--workers`` processes).
+
+Loading and reloading (:mod:`kgrec.serving.state`): the first load runs in the lifespan; a loader that
+raises leaves the process up (``/healthz`` 200, ``/readyz`` and the model endpoints 503 with the
+reason) unless ``fail_fast``. A loader with ``probe()`` (the registry's, in ``kgrec serve``) is asked
+every ``poll_interval_s`` which version the alias names; a new one is loaded in a background thread,
+verified (manifests, dimensions, a smoke query) and swapped in atomically; one that fails leaves the
+old version serving and is reported in ``/v1/model`` (``reload``) and in the metrics.
+``POST /admin/reload`` does the same at once.
 
 Endpoints::
 
-    GET  /healthz                              liveness
-    GET  /readyz                               200 + model info when loaded, else 503 + error
-    GET  /v1/model                             model info (+ index kind, catalogue size)
+    GET|HEAD /healthz                          liveness
+    GET|HEAD /readyz                           200 + model info when loaded, else 503 + reason
+    GET  /metrics                              Prometheus exposition (:mod:`kgrec.serving.metrics`)
+    POST /admin/reload[?force=true]            bearer token; load what the alias names now
+    GET  /v1/model                             model info (+ index kind, catalogue size, reload state)
     GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted|mixture|controllable][&diversity=0.5]
                                                known user, seen items excluded
     GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
@@ -24,8 +33,8 @@ Endpoints::
                                                first; history excluded)
     GET  /v1/users/{user_id}/ranked?k=20&n=200 two-stage: the retriever's top n re-ranked by the
                                                ranking model; both scores and stage timings
-    GET  /v1/latency                           per-stage p50/p90/p99 of the last 10,000 two-stage
-                                               requests
+    GET  /v1/latency                           per-stage p50/p90/p99 of this worker (a view of the
+                                               Prometheus histograms)
 
 The two-stage endpoints need ``load_ranker`` (``() -> (RankerBundle, info)`` or ``None`` for "no
 ranker registered"); without a ranker they answer 503. A ranker that fails to load makes the whole
@@ -38,21 +47,28 @@ candidate then carries ``interest`` (the index of the interest it came from) and
 ``merge`` and ``interest_weights`` (and ``diversity`` for the controllable merge). Retrievers whose
 ``supports_merge`` is false (embedding retrievers) ignore ``merge`` and ``diversity``.
 
-Errors are always 4xx JSON ``{"detail": ...}``: unknown user 404, bad ``k`` / ``n`` / ``merge`` / body
-422, all posted items unknown 422, model (or ranker) not loaded 503.
+Errors are 4xx JSON, all declared in the OpenAPI schema: ``{"detail": "<message>"}`` for malformed
+JSON 400, missing/wrong token 401, admin without a configured token 403, unknown user or item 404,
+body over ``max_body_bytes`` 413, model (or ranker) not loaded 503; a 422 (bad ``k`` / ``n`` /
+``merge`` / body, an id over 256 characters, all posted items unknown) has FastAPI's shape
+``{"detail": [{"loc", "msg", "type"}], "message": "<one line>"}``. Messages quote at most 200
+characters of the input and no absolute path.
 
-Structure: the endpoints live on three module-level routers (``retrieval``, ``two_stage``,
-``health``) that ``create_app`` includes, hot routes first (routes are matched in order). What the
-lifespan loads lives in one :class:`ServingState` on ``app.state.kgrec``, so handlers close over
-nothing; they get it through dependencies (:func:`ready_retriever`, :func:`ready_two_stage`,
-:func:`serving_state`) and the ``ready_*`` ones raise the 503 while nothing is loaded. The services
-are typed by the protocols of :mod:`kgrec.serving.protocols`, checked once when loaded.
+The edge (:mod:`kgrec.serving.middleware`, one pure ASGI middleware): request id (``X-Request-ID``,
+echoed), body limit, metrics, one JSON access-log record per request. Security: ``token`` guards
+``/admin/*``; ``require_token`` (``kgrec serve`` beyond loopback) guards everything but the health
+probes; CORS is off unless ``cors_origins`` is given.
+
+Structure: the endpoints live on module-level routers (``retrieval``, ``two_stage``, ``admin``,
+``ops``, ``health``) that ``create_app`` includes, hot routes first (routes are matched in order).
+What is served is one immutable :class:`~kgrec.serving.state.Served` snapshot in the
+:class:`~kgrec.serving.state.ServingState` on ``app.state.kgrec``; a handler takes it once
+(``state.ready()``, a 503 while none is loaded), so one answer never mixes two versions.
 
 Latency: handlers AND dependencies are ``async def`` on purpose (FastAPI runs a plain ``def``
-dependency in the threadpool too), and no dependency depends on another (each nesting level is one
-more resolution per request). One request is ~0.2 ms of CPU (faiss search + id mapping) with faiss
-pinned to one OpenMP thread; hopping to the threadpool would cost about as much again. Scale
-throughput with uvicorn workers.
+dependency in the threadpool too), and there is one flat dependency per handler. One request is
+~0.2 ms of CPU (faiss search + id mapping) with faiss pinned to one OpenMP thread; hopping to the
+threadpool would cost about as much again. Scale throughput with ``--workers``.
 
 Response bodies: every success body has a response type below (``TypedDict`` types, so they are in the
 OpenAPI schema). Handlers return plain dicts and declare the type as their return annotation; FastAPI

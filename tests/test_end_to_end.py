@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -107,4 +108,52 @@ def test_service_answers_candidates_over_loopback(pipeline_run):
 
         assert client.get("/v1/users/no-such-user/candidates").status_code == 404
         assert client.get(f"/v1/users/{user_id}/candidates", params={"k": 0}).status_code == 422
-        assert client.post("/v1/candidates", content=b"{not json").status_code == 400
+        malformed = client.post("/v1/candidates", content=b"{not json", headers={"content-type": "application/json"})
+        assert malformed.status_code == 400
+
+
+def test_a_new_champion_is_served_without_a_restart(pipeline_run, tmp_path):
+    """Two workers watching the registry: moving the alias changes every answer's version within
+    a few polls, with no failed request; nothing is left in $TMPDIR."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    result, env = pipeline_run
+    name = result["registered_model"]
+    env = env | {"KGREC_SERVE_TOKEN": "e2e-token", "TMPDIR": str(tmp_path)}
+    mlflow.set_tracking_uri(f"sqlite:///{Path(env['KGREC_HOME']) / 'mlflow.db'}")
+    client = MlflowClient()
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+    other = next(str(m["registered"]["version"]) for m in result["models"]
+                 if str(m["registered"]["version"]) != champion)
+    args = ["--workers", "2", "--poll-interval", "0.5", "--fail-fast", "--no-ranker"]
+    with running_service(name, env, extra_args=args) as base_url, httpx.Client(base_url=base_url, timeout=10) as http:
+        user = "2"
+        assert http.get(f"/v1/users/{user}/candidates", params={"k": 5}).json()["model"]["version"] == champion
+        try:
+            client.set_registered_model_alias(name, "champion", other)
+            versions, statuses = [], []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and versions[-20:] != [other] * 20:
+                response = http.get(f"/v1/users/{user}/candidates", params={"k": 5})
+                statuses.append(response.status_code)
+                versions.append(response.json()["model"]["version"])
+            assert set(statuses) == {200} and versions[-20:] == [other] * 20, versions[-30:]
+            metrics = http.get("/metrics").text
+            assert 'kgrec_model_reloads_total{result="success"} 2.0' in metrics  # both workers
+            assert http.post("/admin/reload").status_code == 401
+            reload = http.post("/admin/reload", headers={"Authorization": "Bearer e2e-token"}).json()
+            assert reload["status"] == "unchanged" and reload["model"]["version"] == other
+        finally:
+            client.set_registered_model_alias(name, "champion", champion)
+    assert not list(tmp_path.glob("kgrec-serve-*"))
+
+
+def test_fail_fast_exits_when_there_is_no_champion(pipeline_run):
+    _, env = pipeline_run
+    proc = subprocess.run(
+        [KGREC, "serve", "--model-name", "no-such-model", "--fail-fast", "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "--fail-fast: the model cannot be loaded" in proc.stderr and "no-such-model" in proc.stderr

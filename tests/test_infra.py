@@ -753,3 +753,18 @@ def test_dockerignore_matcher() -> None:
     assert dockerignore_excludes("serving/__pycache__/x.pyc", patterns)
     assert dockerignore_excludes("infra/.env", patterns)
     assert not dockerignore_excludes("infra/prefect.yaml", patterns)
+
+
+def test_the_service_beyond_loopback_gets_its_token_from_a_secret(compose, monkeypatch) -> None:
+    """Bound to 0.0.0.0 the service refuses to start without a bearer token: the Deployment and the
+    compose service both pass one, from a Secret / the git-ignored .env."""
+    from kgrec.serving.settings import TOKEN_ENV, ServeSettings
+
+    container = one(rendered(BASE), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    host = container["args"][container["args"].index("--host") + 1]
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="bearer token"):
+        ServeSettings(model_name="m", host=host)
+    token = next(e for e in container["env"] if e["name"] == TOKEN_ENV)
+    assert token["valueFrom"]["secretKeyRef"]["name"]
+    assert compose["services"]["kgrec-service"]["environment"][TOKEN_ENV].startswith("${KGREC_SERVE_TOKEN:?")
