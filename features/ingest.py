@@ -2,19 +2,46 @@
 
 Nothing is lost silently: every data row of every input file ends up in exactly one of
   * the accepted tables (interactions, item links, KG triples, item names),
-  * ``quarantine.parquet`` (malformed: wrong field count, missing or unparsable values, duplicates,
-    KG triples disconnected from every item), or
+  * ``quarantine.parquet`` (malformed: see the reasons below), or
   * ``excluded.parquet`` (valid but left out by policy: not a positive, item not linked,
     a repeat of an earlier interaction),
-with its source, 1-based line number (row number for parquet/jsonl) and raw text.
+with its source, 1-based line number (the first physical line of a multi-line record; the row
+number for parquet/arrow) and raw text. Each run checks, per source file, the accounting identity
+``read = accepted + quarantined + excluded`` (``IngestReport.accounting``, also in the manifest
+counts) and fails with an internal error if it does not hold.
 
-Text files are read as raw lines (so CRLF, stray whitespace and ragged rows are handled row by row)
-and validated with vectorised polars expressions; there is no Python loop per row.
+Reading (streamed, in batches; nothing holds the whole file as text):
+  * csv/tsv: the spec's dialect (``FileSpec``: RFC 4180 quoting for csv, none for tsv). Quoted
+    or escaped files go through :mod:`csv` (C reader, strict: a malformed quote is the row's
+    ``bad_quoting``); unquoted ones are split on the separator, one record per line. A UTF-8 BOM
+    is stripped; undecodable bytes become U+FFFD (the row then fails validation visibly). Empty
+    lines are quarantined as ``empty_line``, a copy of the header as ``repeated_header``.
+  * jsonl: one JSON object per line; invalid JSON or a non-object is ``bad_json``, an object or
+    array where a scalar is needed ``bad_type``.
+  * parquet / arrow (IPC file or stream, i.e. Feather v2): pyarrow record batches of the mapped
+    columns only. A mapped column of a nested or binary type is an error naming it. A timestamp
+    or date column becomes epoch seconds (timezone-aware: UTC; naive: taken as UTC; sub-second
+    parts dropped).
+  * Text timestamps are integer epoch seconds (an integral float such as ``881250949.0`` is
+    accepted); weights are floats.
+  * A file without any data row (empty, header only, only empty lines) is an error unless its spec
+    says ``allow_empty: true``. Reader errors (polars, pyarrow) become a ``ValueError`` naming
+    the file.
+
+Per batch only the mapped fields are kept, already encoded (interaction users and items as
+integer codes of a running vocabulary, timestamps and weights parsed) next to a one-byte reason
+code, so the working set is about the size of the accepted table; the raw text of the rejected
+rows is recovered at the end by one more pass over the file. Validation is vectorised (polars,
+numpy); the de-duplications run in partitions of users to bound their hash tables.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -22,7 +49,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +58,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import scipy.sparse as sp
-from kgrec.features.snapshot import AUDIT_SCHEMA, MANIFEST, content_hash
+from kgrec.features.snapshot import AUDIT_SCHEMA, HASHED_TABLES, MANIFEST
 from kgrec.features.spec import DatasetSpec, FileSpec, MinWeight
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
@@ -40,6 +69,10 @@ LOG = logging.getLogger("kgrec.features")
 
 # Quarantine reasons (malformed rows) and exclusion reasons (valid rows left out by policy).
 EMPTY_LINE = "empty_line"
+BAD_QUOTING = "bad_quoting"
+BAD_JSON = "bad_json"
+BAD_TYPE = "bad_type"
+REPEATED_HEADER = "repeated_header"
 WRONG_FIELD_COUNT = "wrong_field_count"
 MISSING_USER = "missing_user"
 MISSING_ITEM = "missing_item"
@@ -54,6 +87,26 @@ UNKNOWN_ENTITY = "unknown_entity"
 NOT_POSITIVE = "not_positive"
 ITEM_NOT_LINKED = "item_not_linked"
 REPEAT_INTERACTION = "repeat_interaction"
+
+QUARANTINE_REASONS: tuple[str, ...] = (
+    EMPTY_LINE, BAD_QUOTING, BAD_JSON, BAD_TYPE, REPEATED_HEADER, WRONG_FIELD_COUNT, MISSING_USER,
+    MISSING_ITEM, MISSING_FIELD, BAD_WEIGHT, BAD_TIMESTAMP, DUPLICATE_EVENT, DUPLICATE_LINK,
+    DUPLICATE_TRIPLE, DUPLICATE_NAME, UNKNOWN_ENTITY,
+)
+EXCLUSION_REASONS: tuple[str, ...] = (NOT_POSITIVE, ITEM_NOT_LINKED, REPEAT_INTERACTION)
+#: Reason -> one-byte code (0: no reason, the row is still accepted).
+REASONS: tuple[str, ...] = ("",) + QUARANTINE_REASONS + EXCLUSION_REASONS
+CODE: dict[str, int] = {name: code for code, name in enumerate(REASONS) if name}
+_FIRST_EXCLUSION = CODE[NOT_POSITIVE]
+#: Shape reasons decided while reading; a headerless file's wrong_field_count does not override them.
+_SHAPE_CODES = (CODE[EMPTY_LINE], CODE[BAD_QUOTING], CODE[BAD_JSON], CODE[REPEATED_HEADER])
+
+#: Text read per batch (characters, about bytes) and columnar rows per batch.
+BATCH_CHARS = 4 << 20
+BATCH_ROWS = 1 << 20
+#: Rows per partition of the de-duplication passes (bounds their hash tables).
+PARTITION_ROWS = 1_000_000
+_NULL_CODE = np.uint32(0xFFFFFFFF)
 
 
 @dataclass
@@ -76,6 +129,8 @@ class IngestReport:
     n_entities: int
     n_relations: int
     n_triples: int
+    #: source kind -> {"read", "accepted", "quarantined", "excluded"}: read is the sum of the others
+    accounting: dict[str, dict[str, int]]
     seconds: float = 0.0
 
     @property
@@ -88,37 +143,79 @@ class IngestReport:
         return out
 
 
+def accounting_line(kind: str, counts: dict[str, int]) -> str:
+    """``interactions: read 10 = accepted 7 + quarantined 2 + excluded 1``."""
+    return (
+        f"{kind}: read {counts['read']} = accepted {counts['accepted']} + quarantined "
+        f"{counts['quarantined']} + excluded {counts['excluded']}"
+    )
+
+
+# --------------------------------------------------------------------------- line numbers
+
+
+class _LineMap:
+    """Row index (0-based, data rows only) -> first and last physical line (1-based).
+
+    Stored as breakpoints of ``first - row`` (constant while every record is one line) plus the
+    last line of the rare multi-line records, so it costs nothing per row."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._rows: list[int] = []
+        self._delta: list[int] = []
+        self._last: dict[int, int] = {}
+
+    def add_regular(self, n: int, first_line: int) -> None:
+        """``n`` one-line records starting at ``first_line``."""
+        self._breakpoint(self.n, first_line - self.n)
+        self.n += n
+
+    def add(self, firsts: Sequence[int], lasts: Sequence[int]) -> None:
+        rows = np.arange(self.n, self.n + len(firsts), dtype=np.int64)
+        delta = np.asarray(firsts, dtype=np.int64) - rows
+        change = np.flatnonzero(np.diff(delta, prepend=delta[0] - 1)) if len(delta) else []
+        for k in change:
+            self._breakpoint(int(rows[k]), int(delta[k]))
+        multi = np.flatnonzero(np.asarray(lasts, dtype=np.int64) != np.asarray(firsts, dtype=np.int64))
+        for k in multi.tolist():
+            self._last[int(rows[k])] = int(lasts[k])
+        self.n += len(firsts)
+
+    def _breakpoint(self, row: int, delta: int) -> None:
+        if not self._delta or self._delta[-1] != delta:
+            self._rows.append(row)
+            self._delta.append(delta)
+
+    def first(self, rows: np.ndarray) -> np.ndarray:
+        if not self._rows:
+            return rows.astype(np.int64) + 1
+        at = np.searchsorted(np.asarray(self._rows), rows, side="right") - 1
+        return rows.astype(np.int64) + np.asarray(self._delta, dtype=np.int64)[at]
+
+    def last(self, rows: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+        if not self._last:
+            return firsts
+        return np.array([self._last.get(r, f) for r, f in zip(rows.tolist(), firsts.tolist(), strict=True)])
+
+
 # --------------------------------------------------------------------------- reading
 
 
 @dataclass
-class _RawRows:
-    """The data rows of one file: ``line``, ``raw``, ``n_fields`` and one string column per role
-    (stripped; empty -> null)."""
+class _Rows:
+    """The data rows of one file, in file order: ``reason`` codes and the mapped role columns
+    (interactions: encoded as numpy arrays; other sources: one polars frame of strings)."""
 
     source: str
-    frame: pl.DataFrame
-    expected_fields: int | None  # None for parquet/jsonl (no field splitting)
-
-
-def _read_rows(source: str, spec: FileSpec, path: Path) -> _RawRows:
-    if not path.is_file():
-        raise FileNotFoundError(f"{source} file {path} does not exist")
-    roles = spec.columns()
-    if spec.is_text:
-        return _read_text(source, spec, path, roles)
-    frame = pl.read_parquet(path) if spec.format == "parquet" else pl.read_ndjson(path)
-    missing = [str(ref) for ref in roles.values() if ref not in frame.columns]
-    if missing:
-        raise ValueError(f"{source} file {path} has no column(s) {missing}; it has {frame.columns}")
-    refs = [str(ref) for ref in roles.values()]
-    frame = frame.select(
-        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line"),
-        pl.struct(refs).struct.json_encode().alias("raw"),
-        pl.lit(None, dtype=pl.Int64).alias("n_fields"),
-        *[_clean(pl.col(str(ref)).cast(pl.String)).alias(role) for role, ref in roles.items()],
-    )
-    return _RawRows(source, frame, None)
+    path: Path
+    spec: FileSpec
+    n: int
+    reason: np.ndarray  # uint8 per row
+    lines: _LineMap
+    columns: dict[str, np.ndarray] | None = None  # interactions
+    frame: pl.DataFrame | None = None  # other sources: role columns (String) + "row"
+    vocab: dict[str, _Vocab] | None = None
 
 
 def _clean(expr: pl.Expr) -> pl.Expr:
@@ -127,48 +224,343 @@ def _clean(expr: pl.Expr) -> pl.Expr:
     return pl.when(stripped == "").then(None).otherwise(stripped)
 
 
-def _read_text(source: str, spec: FileSpec, path: Path, roles: dict[str, str | int]) -> _RawRows:
-    # Undecodable bytes become U+FFFD instead of aborting: the row then fails validation visibly.
-    text = path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline terminates the last row, it does not start one
-    frame = (
-        pl.DataFrame({"raw": lines}, schema={"raw": pl.String})
-        .with_row_index("line", offset=1)
-        .with_columns(pl.col("line").cast(pl.Int64), pl.col("raw").str.strip_chars_end("\r"))
-    )
-    sep = spec.sep
-    positions: dict[str, int]
-    if spec.has_header:
-        if frame.height == 0:
-            raise ValueError(f"{source} file {path} is empty but declared with a header")
-        header = [h.strip() for h in frame["raw"][0].split(sep)]
-        positions = {role: _header_position(header, str(ref), source, path) for role, ref in roles.items()}
-        expected: int | None = len(header)
-        frame = frame.slice(1)
-    else:
-        positions = {role: int(ref) for role, ref in roles.items()}
-        expected = spec.n_fields
-    frame = frame.with_columns(pl.col("raw").str.split(sep).alias("_fields")).with_columns(
-        pl.col("_fields").list.len().cast(pl.Int64).alias("n_fields")
-    )
-    if expected is None:
-        # Headerless: the usual shape of a row is the most common field count.
-        counts = frame.filter(pl.col("raw").str.strip_chars() != "")["n_fields"]
-        expected = int(counts.mode().min()) if counts.len() else max(positions.values()) + 1
-    if max(positions.values()) >= expected:
-        raise ValueError(
-            f"{source} file {path}: column position {max(positions.values())} but rows have "
-            f"{expected} fields"
+def _timestamp_value(column: str = "timestamp") -> pl.Expr:
+    """Integer timestamp; integer-valued floats ("881250949.0") accepted; anything else null."""
+    as_int = pl.col(column).cast(pl.Int64, strict=False)
+    as_float = pl.col(column).cast(pl.Float64, strict=False)
+    integral = as_float.is_finite() & (as_float == as_float.floor()) & (as_float.abs() < 2.0**62)
+    value = pl.when(as_int.is_not_null()).then(as_int).when(integral).then(as_float.cast(pl.Int64))
+    return value.otherwise(None)
+
+
+class _Vocab:
+    """Running string -> uint32 code dictionary (codes in first-seen order)."""
+
+    def __init__(self) -> None:
+        self.table = pl.DataFrame(schema={"id": pl.String, "code": pl.UInt32})
+
+    def encode(self, values: pl.Series) -> np.ndarray:
+        frame = values.rename("id").to_frame()
+        new = (
+            frame.select(pl.col("id").drop_nulls().unique(maintain_order=True))
+            .join(self.table, on="id", how="anti")
         )
-    frame = frame.select(
-        "line",
-        "raw",
-        "n_fields",
-        *[_clean(pl.col("_fields").list.get(pos, null_on_oob=True)).alias(role) for role, pos in positions.items()],
+        if new.height:
+            start = self.table.height
+            new = new.with_columns(pl.int_range(start, start + new.height, dtype=pl.UInt32).alias("code"))
+            self.table = pl.concat([self.table, new], rechunk=True)
+        codes = frame.join(self.table, on="id", how="left", maintain_order="left")["code"]
+        return codes.fill_null(_NULL_CODE).to_numpy()
+
+    def strings(self, codes: np.ndarray) -> pl.Series:
+        return self.table["id"].gather(pl.Series(codes, dtype=pl.UInt32))
+
+
+class _InteractionSink:
+    """Encodes each batch of interaction rows: codes for user and item, parsed timestamp and
+    weight, and the first failing content check."""
+
+    def __init__(self, roles: Sequence[str]) -> None:
+        self.roles = list(roles)
+        self.vocab = {"user": _Vocab(), "item": _Vocab()}
+        self.parts: dict[str, list[np.ndarray]] = {"reason": [], "user": [], "item": []}
+        if "timestamp" in self.roles:
+            self.parts["ts"] = []
+        if "weight" in self.roles:
+            self.parts["w"] = []
+
+    def add(self, frame: pl.DataFrame, reason: np.ndarray) -> None:
+        parsed = frame.select(
+            pl.col("user"),
+            pl.col("item"),
+            *([_timestamp_value().alias("ts")] if "timestamp" in self.roles else []),
+            *([pl.col("weight").cast(pl.Float64, strict=False).alias("w")] if "weight" in self.roles else []),
+        )
+        checks = [(MISSING_USER, pl.col("user").is_null()), (MISSING_ITEM, pl.col("item").is_null())]
+        if "w" in parsed.columns:
+            checks.append((BAD_WEIGHT, pl.col("w").is_null() | ~pl.col("w").is_finite()))
+        if "ts" in parsed.columns:
+            checks.append((BAD_TIMESTAMP, pl.col("ts").is_null() | (pl.col("ts") < 0)))
+        content = parsed.select(_first_reason(checks))["reason"].to_numpy()
+        self.parts["reason"].append(np.where(reason == 0, content, reason).astype(np.uint8))
+        for role in ("user", "item"):
+            self.parts[role].append(self.vocab[role].encode(parsed[role]))
+        if "ts" in parsed.columns:
+            self.parts["ts"].append(parsed["ts"].fill_null(0).to_numpy())
+        if "w" in parsed.columns:
+            self.parts["w"].append(parsed["w"].fill_null(float("nan")).to_numpy())
+
+    def finish(self, rows: _Rows) -> None:
+        rows.reason = _concat(self.parts.pop("reason"), np.uint8)
+        dtypes = {"user": np.uint32, "item": np.uint32, "ts": np.int64, "w": np.float64}
+        rows.columns = {}
+        for name in list(self.parts):
+            rows.columns[name] = _concat(self.parts.pop(name), dtypes[name])
+        rows.vocab = self.vocab
+
+
+class _FrameSink:
+    """Keeps the (small) link, KG and name files as string frames."""
+
+    def __init__(self, roles: Sequence[str]) -> None:
+        self.roles = list(roles)
+        self.frames: list[pl.DataFrame] = []
+        self.reasons: list[np.ndarray] = []
+
+    def add(self, frame: pl.DataFrame, reason: np.ndarray) -> None:
+        self.frames.append(frame.select(self.roles))
+        self.reasons.append(reason)
+
+    def finish(self, rows: _Rows) -> None:
+        frame = (
+            pl.concat(self.frames, rechunk=True)
+            if self.frames
+            else pl.DataFrame(schema=dict.fromkeys(self.roles, pl.String))
+        )
+        rows.frame = frame.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+        rows.reason = _concat(self.reasons, np.uint8)
+
+
+def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    parts.clear()
+    return out.astype(dtype, copy=False)
+
+
+def _read_rows(source: str, spec: FileSpec, path: Path) -> _Rows:
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} file {path} does not exist")
+    roles = spec.columns()
+    sink = _InteractionSink(list(roles)) if source == "interactions" else _FrameSink(list(roles))
+    rows = _Rows(source, path, spec, 0, np.zeros(0, np.uint8), _LineMap())
+    try:
+        if spec.is_text:
+            _read_text(rows, roles, sink)
+        elif spec.format == "jsonl":
+            _read_jsonl(rows, roles, sink)
+        else:
+            _read_columnar(rows, roles, sink)
+    except (pl.exceptions.PolarsError, pa.ArrowException, csv.Error, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{source} file {path}: cannot read it as {spec.format}: {exc}") from exc
+    sink.finish(rows)
+    rows.n = len(rows.reason)
+    if rows.n != rows.lines.n:
+        raise RuntimeError(f"internal error: {source}: {rows.n} rows but {rows.lines.n} line entries")
+    if not spec.allow_empty and int((rows.reason != CODE[EMPTY_LINE]).sum()) == 0:
+        what = "only empty lines" if rows.n else ("empty or header only" if spec.is_text and spec.has_header else "empty")
+        raise ValueError(
+            f"{source} file {path} has no data rows ({what}); set allow_empty: true in its spec "
+            "to accept an empty file"
+        )
+    return rows
+
+
+def _line_chunks(path: Path) -> Iterator[tuple[int, list[str], bool]]:
+    """(number of the first line, lines with their endings, is the last chunk). Lines end at
+    "\\n" only; a BOM is stripped; undecodable bytes become U+FFFD."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
+        line_no = 1
+        lines = f.readlines(BATCH_CHARS)
+        while lines:
+            following = f.readlines(BATCH_CHARS)
+            yield line_no, lines, not following
+            line_no += len(lines)
+            lines = following
+
+
+def _csv_dialect(spec: FileSpec) -> dict[str, Any]:
+    minimal = spec.effective_quoting == "minimal"
+    return {
+        "delimiter": spec.sep,
+        "quotechar": spec.quote_char if minimal else None,
+        "quoting": csv.QUOTE_MINIMAL if minimal else csv.QUOTE_NONE,
+        "escapechar": spec.escape_char,
+        "doublequote": spec.double_quote if minimal else False,
+        "skipinitialspace": minimal,
+        "strict": True,
+    }
+
+
+class _Tokenizer:
+    """Splits chunks of lines into records: ``(records, firsts, lasts)`` where a record is a
+    list of fields or None (a csv error), and firsts/lasts are None when every record is one
+    line. A record cut by the end of a chunk is carried over to the next one."""
+
+    def __init__(self, spec: FileSpec) -> None:
+        self.spec = spec
+        self.dialect = _csv_dialect(spec) if spec.uses_csv_module else None
+        self.carry: list[str] = []
+        self.carry_from = 0
+
+    def __call__(
+        self, first_line: int, lines: list[str], last_chunk: bool
+    ) -> tuple[int, list[list[str] | None], list[int] | None, list[int] | None]:
+        if self.carry:
+            first_line, lines = self.carry_from, self.carry + lines
+            self.carry = []
+        if self.dialect is None:
+            sep = self.spec.sep
+            return first_line, [line.rstrip("\r\n").split(sep) for line in lines], None, None
+        # The C reader runs over the whole chunk; list.extend keeps what it parsed before an
+        # error, and the reader resumes on the line after the failing one.
+        reader = csv.reader(lines, **self.dialect)
+        records: list[list[str] | None] = []
+        errors: list[tuple[int, int]] = []  # (record index, reader.line_num after the error)
+        while True:
+            try:
+                records.extend(reader)
+                break
+            except csv.Error:
+                errors.append((len(records), reader.line_num))
+                records.append(None)
+        if not errors and len(records) == len(lines):
+            return first_line, records, None, None
+        # Lines per record: a record spans 1 + the line breaks kept inside its fields; a failed
+        # record spans the lines the reader consumed for it.
+        sizes = np.fromiter(
+            ("".join(r).count("\n") + 1 if r is not None else 0 for r in records), dtype=np.int64, count=len(records)
+        )
+        for k, line_num in errors:
+            sizes[k] = line_num - int(sizes[:k].sum())
+        if errors and errors[-1][1] == len(lines) and not last_chunk:
+            # The last record may just be cut by the end of the chunk: retry it with the next one.
+            k = errors[-1][0]
+            done = int(sizes[:k].sum())
+            self.carry, self.carry_from = lines[done:], first_line + done
+            records, sizes = records[:k], sizes[:k]
+        firsts = first_line + np.cumsum(sizes) - sizes
+        lasts = firsts + sizes - 1
+        return first_line, records, firsts.tolist(), lasts.tolist()
+
+
+def _read_text(rows: _Rows, roles: dict[str, str | int], sink: _InteractionSink | _FrameSink) -> None:
+    with _no_gc():
+        _read_text_batches(rows, roles, sink)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Millions of short-lived field lists create no reference cycles, but they trigger the
+    cyclic collector over and over (it halves the reading speed)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_text_batches(rows: _Rows, roles: dict[str, str | int], sink: _InteractionSink | _FrameSink) -> None:
+    spec, path, source = rows.spec, rows.path, rows.source
+    tokenize = _Tokenizer(spec)
+    header: list[str] | None = None
+    positions: dict[str, int] | None = None if spec.has_header else {r: int(p) for r, p in roles.items()}
+    expected = spec.n_fields if not spec.has_header else None
+    n_fields: list[np.ndarray] = []  # headerless without n_fields: decided from the whole file
+    for chunk_first, chunk, last_chunk in _line_chunks(path):
+        first_line, records, firsts, lasts = tokenize(chunk_first, chunk, last_chunk)
+        if not records:
+            continue
+        if spec.has_header and header is None:
+            if records[0] is None:
+                raise ValueError(f"{source} file {path}: the header line is not valid {spec.format}")
+            header = [h.strip() for h in records[0]]
+            positions = {role: _header_position(header, str(ref), source, path) for role, ref in roles.items()}
+            expected = len(header)
+            start = firsts[1] if firsts is not None and len(firsts) > 1 else (
+                lasts[0] + 1 if lasts is not None else first_line + 1
+            )
+            records = records[1:]
+            firsts = firsts[1:] if firsts is not None else None
+            lasts = lasts[1:] if lasts is not None else None
+            first_line = start
+            if not records:
+                continue
+        assert positions is not None
+        if firsts is None:
+            rows.lines.add_regular(len(records), first_line)
+        else:
+            assert lasts is not None
+            rows.lines.add(firsts, lasts)
+        frame, reason, counts = _fields_frame(records, positions, expected, header)
+        if expected is None:
+            n_fields.append(counts)
+        sink.add(frame, reason)
+    if positions is None:  # has_header and the file is empty
+        positions = {}
+        if not spec.allow_empty:
+            return  # the empty-input error follows
+    if not spec.has_header and expected is None:
+        _decide_field_count(rows, sink, positions, n_fields)
+    elif positions and expected is not None and max(positions.values()) >= expected:
+        _position_error(source, path, positions, expected)
+
+
+def _position_error(source: str, path: Path, positions: dict[str, int], expected: int) -> None:
+    raise ValueError(
+        f"{source} file {path}: column position {max(positions.values())} but rows have {expected} fields"
     )
-    return _RawRows(source, frame, expected)
+
+
+def _decide_field_count(
+    rows: _Rows, sink: _InteractionSink | _FrameSink, positions: dict[str, int], n_fields: list[np.ndarray]
+) -> None:
+    """Headerless: the usual shape of a row is the most common field count (ties: the smallest)."""
+    counts = np.concatenate(n_fields) if n_fields else np.zeros(0, np.int32)
+    reasons = sink.reasons if isinstance(sink, _FrameSink) else sink.parts["reason"]
+    reason = np.concatenate(reasons) if reasons else np.zeros(0, np.uint8)
+    shaped = ~np.isin(reason, _SHAPE_CODES)
+    if shaped.any():
+        expected = int(np.bincount(counts[shaped]).argmax())
+    else:
+        expected = max(positions.values()) + 1 if positions else 1
+    if positions and max(positions.values()) >= expected:
+        _position_error(rows.source, rows.path, positions, expected)
+    reason = np.where(shaped & (counts != expected), np.uint8(CODE[WRONG_FIELD_COUNT]), reason).astype(np.uint8)
+    reasons.clear()
+    reasons.append(reason)
+
+
+def _fields_frame(
+    records: list[list[str] | None],
+    positions: dict[str, int],
+    expected: int | None,
+    header: list[str] | None,
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Role columns (cleaned strings), shape reason codes and field counts of one batch."""
+    n = len(records)
+    errors = [k for k, r in enumerate(records) if r is None] if None in records else []
+    for k in errors:
+        records[k] = []
+    counts = np.fromiter(map(len, records), dtype=np.int32, count=n)  # type: ignore[arg-type]
+    width = max(positions.values()) + 1 if positions else 0
+    for k in np.flatnonzero(counts < width).tolist():
+        records[k] = records[k] + [None] * (width - len(records[k]))  # type: ignore[operator]
+    frame = pl.DataFrame(
+        [pl.Series(role, [r[p] for r in records], dtype=pl.String) for role, p in positions.items()]  # type: ignore[index]
+    ).select(_clean(pl.col(role)).alias(role) for role in positions)
+    reason = np.zeros(n, dtype=np.uint8)
+    # Candidates for the Python-level checks: every mapped field missing (empty line?) or equal to
+    # the header's name (repeated header?).
+    blank = frame.select(pl.all_horizontal(pl.all().is_null()).alias("b"))["b"].to_numpy() if positions else np.ones(n, bool)
+    for k in np.flatnonzero(blank | (counts == 0)).tolist():
+        if not "".join(f for f in records[k] if f).strip():  # type: ignore[union-attr]
+            reason[k] = CODE[EMPTY_LINE]
+    if header is not None and positions:
+        same = frame.select(
+            pl.all_horizontal(pl.col(role) == header[p] for role, p in positions.items()).alias("h")
+        )["h"].fill_null(False).to_numpy()
+        for k in np.flatnonzero(same).tolist():
+            if [f.strip() for f in records[k]] == header:  # type: ignore[union-attr]
+                reason[k] = CODE[REPEATED_HEADER]
+    if expected is not None:
+        wrong = (counts != expected) & (reason == 0)
+        reason[wrong] = CODE[WRONG_FIELD_COUNT]
+    reason[errors] = CODE[BAD_QUOTING]
+    return frame, reason, counts
 
 
 def _header_position(header: list[str], name: str, source: str, path: Path) -> int:
@@ -181,91 +573,212 @@ def _header_position(header: list[str], name: str, source: str, path: Path) -> i
     raise ValueError(f"{source} file {path}: no column {name!r} in header {header}")
 
 
+def _json_scalar(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _read_jsonl(rows: _Rows, roles: dict[str, str | int], sink: _InteractionSink | _FrameSink) -> None:
+    with _no_gc():
+        _read_jsonl_batches(rows, roles, sink)
+
+
+def _read_jsonl_batches(rows: _Rows, roles: dict[str, str | int], sink: _InteractionSink | _FrameSink) -> None:
+    keys = {role: str(ref) for role, ref in roles.items()}
+    seen: set[str] = set()
+    objects = 0
+    for first_line, lines, _ in _line_chunks(rows.path):
+        n = len(lines)
+        reason = np.zeros(n, dtype=np.uint8)
+        values: dict[str, list[str | None]] = {role: [None] * n for role in keys}
+        for k, line in enumerate(lines):
+            if not line.strip():
+                reason[k] = CODE[EMPTY_LINE]
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                reason[k] = CODE[BAD_JSON]
+                continue
+            objects += 1
+            for role, key in keys.items():
+                value = obj.get(key)
+                if key in obj:
+                    seen.add(key)
+                if isinstance(value, dict | list):
+                    reason[k] = CODE[BAD_TYPE]
+                    break
+                values[role][k] = _json_scalar(value)
+        frame = pl.DataFrame(
+            {role: pl.Series(role, v, dtype=pl.String) for role, v in values.items()}
+        ).select(_clean(pl.col(role)).alias(role) for role in keys)
+        rows.lines.add_regular(n, first_line)
+        sink.add(frame, reason)
+    missing = [key for key in keys.values() if key not in seen]
+    if missing and objects:
+        raise ValueError(f"{rows.source} file {rows.path} has no column(s) {missing}: no object has that key")
+
+
+_SCALAR_TYPES: tuple[Callable[[pa.DataType], bool], ...] = (
+    pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_boolean,
+    pa.types.is_null, pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+    pa.types.is_timestamp, pa.types.is_date,
+)
+
+
+def _scalar_type(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return any(check(dtype) for check in _SCALAR_TYPES)
+
+
+def _arrow_batches(path: Path, fmt: str, columns: list[str], source: str) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` (checked: present and of a scalar type)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        _check_schema(schema, columns, source, path)
+        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        return
+    source_file = pa.memory_map(str(path))
+    try:
+        reader: Any = pa.ipc.open_file(source_file)
+    except pa.ArrowInvalid:  # not the file format: the stream format
+        source_file.seek(0)
+        stream = pa.ipc.open_stream(source_file)
+        _check_schema(stream.schema, columns, source, path)
+        for batch in stream:
+            yield batch.select(columns)
+        return
+    _check_schema(reader.schema, columns, source, path)
+    for k in range(reader.num_record_batches):
+        yield reader.get_batch(k).select(columns)
+
+
+def _check_schema(schema: pa.Schema, columns: list[str], source: str, path: Path) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(f"{source} file {path} has no column(s) {missing}; it has {schema.names}")
+    for name in columns:
+        dtype = schema.field(name).type
+        if not _scalar_type(dtype):
+            raise ValueError(
+                f"{source} file {path}: column {name!r} has type {dtype}, which cannot be read as a "
+                "scalar value (nested, binary or other non-scalar types are not supported)"
+            )
+
+
+def _read_columnar(rows: _Rows, roles: dict[str, str | int], sink: _InteractionSink | _FrameSink) -> None:
+    refs = {role: str(ref) for role, ref in roles.items()}
+    for batch in _arrow_batches(rows.path, rows.spec.format, list(dict.fromkeys(refs.values())), rows.source):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        exprs = []
+        for role, ref in refs.items():
+            column = pl.col(ref)
+            if role == "timestamp" and frame.schema[ref].is_temporal():
+                exprs.append(column.dt.epoch("s").cast(pl.String).alias(role))
+            else:
+                exprs.append(_clean(column.cast(pl.String)).alias(role))
+        frame = frame.select(exprs)
+        rows.lines.add_regular(frame.height, rows.lines.n + 1)
+        sink.add(frame, np.zeros(frame.height, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- raw text of rejected rows
+
+
+def _raw_text(rows: _Rows, selected: np.ndarray) -> list[str]:
+    """Raw text of the ``selected`` rows (sorted row indices), by one more pass over the file:
+    the record's physical lines without their line endings, joined with "\\n" (parquet/arrow: the
+    mapped values as a JSON object)."""
+    if len(selected) == 0:
+        return []
+    if rows.spec.is_columnar:
+        return _columnar_raw(rows, selected)
+    firsts = rows.lines.first(selected)
+    lasts = rows.lines.last(selected, firsts)
+    out: list[str] = []
+    with open(rows.path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
+        position = 1  # the number of the line f yields next
+        for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            if first > position:
+                deque(itertools.islice(f, first - position), maxlen=0)
+            lines = list(itertools.islice(f, last - first + 1))
+            position = last + 1
+            out.append("\n".join(line.removesuffix("\n").rstrip("\r") for line in lines))
+    return out
+
+
+def _columnar_raw(rows: _Rows, selected: np.ndarray) -> list[str]:
+    refs = list(dict.fromkeys(str(ref) for ref in rows.spec.columns().values()))
+    out: list[str] = []
+    offset = 0
+    for batch in _arrow_batches(rows.path, rows.spec.format, refs, rows.source):
+        lo, hi = np.searchsorted(selected, [offset, offset + batch.num_rows])
+        if hi > lo:
+            frame = pl.from_arrow(batch.take(pa.array(selected[lo:hi] - offset)))
+            assert isinstance(frame, pl.DataFrame)
+            out.extend(frame.select(pl.struct(refs).struct.json_encode())[:, 0].to_list())
+        offset += batch.num_rows
+    return out
+
+
 # --------------------------------------------------------------------------- validation
 
 
 def _first_reason(checks: Sequence[tuple[str, pl.Expr]]) -> pl.Expr:
-    """The first failing check's reason per row (null when every check passes)."""
-    reason: pl.Expr = pl.lit(None, dtype=pl.String)
+    """The first failing check's reason code per row (0 when every check passes)."""
+    reason: pl.Expr = pl.lit(0, dtype=pl.UInt8)
     for name, failed in reversed(checks):
-        reason = pl.when(failed.fill_null(False)).then(pl.lit(name)).otherwise(reason)
+        reason = pl.when(failed.fill_null(False)).then(pl.lit(CODE[name], dtype=pl.UInt8)).otherwise(reason)
     return reason.alias("reason")
-
-
-def _shape_checks(rows: _RawRows) -> list[tuple[str, pl.Expr]]:
-    checks = [(EMPTY_LINE, pl.col("raw").str.strip_chars() == "")]
-    if rows.expected_fields is not None:
-        checks.append((WRONG_FIELD_COUNT, pl.col("n_fields") != rows.expected_fields))
-    return checks
 
 
 def _not_first(keys: Sequence[str]) -> pl.Expr:
     """True for a valid row whose key already appeared in an earlier *valid* row."""
-    valid = pl.col("reason").is_null()
+    valid = pl.col("reason") == 0
     return valid & ~pl.struct([*keys, valid.alias("_valid")]).is_first_distinct()
 
 
 def _with_reason(frame: pl.DataFrame, reason: str, failed: pl.Expr) -> pl.DataFrame:
     """Set ``reason`` on rows that are still valid and fail ``failed``."""
     return frame.with_columns(
-        pl.when(pl.col("reason").is_null() & failed.fill_null(False))
-        .then(pl.lit(reason))
+        pl.when((pl.col("reason") == 0) & failed.fill_null(False))
+        .then(pl.lit(CODE[reason], dtype=pl.UInt8))
         .otherwise(pl.col("reason"))
         .alias("reason")
     )
 
 
-def _timestamp_value() -> pl.Expr:
-    """Integer timestamp; integer-valued floats ("881250949.0") accepted; anything else null."""
-    as_int = pl.col("timestamp").cast(pl.Int64, strict=False)
-    as_float = pl.col("timestamp").cast(pl.Float64, strict=False)
-    integral = as_float.is_finite() & (as_float == as_float.floor()) & (as_float.abs() < 2.0**62)
-    value = pl.when(as_int.is_not_null()).then(as_int).when(integral).then(as_float.cast(pl.Int64))
-    return value.otherwise(None)
+def _string_frame(rows: _Rows) -> pl.DataFrame:
+    assert rows.frame is not None
+    return rows.frame.with_columns(pl.Series("reason", rows.reason, dtype=pl.UInt8))
 
 
-def _validate_interactions(rows: _RawRows, has_ts: bool, has_weight: bool) -> pl.DataFrame:
-    frame = rows.frame.with_columns(
-        *([_timestamp_value().alias("ts")] if has_ts else []),
-        *([pl.col("weight").cast(pl.Float64, strict=False).alias("w")] if has_weight else []),
-    )
-    checks = _shape_checks(rows) + [
-        (MISSING_USER, pl.col("user").is_null()),
-        (MISSING_ITEM, pl.col("item").is_null()),
-    ]
-    if has_weight:
-        checks.append((BAD_WEIGHT, pl.col("w").is_null() | ~pl.col("w").is_finite()))
-    if has_ts:
-        checks.append((BAD_TIMESTAMP, pl.col("ts").is_null() | (pl.col("ts") < 0)))
-    frame = frame.with_columns(_first_reason(checks))
-    # An exact duplicate: the same event (every mapped value equal, parsed) seen again.
-    keys = ["user", "item"] + (["ts"] if has_ts else []) + (["w"] if has_weight else [])
-    return _with_reason(frame, DUPLICATE_EVENT, _not_first(keys))
-
-
-def _validate_links(rows: _RawRows) -> pl.DataFrame:
-    checks = _shape_checks(rows) + [(MISSING_FIELD, pl.col("item").is_null() | pl.col("entity").is_null())]
-    frame = rows.frame.with_columns(_first_reason(checks))
+def _validate_links(rows: _Rows) -> pl.DataFrame:
+    frame = _with_reason(_string_frame(rows), MISSING_FIELD, pl.col("item").is_null() | pl.col("entity").is_null())
     # One item <-> one entity: a second link for either side loses to the first.
     return _with_reason(frame, DUPLICATE_LINK, _not_first(["item"]) | _not_first(["entity"]))
 
 
-def _validate_kg(rows: _RawRows, linked_entities: pl.Series) -> pl.DataFrame:
+def _validate_kg(rows: _Rows, linked_entities: pl.Series) -> pl.DataFrame:
     fields = ["head", "relation", "tail"]
-    checks = _shape_checks(rows) + [(MISSING_FIELD, pl.any_horizontal(pl.col(fields).is_null()))]
-    frame = rows.frame.with_columns(_first_reason(checks))
+    frame = _with_reason(_string_frame(rows), MISSING_FIELD, pl.any_horizontal(pl.col(fields).is_null()))
     frame = _with_reason(frame, DUPLICATE_TRIPLE, _not_first(fields))
-    reachable = _reaches_an_item(frame.filter(pl.col("reason").is_null()), linked_entities)
-    return frame.with_columns(
-        pl.when(pl.col("reason").is_null() & ~pl.col("line").is_in(reachable.implode()))
-        .then(pl.lit(UNKNOWN_ENTITY))
-        .otherwise(pl.col("reason"))
-        .alias("reason")
-    )
+    reachable = _reaches_an_item(frame.filter(pl.col("reason") == 0), linked_entities)
+    return _with_reason(frame, UNKNOWN_ENTITY, ~pl.col("row").is_in(reachable.implode()))
 
 
 def _reaches_an_item(triples: pl.DataFrame, linked_entities: pl.Series) -> pl.Series:
-    """Lines of the triples whose connected component (undirected, any number of hops) holds an
+    """Rows of the triples whose connected component (undirected, any number of hops) holds an
     entity linked to an item; the others cannot inform any recommendation."""
     vocab = pl.concat([linked_entities, triples["head"], triples["tail"]]).unique(maintain_order=True)
     codes = pl.Series(np.arange(vocab.len(), dtype=np.int64))
@@ -275,28 +788,49 @@ def _reaches_an_item(triples: pl.DataFrame, linked_entities: pl.Series) -> pl.Se
     adjacency = sp.coo_matrix((np.ones(len(head), dtype=np.int8), (head, tail)), shape=(n, n))
     _, labels = connected_components(adjacency, directed=True, connection="weak")
     item_components = np.unique(labels[linked_entities.replace_strict(vocab, codes).to_numpy()])
-    return triples["line"].filter(pl.Series(np.isin(labels[head], item_components)))
+    return triples["row"].filter(pl.Series(np.isin(labels[head], item_components)))
 
 
-def _validate_names(rows: _RawRows) -> pl.DataFrame:
-    checks = _shape_checks(rows) + [(MISSING_FIELD, pl.col("item").is_null() | pl.col("name").is_null())]
-    frame = rows.frame.with_columns(_first_reason(checks))
+def _validate_names(rows: _Rows) -> pl.DataFrame:
+    frame = _with_reason(_string_frame(rows), MISSING_FIELD, pl.col("item").is_null() | pl.col("name").is_null())
     return _with_reason(frame, DUPLICATE_NAME, _not_first(["item"]))
 
 
-def _apply_policy(frame: pl.DataFrame, spec: DatasetSpec, linked_items: pl.Series, has_ts: bool) -> pl.DataFrame:
-    """Exclusion reasons for valid interactions (``policy`` column, null = kept)."""
-    valid = frame.filter(pl.col("reason").is_null())
-    checks: list[tuple[str, pl.Expr]] = []
+def _repeats(mask: np.ndarray, columns: dict[str, np.ndarray], keys: Sequence[str], order: Sequence[str]) -> np.ndarray:
+    """Rows selected by ``mask`` whose ``keys`` equal those of an earlier selected row (earlier:
+    by the ``order`` columns, then by row). Runs per partition of users (keys include the user),
+    about PARTITION_ROWS rows each, so that no hash table spans the whole log."""
+    parts = max(1, min(255, -(-int(mask.sum()) // PARTITION_ROWS)))
+    bucket = (columns["user"] % parts).astype(np.uint8) if parts > 1 else None
+    found = [np.zeros(0, np.int64)]
+    for p in range(parts):
+        rows = np.flatnonzero(mask if bucket is None else mask & (bucket == p))
+        frame = pl.DataFrame({name: columns[name][rows] for name in dict.fromkeys([*keys, *order])})
+        frame = frame.with_columns(pl.Series("_row", rows))
+        del rows
+        if order:
+            frame = frame.sort([*order, "_row"])
+        found.append(frame.filter(~pl.struct(list(keys)).is_first_distinct())["_row"].to_numpy())
+    return np.sort(np.concatenate(found))
+
+
+def _validate_interactions(rows: _Rows, spec: DatasetSpec, linked_items: pl.Series) -> None:
+    """Final reason codes of the interactions, in place: duplicates, then the policy."""
+    assert rows.columns is not None and rows.vocab is not None
+    columns, reason = rows.columns, rows.reason
+    event = ["user", "item"] + [c for c in ("ts", "w") if c in columns]
+    reason[_repeats(reason == 0, columns, event, [])] = CODE[DUPLICATE_EVENT]
     if isinstance(spec.positive, MinWeight):
-        checks.append((NOT_POSITIVE, pl.col("w") < spec.positive.min_weight))
+        reason[(reason == 0) & (columns["w"] < spec.positive.min_weight)] = CODE[NOT_POSITIVE]
     if spec.restrict_to_linked_items:
-        checks.append((ITEM_NOT_LINKED, ~pl.col("item").is_in(linked_items.implode())))
-    valid = valid.with_columns(_first_reason(checks))
+        vocab = rows.vocab["item"].table
+        linked = np.zeros(vocab.height + 1, dtype=bool)
+        linked[vocab.filter(pl.col("id").is_in(linked_items.implode()))["code"].to_numpy()] = True
+        item = np.minimum(columns["item"], vocab.height)  # the null code is never a kept row
+        reason[(reason == 0) & ~linked[item]] = CODE[ITEM_NOT_LINKED]
     # Of the remaining positives for one (user, item), keep the earliest (then the first row).
-    order = ["ts", "line"] if has_ts else ["line"]
-    valid = _with_reason(valid.sort(order), REPEAT_INTERACTION, _not_first(["user", "item"]))
-    return valid.rename({"reason": "policy"})
+    order = ["ts"] if "ts" in columns else []
+    reason[_repeats(reason == 0, columns, ["user", "item"], order)] = CODE[REPEAT_INTERACTION]
 
 
 # --------------------------------------------------------------------------- indexing
@@ -311,10 +845,23 @@ def _index(values: pl.Series, id_name: str, idx_name: str) -> pl.DataFrame:
     )
 
 
-def _audit(frame: pl.DataFrame, source: str, reason_col: str = "reason") -> pl.DataFrame:
-    return frame.filter(pl.col(reason_col).is_not_null()).select(
-        pl.lit(source).alias("source"), "line", "raw", pl.col(reason_col).alias("reason")
+def _audit(rows: _Rows) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(quarantine, excluded) rows of one source, in line order, with their raw text."""
+    rejected = np.flatnonzero(rows.reason != 0)
+    codes = rows.reason[rejected]
+    lines = rows.lines.first(rejected)
+    frame = pl.DataFrame(
+        {
+            "source": pl.Series([rows.source] * len(rejected), dtype=pl.String),
+            "line": pl.Series(lines, dtype=pl.Int64),
+            "raw": pl.Series(_raw_text(rows, rejected), dtype=pl.String),
+            "reason": pl.Series(np.asarray(REASONS, dtype=object)[codes].tolist(), dtype=pl.String),
+            "_code": pl.Series(codes, dtype=pl.UInt8),
+        },
+        schema={"source": pl.String, "line": pl.Int64, "raw": pl.String, "reason": pl.String, "_code": pl.UInt8},
     )
+    excluded = pl.col("_code") >= _FIRST_EXCLUSION
+    return frame.filter(~excluded).drop("_code"), frame.filter(excluded).drop("_code")
 
 
 def _reason_counts(frame: pl.DataFrame) -> dict[str, int]:
@@ -334,6 +881,7 @@ def ingest(
 
     ``data_root`` overrides the data directory for relative paths (default: :func:`spec.data_dir`).
     If a snapshot with the same content hash already exists it is reused, not rewritten.
+    Raises ``ValueError`` for unreadable or empty inputs and ``FileNotFoundError`` for missing ones.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -347,43 +895,54 @@ def ingest(
 
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=len(sources) + 3, desc=f"ingest {spec.name}", disable=not show)
-    raw = {}
-    for kind, fs in sources.items():
+    raw: dict[str, _Rows] = {}
+    # The small files first: a problem in them shows before the long read of the log.
+    for kind in [k for k in sources if k != "interactions"] + ["interactions"]:
         bar.set_postfix_str(kind)
-        raw[kind] = _read_rows(kind, fs, paths[kind])
+        raw[kind] = _read_rows(kind, sources[kind], paths[kind])
         bar.update()
+    raw = {kind: raw[kind] for kind in sources}
 
     # Links first: they decide which items exist and which KG triples can reach an item.
     links = _validate_links(raw["item_links"])
-    good_links = links.filter(pl.col("reason").is_null()).select("item", "entity")
+    good_links = links.filter(pl.col("reason") == 0).select("item", "entity")
     kg = _validate_kg(raw["kg"], good_links["entity"])
     names = _validate_names(raw["item_names"]) if "item_names" in raw else None
-    inter = _validate_interactions(raw["interactions"], has_ts, has_weight)
-    policy = _apply_policy(inter, spec, good_links["item"], has_ts)
+    for kind, frame in (("item_links", links), ("kg", kg), ("item_names", names)):
+        if frame is not None:
+            raw[kind].reason = frame["reason"].to_numpy().copy()
+    _validate_interactions(raw["interactions"], spec, good_links["item"])
     bar.update()
 
-    kept = policy.filter(pl.col("policy").is_null())
-    good_kg = kg.filter(pl.col("reason").is_null())
-    tables = _build_tables(spec, kept, good_links, good_kg, names, has_ts, has_weight)
+    audits = {kind: _audit(rows) for kind, rows in raw.items()}
+    quarantine = pl.concat([q for q, _ in audits.values()], how="vertical").cast(AUDIT_SCHEMA)
+    excluded = pl.concat([e for _, e in audits.values()], how="vertical").sort("line").cast(AUDIT_SCHEMA)
+
+    good_kg = kg.filter(pl.col("reason") == 0)
+    good_names = names.filter(pl.col("reason") == 0) if names is not None else None
+    rows_read = {kind: r.n for kind, r in raw.items()}
+    rows_accepted = {kind: int((r.reason == 0).sum()) for kind, r in raw.items()}
+    tables = _build_tables(spec, raw["interactions"], good_links, good_kg, good_names, has_ts, has_weight)
+    del raw
     bar.update()
 
-    quarantine = pl.concat(
-        [_audit(inter, "interactions"), _audit(links, "item_links"), _audit(kg, "kg")]
-        + ([_audit(names, "item_names")] if names is not None else []),
-        how="vertical",
-    ).cast(AUDIT_SCHEMA)
-    excluded = _audit(policy, "interactions", "policy").sort("line").cast(AUDIT_SCHEMA)
-
-    rows_read = {kind: r.frame.height for kind, r in raw.items()}
-    rows_accepted = {
-        "interactions": kept.height,
-        "item_links": good_links.height,
-        "kg": good_kg.height,
-        **({"item_names": int(names["reason"].is_null().sum())} if names is not None else {}),
+    quarantined = {kind: _reason_counts(q) for kind, (q, _) in audits.items()}
+    accounting = {
+        kind: {
+            "read": rows_read[kind],
+            "accepted": rows_accepted[kind],
+            "quarantined": audits[kind][0].height,
+            "excluded": audits[kind][1].height,
+        }
+        for kind in sources
     }
-    quarantined = {
-        kind: _reason_counts(quarantine.filter(pl.col("source") == kind)) for kind in raw
-    }
+    accepted_tables = {"interactions": tables["interactions"].height, "item_links": good_links.height, "kg": tables["kg"].height}
+    for kind, counts in accounting.items():
+        if (
+            counts["read"] != counts["accepted"] + counts["quarantined"] + counts["excluded"]
+            or counts["accepted"] != accepted_tables.get(kind, counts["accepted"])
+        ):
+            raise RuntimeError(f"internal error: rows lost in ingestion: {accounting_line(kind, counts)}")
     report_counts = dict(
         n_interactions=tables["interactions"].height,
         n_users=tables["users"].height,
@@ -392,7 +951,7 @@ def ingest(
         n_relations=tables["relations"].height,
         n_triples=tables["kg"].height,
     )
-    digest = content_hash(tables)
+    digest = _content_hash(tables)
     manifest = {
         "name": spec.name,
         "hash": digest,
@@ -404,6 +963,7 @@ def ingest(
             "rows_accepted": rows_accepted,
             "quarantined": quarantined,
             "excluded": _reason_counts(excluded),
+            "accounting": accounting,
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "kgrec_version": _version(),
@@ -421,6 +981,7 @@ def ingest(
         rows_accepted=rows_accepted,
         quarantined=quarantined,
         excluded=_reason_counts(excluded),
+        accounting=accounting,
         seconds=round(time.perf_counter() - started, 3),
         **report_counts,
     )
@@ -428,23 +989,55 @@ def ingest(
     return report
 
 
+def _content_hash(tables: dict[str, pl.DataFrame]) -> str:
+    """:func:`snapshot.content_hash`, computed in slices (the canonical CSV of a large
+    interactions table would not fit in memory twice). Same digest, byte for byte."""
+    digest = hashlib.sha256()
+    for name in HASHED_TABLES:
+        table = tables[name]
+        frame = table.with_columns(
+            pl.col(c).list.join("\x1f") for c, t in table.schema.items() if isinstance(t, pl.List)
+        )
+        if name == "interactions" and frame.height:
+            # Kept interactions are unique per (user, item): that order is the full sort.
+            order = np.lexsort((frame["item_idx"].to_numpy(), frame["user_idx"].to_numpy()))
+        else:
+            order = frame.select(pl.arg_sort_by(frame.columns, nulls_last=True, maintain_order=True))[:, 0].to_numpy()
+        digest.update(f"\x00{name}\x00".encode())
+        step = 1 << 20
+        for start in range(0, max(len(order), 1), step):
+            part = frame[order[start : start + step]]
+            digest.update(part.write_csv(null_value="\\N", include_header=start == 0).encode())
+    return digest.hexdigest()
+
+
 def _build_tables(
     spec: DatasetSpec,
-    kept: pl.DataFrame,
+    inter: _Rows,
     links: pl.DataFrame,
     triples: pl.DataFrame,
     names: pl.DataFrame | None,
     has_ts: bool,
     has_weight: bool,
 ) -> dict[str, pl.DataFrame]:
-    """Index spaces and the accepted tables in the snapshot layout."""
-    users = _index(kept["user"], "user_id", "user_idx")
-    item_ids = links["item"] if spec.restrict_to_linked_items else pl.concat([links["item"], kept["item"]])
+    """Index spaces and the accepted tables in the snapshot layout (frees the interaction
+    columns as it goes)."""
+    assert inter.columns is not None and inter.vocab is not None
+    columns, kept = inter.columns, inter.reason == 0
+
+    def kept_codes(role: str) -> np.ndarray:
+        present = np.zeros(inter.vocab[role].table.height + 1, dtype=bool)  # type: ignore[index]
+        present[columns[role][kept]] = True
+        return np.flatnonzero(present[:-1])
+
+    users = _index(inter.vocab["user"].strings(kept_codes("user")), "user_id", "user_idx")
+    kept_items = inter.vocab["item"].strings(kept_codes("item"))
+    item_ids = links["item"] if spec.restrict_to_linked_items else pl.concat([links["item"], kept_items])
     items = _index(item_ids, "item_id", "item_idx")
     n_items = items.height
 
     name_map = (
-        names.filter(pl.col("reason").is_null()).select(pl.col("item").alias("item_id"), "name")
+        names.select(pl.col("item").alias("item_id"), "name")
         if names is not None
         else pl.DataFrame(schema={"item_id": pl.String, "name": pl.String})
     )
@@ -454,7 +1047,7 @@ def _build_tables(
     if with_categories:
         assert names is not None and spec.item_names is not None
         name_map = name_map.join(
-            names.filter(pl.col("reason").is_null()).select(
+            names.select(
                 pl.col("item").alias("item_id"),
                 _split_categories(pl.col("categories"), spec.item_names.category_separator),
             ),
@@ -496,15 +1089,32 @@ def _build_tables(
         pl.col("tail").replace_strict(node_of["entity_id"], node_of["node"], return_dtype=pl.Int32),
     ).sort("head", "relation", "tail")
 
-    columns = [
-        pl.col("user").replace_strict(users["user_id"], users["user_idx"], return_dtype=pl.Int32).alias("user_idx"),
-        pl.col("item").replace_strict(items["item_id"], items["item_idx"], return_dtype=pl.Int32).alias("item_idx"),
-    ]
+    # Interactions: vocabulary code -> index lookups, one column at a time.
+    data: dict[str, np.ndarray] = {}
+    for role, table, id_name, idx_name in (
+        ("user", users, "user_id", "user_idx"),
+        ("item", items, "item_id", "item_idx"),
+    ):
+        vocab = inter.vocab[role].table
+        lookup = np.full(vocab.height + 1, -1, dtype=np.int32)
+        known = vocab.join(table, left_on="id", right_on=id_name, how="inner")
+        lookup[known["code"].to_numpy()] = known[idx_name].to_numpy()
+        codes = columns.pop(role)
+        data[idx_name] = lookup[np.minimum(codes[kept], vocab.height)]
+        del codes
     if has_ts:
-        columns.append(pl.col("ts").cast(pl.Int64).alias("timestamp"))
+        data["timestamp"] = columns.pop("ts")[kept]
     if has_weight:
-        columns.append(pl.col("w").cast(pl.Float64).alias("weight"))
-    interactions = kept.select(columns).sort(["user_idx"] + (["timestamp"] if has_ts else []) + ["item_idx"])
+        data["weight"] = columns.pop("w")[kept].astype(np.float64)
+    if (data["item_idx"] < 0).any() or (data["user_idx"] < 0).any():
+        raise RuntimeError("internal error: an accepted interaction has no user or item index")
+    keys = (data["item_idx"], data["timestamp"], data["user_idx"]) if has_ts else (data["item_idx"], data["user_idx"])
+    order = np.lexsort(keys)
+    for name in list(data):
+        data[name] = data[name][order]
+    del order
+    dtypes = {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64, "weight": pl.Float64}
+    interactions = pl.DataFrame([pl.Series(name, data.pop(name), dtype=dtypes[name]) for name in list(data)])
     return {
         "interactions": interactions,
         "kg": kg,
@@ -616,10 +1226,7 @@ def _log(report: IngestReport) -> None:
         report.n_triples,
         report.seconds,
     )
-    for kind, n in report.rows_read.items():
-        LOG.info(
-            "  %s: read %d, accepted %d, quarantined %s",
-            kind, n, report.rows_accepted[kind], report.quarantined[kind] or 0,
-        )
+    for kind, counts in report.accounting.items():
+        LOG.info("  %s; quarantined %s", accounting_line(kind, counts), report.quarantined[kind] or 0)
     if report.excluded:
         LOG.info("  excluded interactions: %s", report.excluded)

@@ -5,6 +5,20 @@ silently ignored setting). Bundled specs live in ``features/specs/<name>.yaml``.
 
 Columns are referenced by header name, or by 0-based position when the file has no header.
 Relative data paths resolve against the data directory (see :func:`data_dir`).
+
+Formats: ``csv`` and ``tsv`` (text, with a dialect, below), ``jsonl`` (one JSON object per line),
+``parquet`` and ``arrow`` (Arrow IPC file or stream, i.e. Feather v2).
+
+Text dialect (``FileSpec``): ``csv`` defaults to RFC 4180 (``quoting: minimal``: a field may be
+enclosed in ``quote_char`` (``"``), a quote inside it doubled, and then it may hold the separator
+and line breaks); ``tsv`` defaults to ``quoting: none`` (IANA text/tab-separated-values has no
+quoting: a quote is an ordinary character and a record is one line). ``escape_char`` (default
+none) escapes the next character in either mode; ``double_quote: false`` reads ``\"`` style only
+(with an ``escape_char``). A UTF-8 byte-order mark is stripped. A multi-character separator
+(``"::"``) needs ``quoting: none`` and no ``escape_char``.
+
+An input file without any data row (empty, header only, or only empty lines) is an error unless
+its file spec says ``allow_empty: true``.
 """
 
 from __future__ import annotations
@@ -21,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
 Column = str | int
-FileFormat = Literal["csv", "tsv", "parquet", "jsonl"]
+FileFormat = Literal["csv", "tsv", "parquet", "jsonl", "arrow"]
+Quoting = Literal["minimal", "none"]
 _DEFAULT_SEPARATOR = {"csv": ",", "tsv": "\t"}
 
 
@@ -44,13 +59,54 @@ class FileSpec(_Strict):
     #: Expected number of fields per row in a headerless text file. Defaults to the most common
     #: count in the file (a header, when present, always defines it).
     n_fields: int | None = Field(default=None, ge=1)
+    #: Text dialect. ``minimal``: RFC 4180 quoting with ``quote_char``; ``none``: quotes are
+    #: ordinary characters. Default: ``minimal`` for csv, ``none`` for tsv.
+    quoting: Quoting | None = None
+    quote_char: str = Field(default='"', min_length=1, max_length=1)
+    #: Escapes the next character (separator, quote, line break); none by default.
+    escape_char: str | None = Field(default=None, min_length=1, max_length=1)
+    #: Inside a quoted field, a doubled quote stands for one quote (RFC 4180).
+    double_quote: bool = True
+    #: Accept a file with no data row (empty or header only) instead of failing.
+    allow_empty: bool = False
 
     @field_validator("separator")
     @classmethod
     def _separator_not_empty(cls, value: str | None) -> str | None:
-        if value is not None and (value == "" or "\n" in value):
-            raise ValueError("separator must be a non-empty string without newlines")
+        if value is not None and (value == "" or "\n" in value or "\r" in value):
+            raise ValueError("separator must be a non-empty string without line breaks")
         return value
+
+    @model_validator(mode="after")
+    def _check_dialect(self) -> FileSpec:
+        if not self.is_text:
+            return self
+        specials = {"separator": self.sep, "quote_char": self.quote_char, "escape_char": self.escape_char}
+        for name, char in specials.items():
+            if char is not None and char in "\r\n":
+                raise ValueError(f"{name} must not be a line break")
+        if self.uses_csv_module:
+            if len(self.sep) != 1:
+                raise ValueError(
+                    f"separator {self.sep!r} has several characters: that needs quoting: none "
+                    "and no escape_char"
+                )
+            if self.sep in (self.quote_char if self.effective_quoting == "minimal" else "", self.escape_char):
+                raise ValueError("separator, quote_char and escape_char must differ")
+        if self.effective_quoting == "minimal" and not self.double_quote and self.escape_char is None:
+            raise ValueError("double_quote: false needs an escape_char")
+        return self
+
+    @property
+    def effective_quoting(self) -> Quoting:
+        """The quoting rule in force: the declared one, else ``minimal`` (csv) / ``none`` (tsv)."""
+        return self.quoting or ("minimal" if self.format == "csv" else "none")
+
+    @property
+    def uses_csv_module(self) -> bool:
+        """Whether rows are tokenised by :mod:`csv` (quoting or escapes); otherwise a record is
+        one line split on the separator."""
+        return self.effective_quoting == "minimal" or self.escape_char is not None
 
     @property
     def sep(self) -> str:
@@ -60,6 +116,10 @@ class FileSpec(_Strict):
     @property
     def is_text(self) -> bool:
         return self.format in ("csv", "tsv")
+
+    @property
+    def is_columnar(self) -> bool:
+        return self.format in ("parquet", "arrow")
 
     def columns(self) -> dict[str, Column]:
         """Role -> column reference, for every mapped column (subclasses define the roles)."""

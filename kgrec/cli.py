@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import polars.exceptions
+import pyarrow
 from prefect.exceptions import TerminationSignal
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from pydantic import ValidationError
 
-from kgrec.features.ingest import ingest
+from kgrec.features.ingest import accounting_line, ingest
 from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
@@ -38,8 +40,8 @@ from kgrec.models.tracking.settings import (
     registered_model_name,
     registered_ranker_name,
 )
-from kgrec.serving.champion import load_registered, load_registered_ranker
-from kgrec.serving.service import run
+from kgrec.serving.service import serve
+from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, ServeSettings
 from kgrec.stack import add_stack_commands
 
 DEFAULT_SERVE_MODEL = os.environ.get("KGREC_MODEL_NAME", "kgrec-music")
@@ -233,29 +235,40 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-
     report = ingest(load_spec(args.spec), Path(args.out), progress=sys.stderr.isatty() and not args.json)
     result = report.to_dict()
-    human = "\n".join(f"{k}: {v}" for k, v in result.items())
+    human = "\n".join(f"{k}: {v}" for k, v in result.items() if k != "accounting")
+    # The accounting identity, per source file: read = accepted + quarantined + excluded.
+    human += "\naccounting:\n" + "\n".join(
+        f"  {accounting_line(kind, counts)}" for kind, counts in report.accounting.items()
+    )
     _emit(result, args.json, human)
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from functools import partial
-
-
-    tracking = _tracking(args)
-    loader = partial(load_registered, tracking, args.model_name, args.alias)
-    ranker_loader = None
-    if not args.no_ranker:
-        # the default ranker is optional (retrieval-only deployments); a named one must load
-        ranker_name = args.ranker_name or registered_ranker_name(args.model_name)
-        ranker_loader = partial(
-            load_registered_ranker, tracking, ranker_name, args.ranker_alias,
-            required=args.ranker_name is not None,
-        )
-    run(args.host, args.port, loader, load_ranker=ranker_loader)
+    settings = ServeSettings(
+        tracking=_tracking(args),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        threads=args.threads,
+        model_name=args.model_name,
+        alias=args.alias,
+        ranker_name=args.ranker_name,
+        ranker_alias=args.ranker_alias,
+        no_ranker=args.no_ranker,
+        poll_interval_s=args.poll_interval,
+        token_file=Path(args.token_file) if args.token_file else None,
+        cors_origins=tuple(args.cors_origin),
+        max_body_bytes=args.max_body_bytes,
+        fail_fast=args.fail_fast,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        access_log=not args.no_access_log,
+        log_format=args.log_format,
+        log_level="debug" if args.verbose else "info",
+    )
+    serve(settings)
     return 0
 
 
@@ -333,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "<model-name>-ranker when it is registered)")
     p.add_argument("--ranker-alias", default="champion")
     p.add_argument("--no-ranker", action="store_true", help="serve retrieval only")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (each gets CPU quota / N torch and faiss threads)")
+    p.add_argument("--threads", type=int, help="torch and faiss threads per worker (default: quota / workers)")
+    p.add_argument("--poll-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often the registry is asked whether the alias moved (0: never; "
+                   "POST /admin/reload reloads at once)")
+    p.add_argument("--token-file", help="file holding the bearer token (or set $KGREC_SERVE_TOKEN); needed "
+                   "for /admin/* and, beyond loopback, for every endpoint but the health probes")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow this origin (repeatable); CORS is off without one")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are answered 413")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="exit non-zero when the model cannot be loaded at start (default: stay up, "
+                   "answer 503 and keep polling the registry)")
+    p.add_argument("--cache-dir", help="serve cache of downloaded versions (default: <workdir>/serve-cache)")
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--no-access-log", action="store_true", help="no access-log line per request")
     tracking_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -362,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             logging.getLogger("kgrec").exception("kgrec %s failed", args.command)
-        return _fail(args, exc, 1)
+        # A reader error on bad input data (polars, pyarrow) is a usage error, not a crash.
+        data_error = isinstance(exc, (polars.exceptions.PolarsError, pyarrow.ArrowException))
+        return _fail(args, exc, 2 if data_error else 1)
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
