@@ -520,11 +520,14 @@ async def model(state: State) -> ModelInfo:
 async def ranked(
     user_id: UserId,
     state: State,
-    k: int = Query(20, ge=1, le=MAX_K),
+    k: int | None = Query(None, ge=1, le=MAX_K, description="answered (default: 20, at most n)"),
     n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
 ) -> RankedCandidates:
     served = state.ready()
-    result = _two_stage(served).for_user(user_id, k, n)
+    service = _two_stage(served)
+    if k is None:  # the default never contradicts an explicit n
+        k = min(DEFAULT_RANKED_K, n if n is not None else service.ranker.num_candidates)
+    result = service.for_user(user_id, k, n)
     timings = result.timings_ms
     state.metrics.observe_stage("retrieve", timings["retrieval"] / 1e3)
     state.metrics.observe_stage("rerank", timings["ranking"] / 1e3)
@@ -564,6 +567,7 @@ async def reload(state: State, force: bool = Query(False, description="reload ev
 
 
 RANKED_ROUTE = "/v1/users/{user_id}/ranked"
+DEFAULT_RANKED_K = 20
 WORKER_HEALTHCHECK_SECONDS = 300.0
 
 

@@ -243,9 +243,9 @@ class ServingState:
                 retain(keep)
         del previous
         # The model is long-lived: move it out of the collector's generations so that full
-        # collections do not show in the latency tail (the old snapshot is freed by refcount).
-        gc.unfreeze()
-        gc.collect()
+        # collections do not show in the latency tail. The old snapshot is freed by refcount; no
+        # gc.unfreeze() + collect() here: a full collection of the heap holds the GIL for ~0.5 s,
+        # and the event loop would answer nothing meanwhile.
         gc.freeze()
 
     def unload(self) -> None:

@@ -231,3 +231,11 @@ def test_ranker_pyfunc_scores_pairs_by_raw_id(tmp_path, ranker, log_and_load_pyf
     for row in (0, 1):
         expected = _kcan_score(ranker, frame.user_id[row], frame.item_id[row])
         assert out["score"][row] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_the_default_k_never_contradicts_an_explicit_n(client):
+    """Found by the schema fuzz run: `?n=1` alone was a 422 (k defaulted to 20 > n)."""
+    response = client.get("/v1/users/u1/ranked", params={"n": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["k"] == 3 and len(response.json()["candidates"]) == 3
+    assert client.get("/v1/users/u1/ranked").json()["k"] == 20
