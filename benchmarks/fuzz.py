@@ -63,6 +63,12 @@ EXPECTED_STATUSES: dict[tuple[str, str], tuple[list[str], str]] = {
         "(service docstring: 'all posted items unknown 422'; the 422 is declared): the schema cannot say "
         "'a known item id'. Unknown items beside known ones are accepted (unknown_item_ids).",
     ),
+    ("GET /v1/users/{user_id}/ranked", "positive_data_acceptance"): (
+        ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"],
+        "k > n (e.g. ?k=999&n=1) is answered 422 by design: k of the n re-ranked candidates cannot exceed "
+        "n, a constraint between two parameters that OpenAPI cannot express (it is in k's description). "
+        "The defaults never contradict each other (k defaults to min(20, n)); unknown users are 404.",
+    ),
 }
 
 

@@ -520,7 +520,7 @@ async def model(state: State) -> ModelInfo:
 async def ranked(
     user_id: UserId,
     state: State,
-    k: int | None = Query(None, ge=1, le=MAX_K, description="answered (default: 20, at most n)"),
+    k: int | None = Query(None, ge=1, le=MAX_K, description="answered; at most n, else 422 (default: min(20, n))"),
     n: int | None = Query(None, ge=1, le=MAX_K, description="candidates retrieved (default: the ranker's)"),
 ) -> RankedCandidates:
     served = state.ready()
