@@ -49,6 +49,7 @@ import httpx
 import numpy as np
 import polars as pl
 import psutil
+from kgrec.serving.process import run_pipeline_cli, service_process, workdir_env
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -70,7 +71,6 @@ def wrk_version(wrk: str) -> str:
 
 def register(workdir: Path, dataset: str, name: str, epochs: int, ranker: str | None = None) -> dict:
     """``kgrec pipeline --models bprmf,lightgcn`` (two versions of NAME; ``ranker``: NAME-ranker too)."""
-    from kgrec.serving.process import run_pipeline_cli, workdir_env
 
     args = ["--dataset", dataset, "--models", "bprmf,lightgcn", "--epochs", str(epochs), "--registered-model", name]
     args += ["--ranker", ranker] if ranker else []
@@ -131,43 +131,12 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def wait_ready(base_url: str, server: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=base_url, timeout=5) as client:
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"kgrec serve is not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
-
-
 @contextlib.contextmanager
 def serving(name: str, env: dict, log_path: Path, extra_args: tuple[str, ...] = ()):
-    """``kgrec serve`` on a free loopback port with its output in ``log_path`` (kept, unlike
-    :func:`kgrec.serving.process.running_service`, and the process is needed for psutil); yields
-    ``(base_url, process)``."""
-    from kgrec.serving.process import free_port
-
-    port = free_port()
-    kgrec = str(Path(sys.executable).with_name("kgrec"))
-    with log_path.open("w") as log:
-        server = subprocess.Popen([kgrec, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-name", name,
-                                   *extra_args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url, server, log_path)
-        yield base_url, server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """``kgrec serve`` on a free loopback port with its output kept in ``log_path``; yields
+    ``(base_url, process)`` (the process for psutil)."""
+    with service_process(name, env, extra_args=extra_args, ready_timeout=180, log_path=log_path) as running:
+        yield running
 
 
 def other_version(client, name: str, current: str) -> str:
@@ -203,7 +172,6 @@ def main() -> None:
     name = args.model_name or f"kgrec-{args.dataset}"
     reload_at = args.duration / 2 if args.reload_at is None else args.reload_at
 
-    from kgrec.serving.process import workdir_env
     from mlflow import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:

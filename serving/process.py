@@ -57,9 +57,24 @@ def running_service(
     ready_timeout: float = 120.0,
 ) -> Iterator[str]:
     """Start the service for ``model_name`` on a free loopback port; yields its base URL."""
+    with service_process(model_name, env, host, extra_args, ready_timeout) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def service_process(
+    model_name: str,
+    env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = 120.0,
+    log_path: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`running_service` that also yields the process (for psutil) and keeps its output in
+    ``log_path`` (a temporary file when None)."""
     port = free_port(host)
     kgrec = str(Path(sys.executable).with_name("kgrec"))
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with (log_path.open("w+") if log_path is not None else tempfile.TemporaryFile(mode="w+")) as log:
         server = subprocess.Popen(
             [kgrec, "serve", "--host", host, "--port", str(port), "--model-name", model_name,
              *extra_args],
@@ -68,10 +83,14 @@ def running_service(
         base_url = f"http://{host}:{port}"
         try:
             _wait_until_ready(base_url, server, log, ready_timeout)
-            yield base_url
+            yield base_url, server
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def _wait_until_ready(base_url: str, server: subprocess.Popen, log, timeout: float) -> None:
