@@ -33,6 +33,14 @@ integer codes of a running vocabulary, timestamps and weights parsed) next to a 
 code, so the working set is about the size of the accepted table; the raw text of the rejected
 rows is recovered at the end by one more pass over the file. Validation is vectorised (polars,
 numpy); the de-duplications run in partitions of users to bound their hash tables.
+
+Peak memory (``benchmarks/ingest_scale.py``): the interaction columns are numpy arrays reserved
+ahead from the first batch (no concatenation at the end of the read), whole-column numpy passes
+run in slices, and the accepted table is never copied: it is compacted in place, sorted per range
+of users into a uint32 permutation (:class:`_Interactions`), and the content hash and the parquet
+file gather it slice by slice. The peak is about the accepted columns (24 bytes a row with
+timestamp and weight) plus 1-2 bytes per log row (reason and partition codes) or 4 per accepted
+row (the permutation), plus buffers bounded by the batch, partition and slice sizes.
 """
 
 from __future__ import annotations
@@ -106,6 +114,11 @@ BATCH_CHARS = 4 << 20
 BATCH_ROWS = 1 << 20
 #: Rows per partition of the de-duplication passes (bounds their hash tables).
 PARTITION_ROWS = 1_000_000
+#: Rows per partition of the sorts into storage / content-hash order (bounds their workspace).
+SORT_ROWS = 2_000_000
+#: Rows per slice of the whole-column numpy passes (a lookup ``table[codes]`` over a whole
+#: column would first copy the codes as int64) and of the hash / parquet writes.
+SLICE_ROWS = 1 << 20
 _NULL_CODE = np.uint32(0xFFFFFFFF)
 
 
@@ -256,6 +269,35 @@ class _Vocab:
         return self.table["id"].gather(pl.Series(codes, dtype=pl.UInt32))
 
 
+class _Column:
+    """A numpy column appended to batch by batch. Its capacity is reserved ahead from an estimate
+    of the file's rows (pages never written cost no memory), so that the end of the read needs no
+    concatenation (which would hold every batch and the whole column at once)."""
+
+    def __init__(self, dtype: type) -> None:
+        self.data = np.zeros(0, dtype=dtype)
+        self.n = 0
+
+    def reserve(self, rows: int) -> None:
+        if rows > len(self.data):
+            try:
+                grown = np.empty(rows, dtype=self.data.dtype)
+            except MemoryError:  # a wild estimate: grow as needed instead
+                return
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+
+    def append(self, values: np.ndarray) -> None:
+        end = self.n + len(values)
+        if end > len(self.data):
+            self.reserve(max(end, len(self.data) * 3 // 2, 1 << 16))
+        self.data[self.n : end] = values
+        self.n = end
+
+    def array(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
 class _InteractionSink:
     """Encodes each batch of interaction rows: codes for user and item, parsed timestamp and
     weight, and the first failing content check."""
@@ -263,11 +305,17 @@ class _InteractionSink:
     def __init__(self, roles: Sequence[str]) -> None:
         self.roles = list(roles)
         self.vocab = {"user": _Vocab(), "item": _Vocab()}
-        self.parts: dict[str, list[np.ndarray]] = {"reason": [], "user": [], "item": []}
+        self.parts: dict[str, _Column] = {
+            "reason": _Column(np.uint8), "user": _Column(np.uint32), "item": _Column(np.uint32)
+        }
         if "timestamp" in self.roles:
-            self.parts["ts"] = []
+            self.parts["ts"] = _Column(np.int64)
         if "weight" in self.roles:
-            self.parts["w"] = []
+            self.parts["w"] = _Column(np.float64)
+
+    def reserve(self, rows: int) -> None:
+        for column in self.parts.values():
+            column.reserve(rows)
 
     def add(self, frame: pl.DataFrame, reason: np.ndarray) -> None:
         parsed = frame.select(
@@ -282,7 +330,8 @@ class _InteractionSink:
         if "ts" in parsed.columns:
             checks.append((BAD_TIMESTAMP, pl.col("ts").is_null() | (pl.col("ts") < 0)))
         content = parsed.select(_first_reason(checks))["reason"].to_numpy()
-        self.parts["reason"].append(np.where(reason == 0, content, reason).astype(np.uint8))
+        # Copied into the numpy columns: the batch's polars buffers are freed (and reused) at once.
+        self.parts["reason"].append(np.where(reason == 0, content, reason))
         for role in ("user", "item"):
             self.parts[role].append(self.vocab[role].encode(parsed[role]))
         if "ts" in parsed.columns:
@@ -290,12 +339,15 @@ class _InteractionSink:
         if "w" in parsed.columns:
             self.parts["w"].append(parsed["w"].fill_null(float("nan")).to_numpy())
 
+    def reason_codes(self) -> np.ndarray:
+        return self.parts["reason"].array()
+
+    def set_reason_codes(self, reason: np.ndarray) -> None:
+        self.parts["reason"].array()[:] = reason
+
     def finish(self, rows: _Rows) -> None:
-        rows.reason = _concat(self.parts.pop("reason"), np.uint8)
-        dtypes = {"user": np.uint32, "item": np.uint32, "ts": np.int64, "w": np.float64}
-        rows.columns = {}
-        for name in list(self.parts):
-            rows.columns[name] = _concat(self.parts.pop(name), dtypes[name])
+        rows.reason = self.parts.pop("reason").array()
+        rows.columns = {name: self.parts.pop(name).array() for name in list(self.parts)}
         rows.vocab = self.vocab
 
 
@@ -310,6 +362,15 @@ class _FrameSink:
     def add(self, frame: pl.DataFrame, reason: np.ndarray) -> None:
         self.frames.append(frame.select(self.roles))
         self.reasons.append(reason)
+
+    def reserve(self, rows: int) -> None:
+        pass
+
+    def reason_codes(self) -> np.ndarray:
+        return np.concatenate(self.reasons) if self.reasons else np.zeros(0, np.uint8)
+
+    def set_reason_codes(self, reason: np.ndarray) -> None:
+        self.reasons = [reason]
 
     def finish(self, rows: _Rows) -> None:
         frame = (
@@ -368,6 +429,14 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, list[str], bool]]:
             yield line_no, lines, not following
             line_no += len(lines)
             lines = following
+
+
+def _reserve(sink: _InteractionSink | _FrameSink, path: Path, chunk: list[str]) -> None:
+    """Reserve the sink's columns for the whole file: its rows extrapolated from the first chunk
+    (a quarter more; an underestimate only costs growing the columns later)."""
+    chars = sum(map(len, chunk))
+    if chars and not isinstance(sink, _FrameSink):
+        sink.reserve(int(len(chunk) * path.stat().st_size / chars * 1.25) + 1024)
 
 
 def _csv_dialect(spec: FileSpec) -> dict[str, Any]:
@@ -461,6 +530,8 @@ def _read_text_batches(rows: _Rows, roles: dict[str, str | int], sink: _Interact
     expected = spec.n_fields if not spec.has_header else None
     n_fields: list[np.ndarray] = []  # headerless without n_fields: decided from the whole file
     for chunk_first, chunk, last_chunk in _line_chunks(path):
+        if chunk_first == 1:
+            _reserve(sink, path, chunk)
         first_line, records, firsts, lasts = tokenize(chunk_first, chunk, last_chunk)
         if not records:
             continue
@@ -510,8 +581,7 @@ def _decide_field_count(
 ) -> None:
     """Headerless: the usual shape of a row is the most common field count (ties: the smallest)."""
     counts = np.concatenate(n_fields) if n_fields else np.zeros(0, np.int32)
-    reasons = sink.reasons if isinstance(sink, _FrameSink) else sink.parts["reason"]
-    reason = np.concatenate(reasons) if reasons else np.zeros(0, np.uint8)
+    reason = sink.reason_codes()
     shaped = ~np.isin(reason, _SHAPE_CODES)
     if shaped.any():
         expected = int(np.bincount(counts[shaped]).argmax())
@@ -520,8 +590,7 @@ def _decide_field_count(
     if positions and max(positions.values()) >= expected:
         _position_error(rows.source, rows.path, positions, expected)
     reason = np.where(shaped & (counts != expected), np.uint8(CODE[WRONG_FIELD_COUNT]), reason).astype(np.uint8)
-    reasons.clear()
-    reasons.append(reason)
+    sink.set_reason_codes(reason)
 
 
 def _fields_frame(
@@ -591,6 +660,8 @@ def _read_jsonl_batches(rows: _Rows, roles: dict[str, str | int], sink: _Interac
     seen: set[str] = set()
     objects = 0
     for first_line, lines, _ in _line_chunks(rows.path):
+        if first_line == 1:
+            _reserve(sink, rows.path, lines)
         n = len(lines)
         reason = np.zeros(n, dtype=np.uint8)
         values: dict[str, list[str | None]] = {role: [None] * n for role in keys}
@@ -801,10 +872,14 @@ def _repeats(mask: np.ndarray, columns: dict[str, np.ndarray], keys: Sequence[st
     by the ``order`` columns, then by row). Runs per partition of users (keys include the user),
     about PARTITION_ROWS rows each, so that no hash table spans the whole log."""
     parts = max(1, min(255, -(-int(mask.sum()) // PARTITION_ROWS)))
-    bucket = (columns["user"] % parts).astype(np.uint8) if parts > 1 else None
+    # Partition of each row (255: not selected), so that a partition's rows are one pass.
+    bucket = np.full(len(mask), 255, dtype=np.uint8)
+    for start in range(0, len(mask), SLICE_ROWS):
+        part = slice(start, start + SLICE_ROWS)
+        bucket[part][mask[part]] = columns["user"][part][mask[part]] % parts
     found = [np.zeros(0, np.int64)]
     for p in range(parts):
-        rows = np.flatnonzero(mask if bucket is None else mask & (bucket == p))
+        rows = _rows_where(lambda b, p=p: b == p, bucket)
         frame = pl.DataFrame({name: columns[name][rows] for name in dict.fromkeys([*keys, *order])})
         frame = frame.with_columns(pl.Series("_row", rows))
         del rows
@@ -812,6 +887,46 @@ def _repeats(mask: np.ndarray, columns: dict[str, np.ndarray], keys: Sequence[st
             frame = frame.sort([*order, "_row"])
         found.append(frame.filter(~pl.struct(list(keys)).is_first_distinct())["_row"].to_numpy())
     return np.sort(np.concatenate(found))
+
+
+def _rows_where(condition: Callable[[np.ndarray], np.ndarray], values: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(condition(values))``, a slice at a time (no whole-column temporaries)."""
+    found = [
+        np.flatnonzero(condition(values[start : start + SLICE_ROWS])) + start
+        for start in range(0, len(values), SLICE_ROWS)
+    ]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _sliced(function: Callable[[np.ndarray], np.ndarray], values: np.ndarray, dtype: Any) -> np.ndarray:
+    """``function(values)`` as a ``dtype`` array, computed SLICE_ROWS at a time (its temporaries
+    stay small)."""
+    out = np.empty(len(values), dtype=dtype)
+    for start in range(0, len(values), SLICE_ROWS):
+        out[start : start + SLICE_ROWS] = function(values[start : start + SLICE_ROWS])
+    return out
+
+
+def _lookup(table: np.ndarray, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``table[min(codes, len(table) - 1)]`` in slices; ``out`` may be ``codes`` itself (viewed
+    with the table's dtype of the same width): each slice is read before it is overwritten."""
+    last = len(table) - 1
+    if out is None:
+        return _sliced(lambda part: table[np.minimum(part, last)], codes, table.dtype)
+    for start in range(0, len(codes), SLICE_ROWS):
+        out[start : start + SLICE_ROWS] = table[np.minimum(codes[start : start + SLICE_ROWS], last)]
+    return out
+
+
+def _compact(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``values[keep]`` computed in place, slice by slice (no second copy of the column): the
+    kept values move towards the front; returns the view of the first ones."""
+    at = 0
+    for start in range(0, len(values), SLICE_ROWS):
+        part = values[start : start + SLICE_ROWS][keep[start : start + SLICE_ROWS]]
+        values[at : at + len(part)] = part
+        at += len(part)
+    return values[:at]
 
 
 def _validate_interactions(rows: _Rows, spec: DatasetSpec, linked_items: pl.Series) -> None:
@@ -826,8 +941,8 @@ def _validate_interactions(rows: _Rows, spec: DatasetSpec, linked_items: pl.Seri
         vocab = rows.vocab["item"].table
         linked = np.zeros(vocab.height + 1, dtype=bool)
         linked[vocab.filter(pl.col("id").is_in(linked_items.implode()))["code"].to_numpy()] = True
-        item = np.minimum(columns["item"], vocab.height)  # the null code is never a kept row
-        reason[(reason == 0) & ~linked[item]] = CODE[ITEM_NOT_LINKED]
+        # (the null code, never a kept row, maps to the last entry)
+        reason[(reason == 0) & ~_lookup(linked, columns["item"])] = CODE[ITEM_NOT_LINKED]
     # Of the remaining positives for one (user, item), keep the earliest (then the first row).
     order = ["ts"] if "ts" in columns else []
     reason[_repeats(reason == 0, columns, ["user", "item"], order)] = CODE[REPEAT_INTERACTION]
@@ -911,6 +1026,10 @@ def ingest(
     for kind, frame in (("item_links", links), ("kg", kg), ("item_names", names)):
         if frame is not None:
             raw[kind].reason = frame["reason"].to_numpy().copy()
+            raw[kind].frame = None  # the audit reads the raw text from the file
+    good_kg = kg.filter(pl.col("reason") == 0)
+    good_names = names.filter(pl.col("reason") == 0) if names is not None else None
+    del links, kg, names, frame  # the string frames of the small files: not needed any more
     _validate_interactions(raw["interactions"], spec, good_links["item"])
     bar.update()
 
@@ -918,8 +1037,6 @@ def ingest(
     quarantine = pl.concat([q for q, _ in audits.values()], how="vertical").cast(AUDIT_SCHEMA)
     excluded = pl.concat([e for _, e in audits.values()], how="vertical").sort("line").cast(AUDIT_SCHEMA)
 
-    good_kg = kg.filter(pl.col("reason") == 0)
-    good_names = names.filter(pl.col("reason") == 0) if names is not None else None
     rows_read = {kind: r.n for kind, r in raw.items()}
     rows_accepted = {kind: int((r.reason == 0).sum()) for kind, r in raw.items()}
     tables = _build_tables(spec, raw["interactions"], good_links, good_kg, good_names, has_ts, has_weight)
@@ -989,12 +1106,17 @@ def ingest(
     return report
 
 
-def _content_hash(tables: dict[str, pl.DataFrame]) -> str:
+def _content_hash(tables: dict[str, pl.DataFrame | _Interactions]) -> str:
     """:func:`snapshot.content_hash`, computed in slices (the canonical CSV of a large
     interactions table would not fit in memory twice). Same digest, byte for byte."""
     digest = hashlib.sha256()
     for name in HASHED_TABLES:
         table = tables[name]
+        if isinstance(table, _Interactions):
+            digest.update(f"\x00{name}\x00".encode())
+            for k, part in enumerate(table.canonical_slices()):
+                digest.update(part.write_csv(null_value="\\N", include_header=k == 0).encode())
+            continue
         frame = table.with_columns(
             pl.col(c).list.join("\x1f") for c, t in table.schema.items() if isinstance(t, pl.List)
         )
@@ -1019,15 +1141,22 @@ def _build_tables(
     names: pl.DataFrame | None,
     has_ts: bool,
     has_weight: bool,
-) -> dict[str, pl.DataFrame]:
-    """Index spaces and the accepted tables in the snapshot layout (frees the interaction
-    columns as it goes)."""
+) -> dict[str, pl.DataFrame | _Interactions]:
+    """Index spaces and the accepted tables in the snapshot layout (the interaction columns are
+    reused in place: the interactions table is an :class:`_Interactions` over them)."""
     assert inter.columns is not None and inter.vocab is not None
-    columns, kept = inter.columns, inter.reason == 0
+    # The accepted rows, in place: from here on the columns hold those rows only.
+    columns = inter.columns
+    kept = inter.reason == 0
+    for name in list(columns):
+        columns[name] = _compact(columns.pop(name), kept)
+    del kept
+    inter.reason = inter.reason[:0].copy()  # counted and audited already
 
     def kept_codes(role: str) -> np.ndarray:
         present = np.zeros(inter.vocab[role].table.height + 1, dtype=bool)  # type: ignore[index]
-        present[columns[role][kept]] = True
+        for start in range(0, len(columns[role]), SLICE_ROWS):
+            present[np.minimum(columns[role][start : start + SLICE_ROWS], len(present) - 1)] = True
         return np.flatnonzero(present[:-1])
 
     users = _index(inter.vocab["user"].strings(kept_codes("user")), "user_id", "user_idx")
@@ -1089,7 +1218,7 @@ def _build_tables(
         pl.col("tail").replace_strict(node_of["entity_id"], node_of["node"], return_dtype=pl.Int32),
     ).sort("head", "relation", "tail")
 
-    # Interactions: vocabulary code -> index lookups, one column at a time.
+    # Interactions: vocabulary code -> index lookups, in place, one column at a time.
     data: dict[str, np.ndarray] = {}
     for role, table, id_name, idx_name in (
         ("user", users, "user_id", "user_idx"),
@@ -1100,21 +1229,16 @@ def _build_tables(
         known = vocab.join(table, left_on="id", right_on=id_name, how="inner")
         lookup[known["code"].to_numpy()] = known[idx_name].to_numpy()
         codes = columns.pop(role)
-        data[idx_name] = lookup[np.minimum(codes[kept], vocab.height)]
+        data[idx_name] = _lookup(lookup, codes, out=codes.view(np.int32))
         del codes
+    inter.vocab = None  # the index tables hold the ids from here on
     if has_ts:
-        data["timestamp"] = columns.pop("ts")[kept]
+        data["timestamp"] = columns.pop("ts")
     if has_weight:
-        data["weight"] = columns.pop("w")[kept].astype(np.float64)
+        data["weight"] = columns.pop("w")
     if (data["item_idx"] < 0).any() or (data["user_idx"] < 0).any():
         raise RuntimeError("internal error: an accepted interaction has no user or item index")
-    keys = (data["item_idx"], data["timestamp"], data["user_idx"]) if has_ts else (data["item_idx"], data["user_idx"])
-    order = np.lexsort(keys)
-    for name in list(data):
-        data[name] = data[name][order]
-    del order
-    dtypes = {"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64, "weight": pl.Float64}
-    interactions = pl.DataFrame([pl.Series(name, data.pop(name), dtype=dtypes[name]) for name in list(data)])
+    interactions = _Interactions(data, users.height)
     return {
         "interactions": interactions,
         "kg": kg,
@@ -1123,6 +1247,69 @@ def _build_tables(
         "entities": entities,
         "relations": relations,
     }
+
+
+class _Interactions:
+    """The accepted interactions table in the snapshot layout (user_idx, item_idx, [timestamp],
+    [weight]; storage order: user, then timestamp, then item), without a sorted copy: the columns
+    stay in log order next to the permutation into storage order (uint32), and the content hash
+    and the parquet file gather them one slice at a time.
+
+    Both the storage order and the content hash's order ((user, item): unique for kept rows)
+    start with the user, so both are sorted per range of users (about SORT_ROWS rows each)."""
+
+    DTYPES: dict[str, pl.DataType] = {
+        "user_idx": pl.Int32(), "item_idx": pl.Int32(), "timestamp": pl.Int64(), "weight": pl.Float64()
+    }
+
+    def __init__(self, columns: dict[str, np.ndarray], n_users: int) -> None:
+        self.columns = columns
+        self.schema = {name: self.DTYPES[name] for name in columns}
+        self.height = len(columns["user_idx"])
+        user, item = columns["user_idx"], columns["item_idx"]
+        starts = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=n_users))])
+        # Ranges of users [lo, hi) and where their rows start in storage order.
+        cuts = np.searchsorted(starts, np.arange(SORT_ROWS, self.height, SORT_ROWS))
+        edges = np.unique(np.concatenate([[0], cuts, [n_users]]))
+        self.ranges = [
+            (int(lo), int(hi), int(starts[lo]), int(starts[hi])) for lo, hi in zip(edges[:-1], edges[1:])
+        ]
+        self.storage = np.empty(self.height, dtype=np.uint32)
+        for lo, hi, begin, end in self.ranges:
+            rows = _rows_where(lambda u, lo=lo, hi=hi: (u >= lo) & (u < hi), user)
+            keys = [item[rows], user[rows]]
+            if "timestamp" in columns:
+                keys.insert(1, columns["timestamp"][rows])
+            self.storage[begin:end] = rows[np.lexsort(keys)]
+
+    def _frame(self, rows: np.ndarray) -> pl.DataFrame:
+        return pl.DataFrame(
+            [pl.Series(name, values[rows], dtype=self.schema[name]) for name, values in self.columns.items()]
+        )
+
+    def storage_slices(self) -> Iterator[pl.DataFrame]:
+        for start in range(0, self.height, SLICE_ROWS):
+            yield self._frame(self.storage[start : start + SLICE_ROWS])
+
+    def canonical_slices(self) -> Iterator[pl.DataFrame]:
+        """Slices in (user_idx, item_idx) order; at least one (possibly empty) slice."""
+        if self.height == 0:
+            yield self._frame(np.zeros(0, dtype=np.uint32))
+        user, item = self.columns["user_idx"], self.columns["item_idx"]
+        for _, _, begin, end in self.ranges:
+            rows = self.storage[begin:end]
+            if "timestamp" in self.columns:  # else storage order is (user, item) already
+                rows = rows[np.lexsort((item[rows], user[rows]))]
+            for start in range(0, len(rows), SLICE_ROWS):
+                yield self._frame(rows[start : start + SLICE_ROWS])
+
+    def write_parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        schema = self._frame(np.zeros(0, dtype=np.uint32)).to_arrow().schema
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for part in self.storage_slices():
+                writer.write_table(part.to_arrow())
 
 
 def _split_categories(column: pl.Expr, separator: str | None) -> pl.Expr:
@@ -1152,7 +1339,7 @@ def _write_snapshot(
     out_dir: Path,
     name: str,
     digest: str,
-    tables: dict[str, pl.DataFrame],
+    tables: dict[str, pl.DataFrame | _Interactions],
     quarantine: pl.DataFrame,
     excluded: pl.DataFrame,
     manifest: dict[str, Any],

@@ -289,3 +289,36 @@ def test_cli_prints_the_accounting_identity(tmp_path: Path, capsys: pytest.Captu
     assert "interactions: read 11 = accepted 6 + quarantined 5 + excluded 0" in out
     code, out, _ = _cli(tmp_path, _spec(tmp_path, CSV_LOG), capsys, "--json")
     assert json.loads(out.strip().splitlines()[-1])["accounting"]["kg"]["read"] == 3
+
+
+@pytest.mark.parametrize("with_ts", [True, False])
+def test_partitioned_build_matches_one_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_ts: bool
+) -> None:
+    """The de-duplication, the sort into storage order, the content hash and the parquet write
+    run per partition / slice: tiny partitions give the same snapshot as one (hash, row order)."""
+    rng = __import__("numpy").random.default_rng(7)
+    rows = [
+        f"u{rng.integers(0, 300)},i{rng.integers(1, 5)},{rng.integers(1, 6)},{rng.integers(1, 50)}"
+        for _ in range(5000)
+    ]
+    log = "user,item,rating,ts\n" + "\n".join(rows) + "\n"
+    extra = {} if with_ts else {"timestamp": None}
+    expected_report, expected = _run(tmp_path / "a", _spec(_mkdir(tmp_path / "a"), log, **extra))
+    assert 0 < expected.interactions.height < 5000
+    for name, value in (("PARTITION_ROWS", 97), ("SORT_ROWS", 61), ("SLICE_ROWS", 29), ("BATCH_CHARS", 256)):
+        monkeypatch.setattr(ingest_module, name, value)
+    report, snap = _run(tmp_path / "b", _spec(_mkdir(tmp_path / "b"), log, **extra))
+    assert report.hash == expected_report.hash and report.accounting == expected_report.accounting
+    assert snap.interactions.equals(expected.interactions)
+    order = ["user_idx", "timestamp", "item_idx"] if with_ts else ["user_idx", "item_idx"]
+    assert snap.interactions.equals(snap.interactions.sort(order))
+    assert snap.quarantine().equals(expected.quarantine()) and snap.excluded().equals(expected.excluded())
+
+
+def test_no_accepted_interaction(tmp_path: Path) -> None:
+    """Every row rejected: an empty interactions table, hashed like the canonical empty table."""
+    report, snap = _run(tmp_path, _spec(tmp_path, "user,item,rating,ts\nu1,i9,4,1\n,i1,4,2\n"))
+    assert report.n_interactions == 0 and snap.interactions.height == 0
+    assert snap.interactions.columns == ["user_idx", "item_idx", "timestamp", "weight"]
+    _identity_holds(report)
