@@ -101,10 +101,11 @@ class RequestEdge:
         metrics.in_flight.inc()
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-                too_large = _too_large(self.max_body_bytes) if declared.isdigit() else JSONResponse(
-                    {"detail": "invalid Content-Length header"}, status_code=400)
-                await too_large(scope, receive, send_with_id)
+            if declared is not None and not declared.isdigit():
+                await JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)(
+                    scope, receive, send_with_id)
+            elif declared is not None and int(declared) > self.max_body_bytes:
+                await _too_large(self.max_body_bytes)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:

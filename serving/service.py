@@ -603,11 +603,6 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse(_validation_body(errors), status_code=422)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
-
-
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error answering %s %s", request.method, request.url.path[:200])
     return JSONResponse({"detail": f"internal error (request id {request_id_var.get()})"}, status_code=500)
@@ -669,7 +664,6 @@ def create_app(
             CandidateError: _candidate_error,
             ServiceUnavailable: _unavailable,
             RequestValidationError: _invalid,
-            HTTPException: _http_error,
             Exception: _unexpected,
         },
     )

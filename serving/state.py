@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,7 +71,6 @@ class Served:
     summary: dict[str, Any]  # {"name", "version"} of the retriever
     ranker_summary: dict[str, Any]
     versions: Versions
-    loaded_at: float = field(default_factory=time.time)
 
 
 def verify_served(served: Served) -> None:
@@ -90,10 +89,9 @@ def verify_served(served: Served) -> None:
         (f"user {user_id!r}", retriever.for_user(user_id, k)),
         (f"history [{item_id!r}]", retriever.for_history([item_id], k)),
     ):
-        scores = np.asarray(result.scores, dtype=np.float64)
-        if len(result) == 0 or not np.isfinite(scores).all():
-            raise ValueError(f"smoke query for {label} gave {len(result)} candidates, finite scores: "
-                             f"{bool(np.isfinite(scores).all())}")
+        finite = bool(np.isfinite(np.asarray(result.scores, dtype=np.float64)).all())
+        if len(result) == 0 or not finite:
+            raise ValueError(f"smoke query for {label} gave {len(result)} candidates, finite scores: {finite}")
     if served.two_stage is not None and served.two_stage.knows_user(user_id):
         ranked = served.two_stage.for_user(user_id, k=min(5, served.two_stage.ranker.num_candidates))
         if not ranked.item_ids:
@@ -114,7 +112,6 @@ class ServingState:
         self.reload_status: dict[str, Any] = {"successes": 0, "failures": 0, "last_error": None,
                                               "failed_versions": None, "last_checked": None}
         self._lock = threading.Lock()
-        self._previous: Versions | None = None
 
     # ------------------------------------------------------------------ reading
     def ready(self) -> Served:
@@ -124,10 +121,7 @@ class ServingState:
         return served
 
     def model_info(self, served: Served) -> dict[str, Any]:
-        return {**served.info, "reload": self.reload_info()}
-
-    def reload_info(self) -> dict[str, Any]:
-        return dict(self.reload_status)
+        return {**served.info, "reload": dict(self.reload_status)}
 
     # ------------------------------------------------------------------ loading
     def build(self) -> Served:
@@ -234,13 +228,11 @@ class ServingState:
         self.metrics.set_served("retriever", served.info)
         self.metrics.set_served("ranker", served.info.get("ranker"))
         self.metrics.ready.set(1)
-        if previous is not None:
-            self._previous = previous.versions
+        before = previous.versions if previous is not None else (None, None)
         for loader, at in ((self.load_service, 0), (self.load_ranker, 1)):
             retain = getattr(loader, "retain", None)
             if retain is not None:  # the serve cache keeps the served and the previous version
-                keep = {v for v in (served.versions[at], (self._previous or (None, None))[at]) if v}
-                retain(keep)
+                retain({v for v in (served.versions[at], before[at]) if v})
         del previous
         # The model is long-lived: move it out of the collector's generations so that full
         # collections do not show in the latency tail. The old snapshot is freed by refcount; no
