@@ -11,7 +11,8 @@ loads the new one in the calling (background) thread, verifies it (:func:`verify
 loaders check manifests and dimensions, this runs a smoke query) and swaps the snapshot in one
 assignment. A version that fails to load or verify leaves the old one serving; the failure is kept
 in :attr:`ServingState.reload_status` (``/v1/model``) and counted in the metrics, and that version
-is not retried by polling (an explicit ``POST /admin/reload`` retries it).
+is retried by polling only after a back-off (5 s, doubling per repeated failure, at most 10 min;
+an explicit ``POST /admin/reload`` retries it at once).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ log = logging.getLogger("kgrec.serving")
 Loader = Callable[[], "tuple[Retriever, dict[str, Any]]"]
 RankerLoader = Callable[[], "tuple[RankerBundle, dict[str, Any]] | None"]
 Versions = tuple[str | None, str | None]  # (retriever, ranker)
+FIRST_RETRY_DELAY_S = 5.0
+MAX_RETRY_DELAY_S = 600.0
 
 # An absolute path in a message (not the path part of a URL): the client sees its last part only.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\",;:()\[\]]+/)+([^\s'\",;:()\[\]/]*)")
@@ -112,6 +115,9 @@ class ServingState:
         self.reload_status: dict[str, Any] = {"successes": 0, "failures": 0, "last_error": None,
                                               "failed_versions": None, "last_checked": None}
         self._lock = threading.Lock()
+        #: Polling retries a version that failed after this many seconds, doubling per repeat.
+        self.retry_delay_s = FIRST_RETRY_DELAY_S
+        self._retry_delay, self._retry_at = FIRST_RETRY_DELAY_S, 0.0
 
     # ------------------------------------------------------------------ reading
     def ready(self) -> Served:
@@ -191,7 +197,7 @@ class ServingState:
             if not force and wanted is not None:
                 if before is not None and wanted == before.versions:
                     return {"status": "unchanged", "model": before.summary}
-                if wanted == self.reload_status["failed_versions"]:
+                if wanted == self.reload_status["failed_versions"] and time.monotonic() < self._retry_at:
                     return {"status": "unchanged", "model": before.summary if before else None,
                             "detail": f"version {wanted[0]} failed before: {self.reload_status['last_error']}"}
             if wanted is None and not force and before is not None:
@@ -214,8 +220,14 @@ class ServingState:
         message = public_message(f"{type(exc).__name__}: {exc}")
         log.warning("reload (%s) failed, still serving %s: %s", trigger,
                     self.current.summary if self.current else None, message)
+        # The same version failing again waits twice as long before polling retries it (a damaged
+        # artefact is not downloaded every interval; a transient error does not block it for good).
+        repeated = wanted is not None and wanted == self.reload_status["failed_versions"]
+        self._retry_delay = min(MAX_RETRY_DELAY_S, self._retry_delay * 2) if repeated else self.retry_delay_s
+        self._retry_at = time.monotonic() + self._retry_delay
         self.reload_status.update(failures=self.reload_status["failures"] + 1, last_error=message,
-                                  failed_versions=wanted, last_failure=round(time.time(), 3))
+                                  failed_versions=wanted, last_failure=round(time.time(), 3),
+                                  retry_in_s=round(self._retry_delay, 1))
         self.metrics.reloads.labels("failure").inc()
         self.metrics.last_reload_failure.set(time.time())
         if self.current is None:

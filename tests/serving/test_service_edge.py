@@ -255,6 +255,25 @@ def test_a_failed_reload_keeps_the_old_version_and_reports_it(services):
         assert c.app.state.kgrec.reload()["status"] == "reloaded" and top_ids(c)[0] == "3"
 
 
+def test_polling_retries_a_failed_version_after_a_back_off(services):
+    """A transient failure (a registry or store error while loading) must not block a version for
+    good: polling retries it once the back-off has passed, and the back-off doubles per repeat."""
+    loader = Switchable(services)
+    loader.broken.add("2")
+    with TestClient(create_app(loader)) as c:
+        state = c.app.state.kgrec
+        state.retry_delay_s = 0.05
+        loader.version = "2"
+        assert state.reload()["status"] == "failed"
+        assert state.reload()["status"] == "unchanged"  # within the back-off
+        time.sleep(0.06)
+        assert state.reload()["status"] == "failed" and loader.loads == ["1", "2", "2"]
+        assert c.get("/v1/model").json()["reload"]["retry_in_s"] == 0.1  # doubled
+        loader.broken.clear()  # the cause went away
+        time.sleep(0.11)
+        assert state.reload()["status"] == "reloaded" and top_ids(c)[0] == "2"
+
+
 def test_a_version_that_fails_its_smoke_query_is_not_swapped_in(services, make_bundle):
     import numpy as np
 
