@@ -27,6 +27,7 @@ import polars as pl
 from kgrec.features.snapshot import Snapshot
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, DataType, Schema
 
 logger = logging.getLogger("kgrec.models")
@@ -159,5 +160,14 @@ def log_snapshot_input(snapshot: Snapshot | None, context: str = TRAINING_CONTEX
     if snapshot is None:
         return None
     dataset = snapshot_dataset(snapshot)
-    mlflow.log_input(dataset, context=context, tags={SNAPSHOT_HASH_TAG: snapshot.hash})
+    try:
+        mlflow.log_input(dataset, context=context, tags={SNAPSHOT_HASH_TAG: snapshot.hash})
+    except MlflowException as exc:
+        # Two runs of one experiment logging the same new dataset at once: the store checks for the
+        # row, then inserts it, and the slower insert fails on the unique key. The row exists now,
+        # so the second attempt only links this run to it.
+        if "unique constraint" not in str(exc).lower():
+            raise
+        logger.info("dataset %s was logged by a concurrent run; linking this run to it", dataset.name)
+        mlflow.log_input(dataset, context=context, tags={SNAPSHOT_HASH_TAG: snapshot.hash})
     return dataset

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mlflow
 import pytest
 from kgrec.features.dataset import InteractionData
 from kgrec.features.split import random_split
@@ -20,6 +21,7 @@ from kgrec.models.spec import get_spec
 from kgrec.models.tracking import lineage
 from kgrec.models.tracking.experiment import train_and_log
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -124,3 +126,19 @@ def test_data_without_a_snapshot_logs_no_dataset_input(tracking, planted_data):
     run = MlflowClient().get_run(_train(planted_data))
     assert not run.inputs.dataset_inputs
     assert run.data.tags[lineage.VERSION_TAG] == importlib.metadata.version("kgrec")
+
+
+def test_a_concurrent_insert_of_the_same_dataset_is_linked_not_fatal(monkeypatch):
+    calls = []
+    def fake(dataset, context, tags):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+    monkeypatch.setattr(mlflow, "log_input", fake)
+    monkeypatch.setattr(lineage, "snapshot_dataset", lambda s: type("D", (), {"name": "music"})())
+    snap = type("S", (), {"hash": "h"})()
+    lineage.log_snapshot_input(snap)
+    assert calls == ["training", "training"]
+    monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(MlflowException("other")))
+    with pytest.raises(MlflowException, match="other"):
+        lineage.log_snapshot_input(snap)
