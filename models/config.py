@@ -7,7 +7,8 @@ recommended ``defaults``.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 from kgrec.models.spec import get_spec
 from kgrec.models.training.config import LoopConfig, check_selection_metric
@@ -29,6 +30,18 @@ class TrainConfig(LoopConfig):
     learning_rate: float = Field(5e-3, gt=0.0, le=1.0)
     reg_weight: float = Field(1e-4, ge=0.0, le=10.0, description="L2 weight on batch ego embeddings")
     batch_size: int = Field(2048, ge=1)
+    max_batches_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="graph models propagate over the whole graph once per batch: with more "
+        "training pairs than batch_size x this, the batch grows so that an epoch keeps this many "
+        "batches and costs time linear in the data (None: fixed batch, cost quadratic)",
+    )
+    lr_scaling: Literal["sqrt", "none"] = Field(
+        "sqrt",
+        description="learning rate of a grown batch: 'sqrt' multiplies it by "
+        "sqrt(grown batch / batch_size), the square-root rule for Adam; 'none' keeps it",
+    )
     epochs: int = Field(300, ge=1, description="maximum number of epochs")
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     eval_every: int = Field(1, ge=1)
@@ -77,6 +90,19 @@ class TrainConfig(LoopConfig):
             else:
                 values[key] = value
         return cls(**values)
+
+    def for_data(self, num_pairs: int) -> TrainConfig:
+        """This configuration as it trains on ``num_pairs`` training interactions: the batch
+        grown to ``ceil(num_pairs / max_batches_per_epoch)`` when that exceeds ``batch_size``, with
+        the learning rate scaled by ``lr_scaling``; unchanged otherwise (so small datasets train
+        exactly as configured)."""
+        if self.max_batches_per_epoch is None or num_pairs <= self.batch_size * self.max_batches_per_epoch:
+            return self
+        grown = math.ceil(num_pairs / self.max_batches_per_epoch)
+        scale = math.sqrt(grown / self.batch_size) if self.lr_scaling == "sqrt" else 1.0
+        return self.model_copy(
+            update={"batch_size": grown, "learning_rate": min(1.0, self.learning_rate * scale)}
+        )
 
     def model_params(self) -> BaseModel | None:
         """``params`` as the model's validated parameter object (``None`` for models without)."""

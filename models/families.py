@@ -37,7 +37,7 @@ from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential_evaluation import category_matrix, evaluate_sequential
 from kgrec.models.spec import Family, ModelSpec, get_spec
-from kgrec.models.training.pairwise import BPRTask
+from kgrec.models.training.pairwise import BPRTask, batch_settings
 from kgrec.models.training.sequential import SequentialTask
 from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer, torch_threads
 
@@ -139,6 +139,13 @@ class RetrieverFamily(ModelFamily):
     name = "retriever"
     config_class = TrainConfig
     artifact = "embedding"
+
+    def fit(self, spec, config: TrainConfig, inputs: InteractionData, callbacks=(), **trainer):
+        # The batch (and learning rate) a graph model trains with depend on the data's size.
+        trained = config.for_data(int(inputs.train.nnz))
+        model, result = super().fit(spec, trained, inputs, callbacks, **trainer)
+        result.settings = batch_settings(trained, int(inputs.train.nnz))
+        return model, result
 
     def task(self, config: TrainConfig, inputs: InteractionData, model: torch.nn.Module) -> BPRTask:
         return BPRTask(inputs, config.batch_size, config.selection_metric, config.ks, config.eval_batch_size)

@@ -360,6 +360,7 @@ SPEC = register(
         summary="KGIN: user intents over KG relations, relational path-aware aggregation (Wang et al., WWW 2021)",
         params=KGINParams,
         defaults={
+            "max_batches_per_epoch": 40,  # as LightGCN's: whole-graph propagation per batch
             "reg_weight": 1e-5,
             "patience": 20,
             "params": {},

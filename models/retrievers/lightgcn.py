@@ -163,5 +163,8 @@ SPEC = register(
         family="retriever",
         build=build_lightgcn,
         summary="LightGCN: linear propagation over the user-item graph (He et al., SIGIR 2020)",
+        # Every batch propagates the whole graph: 40 batches (ml-100k's epoch at 2048) per epoch at
+        # most, the batch growing beyond, so an epoch costs time linear in the interactions.
+        defaults={"max_batches_per_epoch": 40},
     )
 )

@@ -260,6 +260,7 @@ def build_rgcn(config: TrainConfig, data: InteractionData) -> RGCN:
 RELATIONAL_DEFAULTS = {
     "learning_rate": 5e-3,
     "batch_size": 4096,
+    "max_batches_per_epoch": 20,  # ml-100k's epoch at 4096; the batch grows beyond
     "reg_weight": 1e-3,
     "num_layers": 1,
     "epochs": 100,

@@ -130,6 +130,8 @@ def train_and_log(
         model, result = family.fit(spec, config, inputs, (log_epoch,), progress=progress, cancel=cancel)
         if not result.best_valid:
             raise RuntimeError(f"{spec.name}: no validation result (no validation users?)")
+        if result.settings:
+            mlflow.log_params(result.settings)
         mlflow.log_metrics(
             {
                 **prefixed_metrics("best_valid", result.best_valid),

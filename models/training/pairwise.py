@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from kgrec.models.base import Recommender
 from kgrec.models.evaluation import evaluate
+from kgrec.models.training import distributed
 from kgrec.models.training.sampling import NegativeSampler
 from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer
 from torch import Tensor
@@ -63,17 +64,24 @@ class BPRTask:
         self, model: Recommender, optimizer: torch.optim.Optimizer, generator: torch.Generator, device: torch.device
     ) -> float:
         n = self.users.numel()
+        # Every rank draws the same permutation and negatives (same seed) and takes its shard.
         perm = torch.randperm(n, generator=generator)
         negs = self.negatives(generator)
-        total = 0.0
+        total, count = 0.0, 0
         for start in range(0, n, self.batch_size):
-            idx = perm[start : start + self.batch_size]
-            loss = model.loss(self.users[idx].to(device), self.items[idx].to(device), negs[idx].to(device))
+            batch = perm[start : start + self.batch_size]
+            idx = distributed.shard(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if idx.numel() == 0:  # a last batch smaller than the world: join the all-reduce
+                sum(p.sum() for p in model.parameters()).mul(0.0).backward()
+            else:
+                loss = model.loss(self.users[idx].to(device), self.items[idx].to(device), negs[idx].to(device))
+                (loss * distributed.shard_weight(idx.numel(), batch.numel())).backward()
+                total += loss.item() * idx.numel()
+                count += idx.numel()
             optimizer.step()
-            total += loss.item() * idx.numel()
-        return total / n
+        total, count = distributed.sum_over_ranks(total, count)
+        return total / count
 
     def validate(self, model: Recommender) -> dict[str, float]:
         return evaluate(model, self.data.valid, self.data.train, ks=self.ks, batch_size=self.eval_batch_size)
@@ -90,7 +98,21 @@ def fit(
     progress: bool = False,
     reset: bool = True,
 ) -> FitResult:
-    """Train a retriever with BPR on ``data.train`` (:class:`BPRTask` through the :class:`Trainer`)."""
+    """Train a retriever with BPR on ``data.train`` (:class:`BPRTask` through the :class:`Trainer`),
+    with the batch grown for the data's size (:meth:`~kgrec.models.config.TrainConfig.for_data`)."""
+    config = config.for_data(int(data.train.nnz))
     task = BPRTask(data, config.batch_size, config.selection_metric, config.ks, config.eval_batch_size)
     callbacks = () if on_epoch is None else (on_epoch,)
-    return Trainer(config, callbacks, progress=progress).fit(model, task, reset=reset)
+    result = Trainer(config, callbacks, progress=progress).fit(model, task, reset=reset)
+    result.settings = batch_settings(config, int(data.train.nnz))
+    return result
+
+
+def batch_settings(config: TrainConfig, num_pairs: int) -> dict[str, float]:
+    """What an epoch ran with (``config`` after :meth:`~kgrec.models.config.TrainConfig.for_data`),
+    logged beside the requested configuration."""
+    return {
+        "effective_batch_size": config.batch_size,
+        "effective_learning_rate": config.learning_rate,
+        "batches_per_epoch": -(-num_pairs // config.batch_size),
+    }

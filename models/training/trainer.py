@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 from kgrec.models.base import EpochHook
+from kgrec.models.training import distributed
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("kgrec.models")
@@ -119,6 +120,7 @@ class FitResult:
     total_seconds: float  # the whole fit
     stopped_early: bool = False
     stop_reason: str = "epochs"  # "epochs" | "patience" | "time_budget"
+    settings: dict[str, Any] = field(default_factory=dict)  # resolved from the data by the family
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,7 +159,7 @@ class Trainer:
 
     def fit(self, model: torch.nn.Module, task: TrainingTask, reset: bool = True) -> FitResult:
         config = self.config
-        device = config.resolved_device()
+        device = distributed.device_for(config.resolved_device())
         torch.manual_seed(config.seed)
         if reset:
             model.reset_parameters()
@@ -174,6 +176,9 @@ class Trainer:
             # Every task steps an optimiser per batch: checking there needs no change to the tasks.
             for opt in (optimizer, *filter(None, hook_optimizers)):
                 opt.register_step_pre_hook(self._stop_if_cancelled(name))
+        if distributed.world_size() > 1:  # data parallel: gradients averaged before each step
+            for opt in (optimizer, *filter(None, hook_optimizers)):
+                opt.register_step_pre_hook(distributed.average_gradients)
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -203,7 +208,8 @@ class Trainer:
                 log = EpochLog(epoch=epoch, loss=loss, seconds=seconds, extra=extra)
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
                     model.eval()
-                    log.valid = task.validate(model)
+                    # Every rank must take the same decisions: rank 0's figures decide.
+                    log.valid = distributed.broadcast(task.validate(model))
                     value = log.valid[metric]
                     improved_second = second is not None and log.valid[second] > best_second
                     if second is not None:
@@ -227,7 +233,9 @@ class Trainer:
                         name, epoch, best_epoch, metric, best_value,
                     )
                     break
-                if config.time_budget_s is not None and train_seconds >= config.time_budget_s:
+                if config.time_budget_s is not None and distributed.broadcast(
+                    train_seconds >= config.time_budget_s
+                ):
                     stop_reason = "time_budget"
                     break
         finally:

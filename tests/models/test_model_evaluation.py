@@ -321,3 +321,68 @@ def test_three_protocols_agree_on_the_same_lists():
     for k in ks:
         for m in ("recall", "hit", "ndcg"):
             assert seq[f"{m}@{k}"] == pytest.approx(same[f"{m}@{k}"], rel=1e-12, abs=1e-15)
+
+
+# ---------------------------------------------------------------------------- against a plain reference
+def _reference_full_ranking(scores: torch.Tensor, truth: sp.csr_matrix, exclude: list[sp.csr_matrix],
+                            ks: tuple[int, ...]) -> dict[str, float]:
+    """The few-line baseline: mask all excluded items, ONE torch.topk over every user's full row
+    (so ties resolve exactly as torch.topk orders them), hits from a dense truth mask."""
+    masked = scores.clone()
+    for m in exclude:
+        masked[torch.from_numpy(m.toarray() != 0)] = float("-inf")
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    k_max = min(max(ks), scores.shape[1])
+    top_scores, top = torch.topk(masked[users], k_max, dim=1)
+    dense = torch.zeros(truth.shape, dtype=torch.bool)
+    coo = truth.tocoo()
+    dense[torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))] = True
+    hits = dense[users].gather(1, top) & torch.isfinite(top_scores)
+    return ranked_list_metrics(hits, np.diff(truth.indptr)[users], sorted(set(ks)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_evaluate_matches_plain_reference_on_random_data(seed):
+    rng = np.random.default_rng(seed)
+    num_users, num_items = 60, 40
+    # integer scores in a small range: many ties, also across the K boundary
+    scores = torch.from_numpy(rng.integers(0, 5, (num_users, num_items)).astype(np.float32))
+    train = rng.random((num_users, num_items)) < 0.2
+    train[5, :-2] = True  # train covers all but two items: fewer than K remain
+    valid = (rng.random((num_users, num_items)) < 0.1) & ~train
+    test = (rng.random((num_users, num_items)) < 0.1) & ~train & ~valid
+    test[[0, 1, 7]] = False  # users without held-out items are skipped
+    test[5, -1] = True
+    mats = [sp.csr_matrix(x.astype(np.float32)) for x in (train, valid, test)]
+    ks = (1, 5, 10, 100)  # 100 > num_items
+    expected = _reference_full_ranking(scores, mats[2], mats[:2], ks)
+    for batch_size in (1, 7, 4096):  # blocks and batches do not change the numbers
+        fn = evaluate(lambda u: scores[u], mats[2], mats[:2], ks=ks, batch_size=batch_size)
+        for name, value in expected.items():
+            assert fn[name] == pytest.approx(value, rel=1e-12, abs=1e-15), (batch_size, name)
+        assert fn["num_users_evaluated"] == int(test.any(1).sum())
+    # the score function's tensor is never written to (the masking happens on a private copy)
+    before = scores.clone()
+    evaluate(lambda u: scores if len(u) == num_users else scores[u], mats[2], mats[:2], ks=ks)
+    assert torch.equal(scores, before)
+
+
+def test_evaluate_embeddings_match_plain_reference_with_ties():
+    rng = np.random.default_rng(5)
+    num_users, num_items = 300, 120
+    # integer embeddings: exact integer scores with plenty of ties, identical in any GEMM order
+    user_emb = torch.from_numpy(rng.integers(-2, 3, (num_users, 4)).astype(np.float32))
+    item_emb = torch.from_numpy(rng.integers(-2, 3, (num_items, 4)).astype(np.float32))
+    train = sp.random(num_users, num_items, density=0.15, random_state=1, format="csr")
+    test = sp.random(num_users, num_items, density=0.05, random_state=2, format="csr")
+    test = sp.csr_matrix(test.toarray() * (train.toarray() == 0))
+    ks = (3, 20, 50)
+    expected = _reference_full_ranking(user_emb @ item_emb.t(), test, [train], ks)
+    for batch_size in (16, 4096):
+        got = evaluate((user_emb, item_emb), test, [train], ks=ks, batch_size=batch_size)
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    # several exclusion matrices mask their union
+    half = sp.csr_matrix(train.toarray() * (rng.random(train.shape) < 0.5))
+    split = evaluate((user_emb, item_emb), test, [half, train - half], ks=ks)
+    assert split == pytest.approx(evaluate((user_emb, item_emb), test, train, ks=ks), rel=1e-12)

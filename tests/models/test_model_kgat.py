@@ -341,7 +341,9 @@ def test_config_params_are_validated_and_flat():
     with pytest.raises(pydantic.ValidationError):
         TrainConfig(model="bprmf", params={"aggregator": "bi"})
     assert TrainConfig.for_model("bprmf") == TrainConfig(model="bprmf")
-    assert TrainConfig.for_model("lightgcn", epochs=None) == TrainConfig(model="lightgcn")
+    assert TrainConfig.for_model("lightgcn", epochs=None) == TrainConfig(
+        model="lightgcn", max_batches_per_epoch=40
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
