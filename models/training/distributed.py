@@ -11,16 +11,16 @@ rank 0 and broadcast (:func:`broadcast`).
 
 What this does and does not buy: the per-pair work of a batch (scores, losses, their backward)
 splits across ranks; a graph model's whole-graph propagation runs on every rank, so on CPU its
-epoch is not faster, while the batch-bound parts (BPR-MF, a KG step's triples) are. Outside
-``torchrun`` (no ``WORLD_SIZE``) every function here is a no-op for a world of one.
+epoch is not faster, while the batch-bound parts (BPR-MF, a KG step's triples) are. Without
+an initialised process group every function here is a no-op for a world of one.
 
-Launch: ``kgrec train --nproc 2 ...`` re-executes itself under ``torch.distributed.run``;
-equivalently ``torchrun --standalone --nproc-per-node 2 -m kgrec.cli train ...``.
+Not wired yet: nothing joins a process group (``dist.init_process_group``) and there is no
+``kgrec train --nproc`` launcher, so today every caller runs as a world of one; the two-rank path
+has not been run.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Any, TypeVar
 
@@ -32,37 +32,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 T = TypeVar("T")
 
 
-def launched() -> bool:
-    """Is this process one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)?"""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init_from_env(timeout_s: float = 1800.0) -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes (NCCL when this rank has a GPU, else gloo);
-    returns ``(rank, world_size)``, ``(0, 1)`` outside ``torchrun``."""
-    if launched() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return rank(), world_size()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def device_for(device: torch.device) -> torch.device:
