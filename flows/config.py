@@ -13,9 +13,6 @@ from kgrec.models.spec import get_spec, model_names
 from kgrec.models.tracking.settings import TrackingSettings, registered_model_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-#: URL schemes of a cluster address (a bare ``host:port`` is also accepted by both).
-RUNNER_SCHEMES = {"dask": ("tcp", "tls", "ws", "wss"), "ray": ("ray",)}
-
 
 class PipelineConfig(BaseModel):
     """Parameters of ``kgrec pipeline`` / the Prefect ``pipeline`` flow."""
@@ -38,12 +35,6 @@ class PipelineConfig(BaseModel):
     # Models trained at once. Two cores are best spent on one model at a time; parallel training
     # is not bitwise reproducible (models draw their initial weights from torch's global RNG).
     parallel_training: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1)
-    # Where the training tasks run (flows/runners.py): threads of the flow's process, or worker
-    # processes of a Dask or Ray cluster. Without ``runner_address`` "dask" starts a temporary
-    # LocalCluster of ``parallel_training`` workers and "ray" a local Ray instance; with one they
-    # join an existing cluster (Dask scheduler ``tcp://host:8786``, Ray ``ray://host:10001``).
-    task_runner: Literal["thread", "dask", "ray"] = "thread"
-    runner_address: str | None = None
 
     @field_validator("models")
     @classmethod
@@ -63,25 +54,6 @@ class PipelineConfig(BaseModel):
         if ranker is not None:
             get_spec(ranker, "ranker")
         return ranker
-
-    @model_validator(mode="after")
-    def _address_of_the_chosen_cluster(self) -> PipelineConfig:
-        address = self.runner_address
-        if address is None:
-            return self
-        if self.task_runner == "thread":
-            raise ValueError("runner_address is the address of a Dask or Ray cluster: set task_runner too")
-        # Caught here rather than as a connection timeout minutes later (e.g. a dashboard URL).
-        scheme = address.split("://", 1)[0] if "://" in address else None
-        schemes = RUNNER_SCHEMES[self.task_runner]
-        bare = scheme is None and (":" in address or (self.task_runner == "ray" and address == "auto"))
-        if scheme not in schemes and not bare:
-            raise ValueError(
-                f"runner_address {address!r} is not a {self.task_runner} address: "
-                f"{' or '.join(s + '://host:port' for s in schemes)}"
-                + (" or auto" if self.task_runner == "ray" else "")
-            )
-        return self
 
     @model_validator(mode="after")
     def _ranker_needs_a_retriever(self) -> PipelineConfig:

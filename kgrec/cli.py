@@ -141,8 +141,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         tracking=_tracking(args),
         progress=sys.stderr.isatty() and not args.json,
         **({"parallel_training": args.parallel} if args.parallel else {}),
-        task_runner=args.task_runner,
-        runner_address=args.runner_address,
     )
 
     started_ms = int(time.time() * 1000)
@@ -324,16 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranker", choices=model_names("ranker"),
                    help="also train the ranking stage on the best retriever's top-200 and register "
                    "it as <registered model>-ranker")
-    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4); with "
-                   "--task-runner dask and no address, the worker processes of the local cluster")
-    # Validated by PipelineConfig (so a bad $KGREC_TASK_RUNNER is reported like a bad option).
-    p.add_argument("--task-runner", default=os.environ.get("KGREC_TASK_RUNNER", "thread"),
-                   metavar="{thread,dask,ray}",
-                   help="where training tasks run: threads of this process, a Dask cluster, or a Ray "
-                   "cluster (the ray extra) (default: $KGREC_TASK_RUNNER or thread)")
-    p.add_argument("--runner-address", default=os.environ.get("KGREC_RUNNER_ADDRESS") or None,
-                   help="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001 "
-                   "(default: $KGREC_RUNNER_ADDRESS, else a temporary local cluster)")
+    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     tracking_args(p)
     p.set_defaults(func=_cmd_pipeline)
