@@ -7,6 +7,13 @@ best validation epoch, median seconds per training epoch and peak memory, next t
 measured on the same protocol.
 
     .venv/bin/python benchmarks/quality.py [--datasets music,ml-100k] [--models bprmf,lightgcn]
+        [--seeds 2020,2021,2022] [--max-batches none,4] [--lr-scaling sqrt]
+
+``--seeds`` are model seeds (initialisation, shuffling, negatives); the split stays the protocol's
+(seed 2020). ``--max-batches`` lists variants of ``max_batches_per_epoch``: ``default`` (the model's
+own, which never binds on these datasets), ``none`` (the fixed batch) or a number that forces the
+batch to grow (the trade-off of issue 16 at a size where it can be measured). With several seeds
+the summary prints the mean and the sample standard deviation per variant.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,11 +60,20 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def run_one(dataset: str, name: str, epochs: int | None, workdir: Path) -> dict:
+def run_one(
+    dataset: str, name: str, epochs: int | None, workdir: Path, seed: int = 2020,
+    max_batches: str = "default", lr_scaling: str | None = None,
+) -> dict:
     report = ingest(load_spec(dataset), workdir)
     snapshot = load_snapshot(report.snapshot_dir)
     data = InteractionData.from_snapshot(snapshot, random_split(snapshot.interactions, seed=2020))
-    config = TrainConfig.for_model(name, epochs=epochs, seed=2020)
+    overrides: dict = {"epochs": epochs, "seed": seed, "lr_scaling": lr_scaling}
+    if max_batches != "default":
+        overrides["max_batches_per_epoch"] = None if max_batches == "none" else int(max_batches)
+    config = TrainConfig.for_model(name, **overrides)
+    if max_batches == "none":  # for_model treats None as "the default"
+        config = config.model_copy(update={"max_batches_per_epoch": None})
+    grown = config.for_data(int(data.train.nnz))
     started = time.perf_counter()
     model = build_model(config, data)  # KGAT's optional BPR-MF pre-training happens here
     result = fit(model, data, config)
@@ -65,6 +82,10 @@ def run_one(dataset: str, name: str, epochs: int | None, workdir: Path) -> dict:
     return {
         "dataset": dataset,
         "model": name,
+        "seed": seed,
+        "variant": max_batches,
+        "batch_size": grown.batch_size,
+        "learning_rate": grown.learning_rate,
         "recall@20": test["recall@20"],
         "ndcg@20": test["ndcg@20"],
         "recbole_recall@20": peer[0],
@@ -79,35 +100,65 @@ def run_one(dataset: str, name: str, epochs: int | None, workdir: Path) -> dict:
     }
 
 
-def run(datasets: list[str], models: list[str], epochs: int | None, workdir: Path) -> list[dict]:
-    """Each (dataset, model) in its own process, so that peak memory is that model's."""
+def run(
+    datasets: list[str], models: list[str], epochs: int | None, workdir: Path,
+    seeds: list[int] = (2020,), variants: list[str] = ("default",), lr_scaling: str | None = None,
+) -> list[dict]:
+    """Each (dataset, model, seed, variant) in its own process, so that peak memory is that
+    model's; the variants alternate within every seed, so that load drifts hit them alike."""
     rows = []
-    for dataset in datasets:
-        for name in models:
-            command = [sys.executable, __file__, "--one", f"{dataset}:{name}", "--workdir", str(workdir)]
-            if epochs:
-                command += ["--epochs", str(epochs)]
-            proc = subprocess.run(command, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{dataset}/{name} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(_row(rows[-1]), file=sys.stderr, flush=True)
+    for dataset, name, seed, variant in (
+        (d, m, s, v) for d in datasets for m in models for s in seeds for v in variants
+    ):
+        command = [sys.executable, __file__, "--one", f"{dataset}:{name}:{seed}:{variant}",
+                   "--workdir", str(workdir)]
+        if epochs:
+            command += ["--epochs", str(epochs)]
+        if lr_scaling:
+            command += ["--lr-scaling", lr_scaling]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{dataset}/{name} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(_row(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 HEADER = (
-    f"{'dataset':<8} {'model':<9} {'R@20':>7} {'N@20':>7} {'RecBole R/N@20':>15} "
+    f"{'dataset':<8} {'model':<9} {'seed':>5} {'variant':>8} {'batch':>7} {'lr':>7} {'R@20':>7} {'N@20':>7} {'RecBole R/N@20':>15} "
     f"{'best ep':>7} {'epochs':>6} {'s/epoch':>8} {'fit s':>7} {'peak MB':>8}"
 )
 
 
 def _row(r: dict) -> str:
     return (
-        f"{r['dataset']:<8} {r['model']:<9} {r['recall@20']:>7.4f} {r['ndcg@20']:>7.4f} "
+        f"{r['dataset']:<8} {r['model']:<9} {r['seed']:>5} {r['variant']:>8} {r['batch_size']:>7} "
+        f"{r['learning_rate']:>7.4f} {r['recall@20']:>7.4f} {r['ndcg@20']:>7.4f} "
         f"{r['recbole_recall@20']:>7.3f}/{r['recbole_ndcg@20']:<7.3f} {r['best_epoch']:>7} "
         f"{r['epochs_run']:>6} {r['seconds_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
         f"{r['peak_rss_mb']:>8.0f}"
     )
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean +- sample standard deviation over the seeds of each (dataset, model, variant)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["variant"]), []).append(r)
+    lines = [f"{'dataset':<8} {'model':<9} {'variant':>8} {'seeds':>5} {'R@20 mean+-sd':>16} "
+             f"{'N@20 mean+-sd':>16} {'best ep':>7} {'fit s':>7}"]
+    for (dataset, model, variant), group in groups.items():
+        def stat(key: str) -> str:
+            values = [g[key] for g in group]
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            return f"{statistics.mean(values):.4f}+-{sd:.4f}"
+
+        lines.append(
+            f"{dataset:<8} {model:<9} {variant:>8} {len(group):>5} {stat('recall@20'):>16} {stat('ndcg@20'):>16} "
+            f"{statistics.mean(g['best_epoch'] for g in group):>7.1f} "
+            f"{statistics.mean(g['fit_seconds'] for g in group):>7.1f}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -116,21 +167,27 @@ def main() -> None:
     parser.add_argument("--models", default="bprmf,lightgcn,kgat")
     parser.add_argument("--epochs", type=int, help="cap on epochs (default: each model's own)")
     parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
+    parser.add_argument("--seeds", default="2020", help="model seeds, comma-separated")
+    parser.add_argument("--max-batches", default="default",
+                        help="variants of max_batches_per_epoch: default, none or a number, comma-separated")
+    parser.add_argument("--lr-scaling", choices=["sqrt", "none"], help="default: the config's")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        dataset, name = args.one.split(":")
-        print(json.dumps(run_one(dataset, name, args.epochs, args.workdir)))
+        dataset, name, seed, variant = args.one.split(":")
+        print(json.dumps(run_one(dataset, name, args.epochs, args.workdir, int(seed), variant, args.lr_scaling)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(
-            args.datasets.split(","), args.models.split(","), args.epochs, args.workdir or Path(tmp)
+            args.datasets.split(","), args.models.split(","), args.epochs, args.workdir or Path(tmp),
+            [int(s) for s in args.seeds.split(",")], args.max_batches.split(","), args.lr_scaling,
         )
     print(f"machine: {machine()}")
     print(HEADER)
     for r in rows:
         print(_row(r))
+    print(summary(rows))
     if args.json:
         print(json.dumps(rows))
 

@@ -128,11 +128,18 @@ class TailCorruptor:
         return self.keys[pos] == keys
 
     def sample(self, h: Tensor, r: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One corrupted tail per ``(h, r)`` (CPU LongTensors)."""
+        """One corrupted tail per ``(h, r)`` (CPU LongTensors).
+
+        Each round re-tests only the entries it redrew (the others keep a tail already known
+        false): the same draws as testing the whole batch every round, at a fraction of the cost
+        when a few saturated ``(h, r)`` keep colliding for all ``max_rounds``."""
         tails = self._draw(r, generator)
+        bad = self.is_true(h, r, tails).nonzero().view(-1)
         for _ in range(self.max_rounds):
-            bad = self.is_true(h, r, tails).nonzero().view(-1)
             if bad.numel() == 0:
                 break
-            tails[bad] = self._draw(r[bad], generator)
+            h_bad, r_bad = h[bad], r[bad]
+            redrawn = self._draw(r_bad, generator)
+            tails[bad] = redrawn
+            bad = bad[self.is_true(h_bad, r_bad, redrawn)]
         return tails

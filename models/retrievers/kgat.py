@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -76,6 +77,9 @@ class KGAT(Recommender):
         reg_weight: L2 weight :math:`\lambda` on the CF batch's final embeddings.
         kg_reg_weight: L2 weight on the KG batch's embeddings (heads, relations, both tails).
         kg_batch_size: triples per TransR mini-batch.
+        max_kg_batches_per_epoch: the TransR pass takes at most this many steps; on a larger KG
+            its batch grows to ``ceil(triples / max_kg_batches_per_epoch)`` (``None``: never), so
+            that an epoch's optimiser steps over the whole node table stay bounded (issue 16).
         kg_learning_rate: learning rate of the KG step's Adam.
         transr_relations: ``"kg"`` trains TransR on the KG relations (and inverses) only;
             ``"all"`` also on interact / rev_interact, as the authors' code does.
@@ -100,6 +104,7 @@ class KGAT(Recommender):
         reg_weight: float = 1e-5,
         kg_reg_weight: float = 1e-5,
         kg_batch_size: int = 8192,
+        max_kg_batches_per_epoch: int | None = 40,
         kg_learning_rate: float = 1e-3,
         transr_relations: TransRRelations = "kg",
         use_attention: bool = True,
@@ -122,6 +127,7 @@ class KGAT(Recommender):
         self.reg_weight = reg_weight
         self.kg_reg_weight = kg_reg_weight
         self.kg_batch_size = kg_batch_size
+        self.max_kg_batches_per_epoch = max_kg_batches_per_epoch
         self.kg_learning_rate = kg_learning_rate
         self.transr_relations = transr_relations
         self.use_attention = use_attention
@@ -271,7 +277,12 @@ class KGAT(Recommender):
     def kg_loss(self, head: Tensor, relation: Tensor, pos_tail: Tensor, neg_tail: Tensor) -> Tensor:
         """TransR loss (Eq. 2) of a batch plus ``kg_reg_weight`` times L2 of its embeddings."""
         order, counts = relation_groups(relation, self.num_relations)  # sort ids, not embeddings
-        head, relation, pos_tail, neg_tail = head[order], relation[order], pos_tail[order], neg_tail[order]
+        return self._sorted_kg_loss(head[order], relation[order], pos_tail[order], neg_tail[order], counts)
+
+    def _sorted_kg_loss(
+        self, head: Tensor, relation: Tensor, pos_tail: Tensor, neg_tail: Tensor, counts: list[int]
+    ) -> Tensor:
+        """:meth:`kg_loss` of a batch already sorted by relation, ``counts[r]`` rows of each."""
         nodes = self.node_embedding(torch.cat([head, pos_tail, neg_tail]))
         e_h, e_t, e_n = nodes.split(head.numel())
         e_r = self.relation_embedding(relation)
@@ -287,17 +298,35 @@ class KGAT(Recommender):
         them, drawn uniformly) with ``optimizer``; returns the mean loss."""
         triples = self._kg_triples
         device = self.node_embedding.weight.device
+        pinned = device.type == "cuda"
         perm = torch.randperm(triples.size(1))[:max_triples]
-        total = 0.0
-        for start in range(0, perm.numel(), self.kg_batch_size):
-            h, r, t = triples[:, perm[start : start + self.kg_batch_size]]
+        batch_size = self.kg_step_batch_size(perm.numel())
+        # Nothing in the loop waits for the device: the batch is sorted by relation on the CPU,
+        # where it is sampled (the grouped projection needs the rows per relation as Python ints,
+        # which from device ids would cost a copy back and a sync per batch), goes over in one
+        # pinned asynchronous copy, and the loss is summed on the device (float64, as the Python
+        # float it replaces) -- so the CPU samples the next batch while the GPU runs this one.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, perm.numel(), batch_size):
+            h, r, t = triples[:, perm[start : start + batch_size]]
             t_neg = self._corruptor.sample(h, r)
-            loss = self.kg_loss(h.to(device), r.to(device), t.to(device), t_neg.to(device))
+            order, counts = relation_groups(r, self.num_relations)
+            batch = torch.stack([h, r, t, t_neg])[:, order]
+            if pinned:
+                batch = batch.pin_memory()
+            h, r, t, t_neg = batch.to(device, non_blocking=pinned)
+            loss = self._sorted_kg_loss(h, r, t, t_neg, counts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * h.numel()
-        return total / max(perm.numel(), 1)
+            total += loss.detach().to(torch.float64) * h.numel()
+        return total.item() / max(perm.numel(), 1)
+
+    def kg_step_batch_size(self, num_triples: int) -> int:
+        """Triples per TransR step in a pass over ``num_triples`` (see ``max_kg_batches_per_epoch``)."""
+        if self.max_kg_batches_per_epoch is None:
+            return self.kg_batch_size
+        return max(self.kg_batch_size, math.ceil(num_triples / self.max_kg_batches_per_epoch))
 
     def has_kg_step(self) -> bool:
         return self.kg_step and self._kg_triples.size(1) > 0
@@ -314,6 +343,8 @@ class KGAT(Recommender):
                 stats["kg_loss"] = self.kg_epoch(optimizer)
             t1 = time.perf_counter()
             self.update_attention()
+            if self.attention_weights.is_cuda:  # the attention update is asynchronous: time it whole
+                torch.cuda.synchronize(self.attention_weights.device)
             if stats:
                 stats["kg_seconds"] = t1 - t0
                 stats["attention_seconds"] = time.perf_counter() - t1
@@ -386,6 +417,7 @@ def build_kgat(config: TrainConfig, data: InteractionData) -> KGAT:
         reg_weight=config.reg_weight,
         kg_reg_weight=params.kg_reg_weight,
         kg_batch_size=params.kg_batch_size,
+        max_kg_batches_per_epoch=params.max_kg_batches_per_epoch,
         kg_learning_rate=params.kg_learning_rate,
         transr_relations=params.transr_relations,
         use_attention=params.use_attention,
@@ -409,6 +441,9 @@ class KGATParams(BaseModel):
     mess_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     relation_dim: int = Field(64, ge=1, le=4096, description="TransR relation space dimension")
     kg_batch_size: int = Field(8192, ge=1, description="triples per TransR mini-batch")
+    max_kg_batches_per_epoch: int | None = Field(
+        40, ge=1, description="TransR steps per epoch at most; beyond, the KG batch grows (None: never)"
+    )
     kg_learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam lr of the KG step")
     kg_reg_weight: float = Field(1e-5, ge=0.0, le=10.0)
     transr_relations: Literal["kg", "all"] = Field(

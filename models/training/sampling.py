@@ -42,9 +42,13 @@ class NegativeSampler:
         """One uniformly drawn non-positive item per entry of ``users`` (a CPU ``LongTensor``)."""
         users = users.to(torch.int64)
         items = torch.randint(0, self.num_items, users.shape, generator=generator)
+        # Each round re-tests only the entries it redrew: the same draws as re-testing them all.
+        bad = self.is_positive(users, items).nonzero().view(-1)
         for _ in range(self.max_rounds):
-            bad = self.is_positive(users, items).nonzero().view(-1)
             if bad.numel() == 0:
                 break
-            items[bad] = torch.randint(0, self.num_items, (bad.numel(),), generator=generator)
+            users_bad = users[bad]
+            redrawn = torch.randint(0, self.num_items, (bad.numel(),), generator=generator)
+            items[bad] = redrawn
+            bad = bad[self.is_positive(users_bad, redrawn)]
         return items

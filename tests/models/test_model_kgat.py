@@ -358,3 +358,29 @@ def test_cuda_matches_cpu(tiny_ckg):
     torch.testing.assert_close(model.score(torch.arange(4, device="cuda")).cpu(), cpu)
     for hook in model.epoch_hooks():
         hook.run(hook_optimizer(hook))
+
+
+def _kg_steps(model: KGAT) -> int:
+    optimizer = torch.optim.Adam(model.kg_parameters(), lr=1e-3)
+    steps = 0
+
+    def count(*_):
+        nonlocal steps
+        steps += 1
+
+    optimizer.register_step_post_hook(count)
+    model.kg_epoch(optimizer)
+    return steps
+
+
+def test_the_transr_pass_takes_a_bounded_number_of_steps(planted_data, planted_ckg):
+    kwargs = dict(embedding_dim=8, layer_sizes=(8,), relation_dim=4, kg_batch_size=16)
+    torch.manual_seed(0)
+    triples = KGAT(planted_data.num_users, planted_data.num_items, planted_ckg, **kwargs)._kg_triples.size(1)
+    assert triples > 3 * 16  # the bound below binds on this KG
+    bounded = KGAT(planted_data.num_users, planted_data.num_items, planted_ckg, max_kg_batches_per_epoch=3, **kwargs)
+    assert _kg_steps(bounded) == 3 and bounded.kg_step_batch_size(triples) == -(-triples // 3)
+    loose = KGAT(planted_data.num_users, planted_data.num_items, planted_ckg, max_kg_batches_per_epoch=None, **kwargs)
+    assert _kg_steps(loose) == -(-triples // 16)
+    # The default bound (40 steps of at least 8,192) leaves the bundled datasets' KGs alone.
+    assert KGATParams().max_kg_batches_per_epoch == 40 and KGATParams().kg_batch_size == 8192
