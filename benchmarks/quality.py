@@ -148,7 +148,7 @@ def summary(rows: list[dict]) -> str:
     lines = [f"{'dataset':<8} {'model':<9} {'variant':>8} {'seeds':>5} {'R@20 mean+-sd':>16} "
              f"{'N@20 mean+-sd':>16} {'best ep':>7} {'fit s':>7}"]
     for (dataset, model, variant), group in groups.items():
-        def stat(key: str) -> str:
+        def stat(key: str, group: list[dict] = group) -> str:
             values = [g[key] for g in group]
             sd = statistics.stdev(values) if len(values) > 1 else float("nan")
             return f"{statistics.mean(values):.4f}+-{sd:.4f}"

@@ -13,6 +13,9 @@ from kgrec.models.spec import get_spec, model_names
 from kgrec.models.tracking.settings import TrackingSettings, registered_model_name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: URL schemes of a cluster address per task runner (a bare ``host:port`` is accepted by both).
+RUNNER_SCHEMES = {"dask": ("tcp", "tls", "ws", "wss"), "ray": ("ray",)}
+
 
 class PipelineConfig(BaseModel):
     """Parameters of ``kgrec pipeline`` / the Prefect ``pipeline`` flow."""
@@ -35,6 +38,12 @@ class PipelineConfig(BaseModel):
     # Models trained at once. Two cores are best spent on one model at a time; parallel training
     # is not bitwise reproducible (models draw their initial weights from torch's global RNG).
     parallel_training: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 4), ge=1)
+    # Where the training tasks run (flows/runners.py): threads of the flow's process (the default),
+    # or the worker processes of a Dask or Ray cluster. Without ``runner_address`` "dask" starts a
+    # temporary LocalCluster on this machine and "ray" a local Ray instance; with one they join an
+    # existing cluster (Dask scheduler ``tcp://host:8786``, Ray client ``ray://host:10001``).
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
+    runner_address: str | None = None
 
     @field_validator("models")
     @classmethod
@@ -54,6 +63,36 @@ class PipelineConfig(BaseModel):
         if ranker is not None:
             get_spec(ranker, "ranker")
         return ranker
+
+    @field_validator("runner_address")
+    @classmethod
+    def _blank_address_is_none(cls, address: str | None) -> str | None:
+        return (address.strip() or None) if address is not None else None
+
+    @model_validator(mode="after")
+    def _address_of_the_chosen_cluster(self) -> PipelineConfig:
+        address = self.runner_address
+        if address is None:
+            return self
+        if self.task_runner == "thread":
+            raise ValueError(
+                f"runner_address {address!r} is the address of a Dask or Ray cluster, but task_runner "
+                "is 'thread': set task_runner to 'dask' or 'ray' too, or leave the address out"
+            )
+        # Caught here rather than as a connection timeout minutes later (e.g. a dashboard URL).
+        schemes = RUNNER_SCHEMES[self.task_runner]
+        scheme, sep, rest = address.partition("://")
+        if sep:
+            ok = scheme in schemes and bool(rest)
+        else:  # a bare host:port (Ray also takes "auto": the cluster this machine has joined)
+            ok = ":" in address or (self.task_runner == "ray" and address == "auto")
+        if not ok:
+            raise ValueError(
+                f"runner_address {address!r} is not a {self.task_runner} cluster address: expected "
+                + " or ".join(f"{s}://host:port" for s in schemes[:2])
+                + (" or auto" if self.task_runner == "ray" else "")
+            )
+        return self
 
     @model_validator(mode="after")
     def _ranker_needs_a_retriever(self) -> PipelineConfig:

@@ -14,7 +14,8 @@ produced it is marked FAILED (KILLED when cancelled), so a failed flow leaves no
 behind. Each run first reaps what an interrupted one left (:func:`registry.reap_orphans`).
 
 Cancellation: :func:`run_pipeline` takes a ``threading.Event``; once it is set, training stops at
-the next optimiser step. The caller (the CLI's signal handler) also interrupts the main thread.
+the next optimiser step. The caller (the CLI's signal handler) also interrupts the main thread. On
+a Dask or Ray task runner the event is relayed to the worker processes (:mod:`kgrec.flows.runners`).
 
 Prefect's UI gets the library's log lines (epochs, metrics, promotion) and, per run, a Markdown
 artifact with the summary table and a link artifact to each model's MLflow run.
@@ -36,6 +37,7 @@ from typing import Any
 from kgrec.features.ingest import IngestReport, ingest
 from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
+from kgrec.flows.runners import WorkerSetup, build_task_runner, on_task_runner
 from kgrec.models.families import PipelineInputs, family_of
 from kgrec.models.spec import get_spec
 from kgrec.models.tracking import registry
@@ -48,7 +50,6 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.logging.handlers import APILogHandler
-from prefect.task_runners import ThreadPoolTaskRunner
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 #: The cancellation event of the pipeline running in this context (flow parameters must be JSON).
@@ -61,10 +62,19 @@ def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
 
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
-def train_task(model: str, config: Any, inputs: Any, progress: bool, cancel: threading.Event | None) -> Trained:
+def train_task(
+    model: str, config: Any, inputs: Any, progress: bool, cancel: Any, worker: WorkerSetup | None = None
+) -> Trained:
+    """``cancel``: anything with ``is_set()``; ``worker``: set when the task runs in a worker process
+    of a Dask or Ray cluster, which must first be pointed at the flow's tracking store (and sends
+    the library's log lines to the task run, as the flow does in its own process)."""
+    if worker is not None:
+        worker.configure()
     if cancel is not None and cancel.is_set():  # queued behind a model that failed or was stopped
         raise TrainingCancelled(f"{model}: cancelled before it started")
-    return train_and_log(get_spec(model), config, inputs, progress=progress, cancel=cancel)
+    with library_logs_to_prefect() if worker is not None else contextlib.nullcontext():
+        return train_and_log(get_spec(model), config, inputs, progress=progress, cancel=cancel,
+                             extra_params=worker.params if worker is not None else None)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -193,7 +203,13 @@ def _artifact_key(text: str) -> str:
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """The whole pipeline on one dataset; returns the figures the CLI prints."""
     with library_logs_to_prefect():
-        return _pipeline(config, _cancel.get())
+        return _pipeline(config, current_cancel())
+
+
+def current_cancel() -> threading.Event | None:
+    # Not read in the flow's body: a Dask client pickles the flow function by value with the
+    # globals it names, and a ContextVar cannot be pickled (a module function goes by reference).
+    return _cancel.get()
 
 
 def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
@@ -210,23 +226,25 @@ def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[st
         logger.warning("cleaned up after an interrupted run: versions %s, runs %s", reaped.versions, reaped.runs)
     bundle_root = tracking.workdir / "bundles"
     # Training runs as concurrent tasks on the flow's task runner (config.parallel_training
-    # workers); registration and promotion then go in the order the models were listed.
+    # threads, or the worker processes of a Dask or Ray cluster: flows/runners.py); registration
+    # and promotion then go in the order the models were listed, in the flow's process.
     futures = []
-    for model in config.models:
-        spec = get_spec(model)
-        model_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
-        logger.info("training %s on %s", model, inputs.snapshot.name)
-        futures.append(
-            train_task.submit(model, model_config, inputs.for_family(spec.family), config.progress, cancel)
-        )
-    try:
-        for future in as_completed(futures):  # the first failure stops the others at once
-            future.result()
-        trained = [future.result() for future in futures]
-    except BaseException:
-        cancel.set()  # a failed or interrupted run trains nothing more ...
-        wait(futures)  # ... and its training threads end their MLflow runs before the flow ends
-        raise
+    with on_task_runner(config, tracking, cancel, futures) as side:
+        for model in config.models:
+            spec = get_spec(model)
+            model_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
+            logger.info("training %s on %s", model, inputs.snapshot.name)
+            futures.append(train_task.submit(
+                model, model_config, inputs.for_family(spec.family), config.progress, side.cancel, side.worker
+            ))
+        try:
+            for future in as_completed(futures):  # the first failure stops the others at once
+                future.result()
+            trained = [future.result() for future in futures]
+        except BaseException:
+            cancel.set()  # a failed or interrupted run trains nothing more ...
+            wait(futures)  # ... and its training tasks end their MLflow runs before the flow ends
+            raise
     results = []
     for i, one in enumerate(trained):
         try:
@@ -259,8 +277,8 @@ def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[st
 
 
 def run_pipeline(config: PipelineConfig, cancel: threading.Event | None = None) -> dict[str, Any]:
-    """Run the pipeline flow with ``config.parallel_training`` concurrent training tasks; setting
-    ``cancel`` stops training at its next optimiser step."""
+    """Run the pipeline flow on ``config.task_runner`` (``config.parallel_training`` concurrent
+    training threads by default); setting ``cancel`` stops training at its next optimiser step."""
     token = _cancel.set(cancel)
     try:
         return configured_flow(config)(config)
@@ -269,4 +287,4 @@ def run_pipeline(config: PipelineConfig, cancel: threading.Event | None = None) 
 
 
 def configured_flow(config: PipelineConfig):
-    return pipeline_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.parallel_training))
+    return pipeline_flow.with_options(task_runner=build_task_runner(config))

@@ -1,4 +1,4 @@
-"""``kgrec`` command line: pipeline, ingest, serve, deploy.
+"""``kgrec`` command line: pipeline, train, ingest, serve, deploy.
 
 Every command that does work accepts ``--json`` and then prints one JSON object with its figures on
 its last stdout line; human-readable output and logs go to stderr.
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,6 +41,8 @@ from kgrec.models.tracking.settings import (
     registered_model_name,
     registered_ranker_name,
 )
+from kgrec.models.tracking.standalone import train_one
+from kgrec.models.training import distributed
 from kgrec.serving.service import serve
 from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, ServeSettings
 from kgrec.stack import add_stack_commands
@@ -141,6 +144,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         tracking=_tracking(args),
         progress=sys.stderr.isatty() and not args.json,
         **({"parallel_training": args.parallel} if args.parallel else {}),
+        task_runner=args.task_runner,
+        runner_address=args.runner_address,
     )
 
     started_ms = int(time.time() * 1000)
@@ -234,6 +239,49 @@ def format_pipeline_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and distributed.launched_world() == 1:
+        # torchrun starts the ranks, each running this command less --nproc, and tears all of them
+        # down when one fails; a SIGTERM to this process is passed on to it.
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "kgrec.cli", *_without_nproc(args.argv),
+        ]
+        launcher = subprocess.Popen(command)
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: launcher.send_signal(signum))
+        try:
+            return launcher.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    summary = train_one(
+        args.dataset, args.model, _tracking(args), epochs=args.epochs, seed=args.seed, split=args.split,
+        device=args.device, track=not args.no_track,
+    )
+    if summary is not None:  # rank 0
+        valid, test = summary["valid"], summary["test"]
+        _emit(summary, args.json, (
+            f"kgrec train: {summary['model']} on {args.dataset}, {summary['world_size']} process(es): "
+            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
+            f"{summary['seconds_per_epoch']:.2f} s/epoch, valid recall@20 {_fmt(valid.get('recall@20'))}, "
+            f"test recall@20 {_fmt(test.get('recall@20'))} ndcg@20 {_fmt(test.get('ndcg@20'))}"
+            + (f"; MLflow run {summary['run_id']}" if summary.get("run_id") else "")
+        ))
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N`` (the ranks must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     report = ingest(load_spec(args.spec), Path(args.out), progress=sys.stderr.isatty() and not args.json)
     result = report.to_dict()
@@ -322,10 +370,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranker", choices=model_names("ranker"),
                    help="also train the ranking stage on the best retriever's top-200 and register "
                    "it as <registered model>-ranker")
-    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4)")
+    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4); with "
+                   "--task-runner dask and no address, the worker processes of the local cluster "
+                   "(default there: one per model, at most one per CPU)")
+    # Validated by PipelineConfig, so a bad $KGREC_TASK_RUNNER is reported like a bad option.
+    p.add_argument("--task-runner", default=os.environ.get("KGREC_TASK_RUNNER") or "thread",
+                   metavar="{thread,dask,ray}",
+                   help="where the training tasks run: threads of this process, a Dask cluster (the "
+                   "dask extra) or a Ray cluster (the ray extra) (default: $KGREC_TASK_RUNNER or thread)")
+    p.add_argument("--runner-address", default=os.environ.get("KGREC_RUNNER_ADDRESS") or None,
+                   help="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001 "
+                   "(default: $KGREC_RUNNER_ADDRESS, else a temporary local cluster)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     tracking_args(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("train", help="train and test one model (data-parallel with --nproc); registers nothing")
+    p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
+    p.add_argument("--model", default="lightgcn", choices=model_names("retriever") + model_names("sequential"))
+    p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
+    p.add_argument("--split", choices=["random", "temporal"], default="random")
+    p.add_argument("--seed", type=int, default=2020)
+    p.add_argument("--device", help='"cpu", "cuda", "cuda:N" (default: the model\'s, cuda when present)')
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, launched with torchrun (gloo on CPU, "
+                   "NCCL on GPU: one GPU per process); under your own torchrun leave it out")
+    p.add_argument("--no-track", action="store_true", help="no MLflow run: print the figures only")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    tracking_args(p)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("models", help="the registered models, as a Markdown table")
     p.set_defaults(func=lambda args: print(markdown_table()) or 0)
@@ -383,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

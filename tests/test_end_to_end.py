@@ -129,6 +129,10 @@ def test_a_new_champion_is_served_without_a_restart(pipeline_run, tmp_path):
                  if str(m["registered"]["version"]) != champion)
     args = ["--workers", "2", "--poll-interval", "0.5", "--fail-fast", "--no-ranker"]
     with running_service(name, env, extra_args=args) as base_url, httpx.Client(base_url=base_url, timeout=10) as http:
+        # /readyz answers as soon as one worker is up: wait for both to serve the champion before
+        # moving the alias, else a late worker's first load already finds the new version and
+        # there is no second reload to count (seen on a busy 2-core machine)
+        _wait_for_ready_workers(base_url, 2)
         user = "2"
         assert http.get(f"/v1/users/{user}/candidates", params={"k": 5}).json()["model"]["version"] == champion
         try:
@@ -154,6 +158,19 @@ def test_a_new_champion_is_served_without_a_restart(pipeline_run, tmp_path):
         finally:
             client.set_registered_model_alias(name, "champion", champion)
     assert not list(tmp_path.glob("kgrec-serve-*"))
+
+
+def _wait_for_ready_workers(base_url: str, workers: int, timeout: float = 120) -> None:
+    """Until ``workers`` service workers serve a model (``kgrec_model_ready`` is one sample per
+    live worker process under ``--workers``)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base_url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as probe:
+        while True:
+            ready = re.findall(r'^kgrec_model_ready\{pid="\d+"\} 1\.0$', probe.get("/metrics").text, re.M)
+            if len(ready) >= workers:
+                return
+            assert time.monotonic() < deadline, f"{len(ready)} of {workers} workers ready"
+            time.sleep(0.2)
 
 
 def test_fail_fast_exits_when_there_is_no_champion(pipeline_run):

@@ -14,14 +14,17 @@ splits across ranks; a graph model's whole-graph propagation runs on every rank,
 epoch is not faster, while the batch-bound parts (BPR-MF, a KG step's triples) are. Without
 an initialised process group every function here is a no-op for a world of one.
 
-Not wired yet: nothing joins a process group (``dist.init_process_group``) and there is no
-``kgrec train --nproc`` launcher, so today every caller runs as a world of one; the two-rank path
-has not been run.
+Joining: :func:`process_group` initialises the group from the environment ``torchrun`` sets
+(``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...) and is a no-op without it; ``kgrec train --nproc N``
+re-executes itself under ``torchrun`` (:mod:`kgrec.models.tracking.standalone`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -95,3 +98,30 @@ def broadcast(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def launched_world() -> int:
+    """The world size ``torchrun`` announced to this process (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[None]:
+    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL when training on CUDA) for
+    the duration of the block; a no-op in a world of one or inside an existing group."""
+    if launched_world() <= 1 or dist.is_initialized():
+        yield
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -203,13 +203,15 @@ class Trainer:
                 extra: dict[str, float] = {}
                 for hook, optimizer_of_hook in zip(hooks, hook_optimizers):
                     extra |= hook.run(optimizer_of_hook)
+                if device.type == "cuda":  # kernels run asynchronously: time the epoch's end
+                    torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 log = EpochLog(epoch=epoch, loss=loss, seconds=seconds, extra=extra)
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
                     model.eval()
-                    # Every rank must take the same decisions: rank 0's figures decide.
-                    log.valid = distributed.broadcast(task.validate(model))
+                    # The ranks hold the same weights: rank 0 validates and its figures decide.
+                    log.valid = distributed.broadcast(task.validate(model) if distributed.rank() == 0 else None)
                     value = log.valid[metric]
                     improved_second = second is not None and log.valid[second] > best_second
                     if second is not None:
