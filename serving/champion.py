@@ -26,15 +26,20 @@ logger = logging.getLogger("kgrec.serving")
 
 
 def open_service(
-    bundle_dir: Path, index: Any = None, torch_threads: int | None = None
+    bundle_dir: Path, index: Any = None, torch_threads: int | None = None, exact: bool = False
 ) -> CandidateService | Any:
     """The service for a bundle directory of either kind (``index``: a faiss index or None to
-    build one). ``torch_threads`` applies to multi-interest models only (1 for a serving process:
-    one request's tensors are far too small for intra-op threads)."""
-    if bundle_kind(bundle_dir) == "multi_interest":
-
-        return MultiInterestService(MultiInterestBundle.load(bundle_dir), index, torch_threads=torch_threads)
-    return CandidateService(RetrievalBundle.load(bundle_dir), index)
+    build one; ``exact``: build the exact index instead of the measured choice, for offline
+    passes over a few hundred users that must not pay an ANN build). ``torch_threads`` applies
+    to multi-interest models only (1 for a serving process: one request's tensors are far too
+    small for intra-op threads)."""
+    multi = bundle_kind(bundle_dir) == "multi_interest"
+    bundle = MultiInterestBundle.load(bundle_dir) if multi else RetrievalBundle.load(bundle_dir)
+    if index is None and exact:
+        index = build_index(bundle.item_embeddings, IndexConfig(kind="flat"))
+    if multi:
+        return MultiInterestService(bundle, index, torch_threads=torch_threads)
+    return CandidateService(bundle, index)
 
 
 def load_registered(

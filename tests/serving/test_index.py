@@ -268,3 +268,22 @@ def test_faiss_threads_default_is_the_affinity_mask_not_cpu_count(monkeypatch):
         assert faiss.omp_get_max_threads() == 1
     with faiss_threads(2):
         assert faiss.omp_get_max_threads() == 2
+
+
+def test_an_offline_pass_opens_the_bundle_on_an_exact_index(make_bundle, tmp_path, monkeypatch):
+    """The popularity-bias pass at registration serves 500 users: it must not pay the measured ANN
+    build (up to build_budget_s) that the published index pays once more right after."""
+    from kgrec.serving import index as index_module
+    from kgrec.serving.champion import open_service
+
+    bundle_dir = make_bundle(n_items=800).write(tmp_path / "bundle")
+    monkeypatch.setattr(index_module.IndexConfig.model_fields["exact_threshold"], "default", 10)
+    index_module.IndexConfig.model_rebuild(force=True)
+    try:
+        assert index_module.IndexConfig().exact_threshold == 10
+        exact = open_service(bundle_dir, exact=True)
+        assert index_module.index_kind(exact.index) == "flat"
+    finally:
+        monkeypatch.undo()
+        index_module.IndexConfig.model_rebuild(force=True)
+    assert index_module.IndexConfig().exact_threshold == 50_000
