@@ -66,20 +66,31 @@ What is served is one immutable :class:`~kgrec.serving.state.Served` snapshot in
 (``state.ready()``, a 503 while none is loaded), so one answer never mixes two versions.
 
 Latency: handlers AND dependencies are ``async def`` on purpose (FastAPI runs a plain ``def``
-dependency in the threadpool too), and there is one flat dependency per handler. One request is
-~0.2 ms of CPU (faiss search + id mapping) with faiss pinned to one OpenMP thread; hopping to the
-threadpool would cost about as much again. Scale throughput with ``--workers``.
+dependency in the threadpool too), and there is one flat dependency per handler. The retrieval itself
+runs on the event loop: a threadpool hop costs ~70-85 us of CPU per call (measured around a
+``for_user`` of ~80 us), as much as the work it would move. faiss and the BLAS are pinned to one
+thread per worker (``threads_per_worker``; the ``--workers`` processes also get ``OMP_NUM_THREADS``,
+``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``). Scale throughput with ``--workers`` (one per core;
+each listens on its own ``SO_REUSEPORT`` socket, so the kernel spreads the connections). uvicorn runs
+asyncio's loop (uvloop starved ~1 % of the answers under 64 connections a worker:
+``ServeSettings.loop``) with httptools as its HTTP parser when it is installed.
+The two candidates routes have a fast lane (:class:`FastLaneRoute`, "fast lane" below): a plainly
+well-formed request skips FastAPI's per-request parameter machinery (~0.15-0.2 ms of CPU), anything
+else -- every error answer included -- takes the full FastAPI path. Measured per-request CPU and
+throughput against concurrency: ``benchmarks/serve_scale.py``.
 
 Response bodies: every success body has a response type below (``TypedDict`` types, so they are in the
-OpenAPI schema). Handlers return plain dicts and declare the type as their return annotation; FastAPI
-validates the dict against it and pydantic-core writes the JSON bytes in one pass (no
-``jsonable_encoder``). ``TypedDict`` rather than ``BaseModel`` on purpose: validation yields dicts
-instead of ~100 model instances per candidate list (30-60 us less CPU per ``k=100`` request), and a
-``NotRequired`` key that the handler leaves out is simply absent from the answer (``interest``,
-``merge``, ``diversity``, ...), while a ``None`` it puts in stays ``null`` (``name``,
-``ranking_score``), with no ``exclude_unset`` / ``exclude_none`` needed. Keys are written in the
-declared order. Cost: ~35 us more CPU per ``k=100`` request than the ``ORJSONResponse`` it replaced
-(response validation ~15 us; pydantic-core writes JSON in ~20 us where orjson took ~8). Error bodies
+OpenAPI schema). The two candidates routes (the hot ones) build their answer as a dict in the declared
+key order and serialise it once with orjson (:func:`candidates_json`), returned as a
+:class:`JSONBytes` response: FastAPI neither validates nor re-encodes it (pydantic validation + dump
+of a ``k=100`` answer ~90 us of CPU at 1M items, orjson ~30 us); ``response_model`` keeps the type in
+the OpenAPI document, and tests/serving/test_service_scale.py checks that the bytes equal the declared
+type's own validation and dump. The other handlers return plain dicts and declare the type as their
+return annotation; FastAPI validates the dict against it and pydantic-core writes the JSON bytes in one
+pass. ``TypedDict`` rather than ``BaseModel`` on purpose: validation yields dicts instead of ~100
+model instances per candidate list, and a ``NotRequired`` key that the handler leaves out is simply
+absent from the answer (``interest``, ``merge``, ``diversity``, ...), while a ``None`` it puts in stays
+``null`` (``name``, ``ranking_score``), with no ``exclude_unset`` / ``exclude_none`` needed. Error bodies
 (``{"detail": ...}``) are ``JSONResponse`` objects built by the exception handlers.
 """
 
@@ -88,21 +99,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, Required
+from typing import Annotated, Any, Literal, NotRequired, Required, get_args
 
 import faiss
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kgrec.models.tracking.settings import registered_ranker_name
 from kgrec.serving.bundle import INDEX_DIRNAME
@@ -117,8 +133,9 @@ from kgrec.serving.protocols import Retriever
 from kgrec.serving.ranking import TwoStageService
 from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, MAX_ID_LENGTH, SETTINGS_ENV, ServeSettings
 from kgrec.serving.state import Loader, RankerLoader, Served, ServingState, public_message
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, with_config
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, with_config
 from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 from typing_extensions import TypedDict  # pydantic rejects typing.TypedDict on Python < 3.12
 
 log = logging.getLogger(__name__)
@@ -420,12 +437,205 @@ class _Auth:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
+# ---------------------------------------------------------------------------- response bytes
+class JSONBytes(JSONResponse):
+    """A body already serialised to JSON (``application/json``, like FastAPI's own answers). A
+    ``JSONResponse`` so that FastAPI documents the route's ``response_model`` as its JSON body."""
+
+    def render(self, content: bytes) -> bytes:
+        return content
+
+
+def candidates_json(body: dict[str, Any]) -> bytes:
+    """The JSON bytes of a candidates answer, built in the declared key order by the handler.
+    orjson with numpy scalars allowed (a retriever's stray ``np.float32`` serialises as a float);
+    NaN and infinities become ``null``, as pydantic writes them."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _user_candidates_body(served: Served, metrics: ServiceMetrics, user_id: str, k: int,
+                          merge: str | None, diversity: float | None) -> bytes:
+    retriever = served.retriever
+    t0 = time.perf_counter()
+    result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
+    _observe_retrieval(metrics, time.perf_counter() - t0, result)
+    return candidates_json({
+        "user_id": user_id,
+        "k": k,
+        "model": served.summary,
+        **result.response_fields(),
+        "candidates": result.records(),
+        "took_ms": _took_ms(t0),
+    })
+
+
+def _history_candidates_body(served: Served, metrics: ServiceMetrics, body: HistoryRequest) -> bytes:
+    retriever = served.retriever
+    t0 = time.perf_counter()
+    result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
+    _observe_retrieval(metrics, time.perf_counter() - t0, result)
+    return candidates_json({
+        "k": body.k,
+        "model": served.summary,
+        **result.response_fields(),
+        "candidates": result.records(),
+        "unknown_item_ids": result.unknown_item_ids,
+        "took_ms": _took_ms(t0),
+    })
+
+
+# ---------------------------------------------------------------------------- fast lane
+# FastAPI spends ~0.15-0.2 ms of CPU per request on its own machinery for the candidates routes
+# (per-request dependency solving that inspects every parameter's annotation, the route handler rebuilt
+# for an included router), half as much as the HNSW search itself at 1M items (~0.25-0.45 ms). The hot routes' endpoints carry a
+# `fast_lane`: it answers a request whose parameters are plainly well-formed (a short, plain query
+# string; a JSON body that validates) with the very function the FastAPI handler calls, and returns
+# None for anything else, which then takes the full FastAPI path -- so every error answer (422, 400,
+# 401, ...) and every unusual-but-valid request (percent-encoding, unknown query keys, ...) is
+# FastAPI's own. What both paths share: the route (`scope["route"]`, set by the router: metrics and
+# the access log label it the same), the edge middleware, the app's exception handlers (a 404 or 503
+# raised in the lane is answered by the same handler), the answer bytes. The lane runs only in apps
+# built by `create_app`, which records whether a token guards these routes (`_LaneConfig`): the exact
+# header `Authorization: Bearer <token>`; any other form goes to FastAPI's HTTPBearer check.
+_QUERY_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-=&")
+_MERGES = frozenset(get_args(MergeParam))
+
+
+class _LaneConfig:
+    __slots__ = ("authorization",)
+
+    def __init__(self, token: str | None):
+        #: the exact Authorization header value that passes, None when no token guards the routes
+        self.authorization = None if token is None else b"Bearer " + token.encode()
+
+    def allows(self, scope: Scope) -> bool:
+        if self.authorization is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self.authorization)
+        return False
+
+
+class FastLaneRoute(APIRoute):
+    """An ``APIRoute`` that first offers the request to its endpoint's ``fast_lane`` (see above)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = getattr(self.endpoint, "fast_lane", None)
+        config = getattr(scope.get("app"), "kgrec_lane", None)
+        if lane is not None and config is not None and config.allows(scope):
+            response, receive = await lane(scope, receive)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await super().handle(scope, receive, send)
+
+
+def _plain_query(query: bytes, allowed: frozenset[str]) -> dict[str, str] | None:
+    """``k=100&merge=max`` as a dict when every part is ``key=value`` with an allowed key (once),
+    a non-empty value and nothing that needs decoding; None otherwise (FastAPI parses it)."""
+    if not query:
+        return {}
+    if len(query) > 200 or not _QUERY_PLAIN.issuperset(query):
+        return None
+    out: dict[str, str] = {}
+    for part in query.decode("ascii").split("&"):
+        key, sep, value = part.partition("=")
+        if not sep or not value or "=" in value or key not in allowed or key in out:
+            return None
+        out[key] = value
+    return out
+
+
+def _plain_k(value: str | None, default: int = 100) -> int | None:
+    if value is None:
+        return default
+    if not value.isdigit() or value[0] == "0" or len(value) > 4:
+        return None
+    k = int(value)
+    return k if 1 <= k <= MAX_K else None
+
+
+def _plain_merge(value: str | None) -> tuple[bool, str | None]:
+    return (value is None or value in _MERGES), value
+
+
+def _plain_diversity(value: str | None) -> tuple[bool, float | None]:
+    if value is None:
+        return True, None
+    head, _, tail = value.partition(".")
+    if not head.isdigit() or len(head) > 3 or (len(head) > 1 and head[0] == "0") or (
+            tail and (not tail.isdigit() or len(tail) > 6)) or value.endswith("."):
+        return False, None
+    number = float(value)
+    return 0.0 <= number <= MAX_DIVERSITY, number
+
+
+async def _user_candidates_lane(scope: Scope, receive: Receive) -> tuple[Response | None, Receive]:
+    if scope["method"] != "GET":
+        return None, receive
+    user_id = scope.get("path_params", {}).get("user_id")
+    query = _plain_query(scope["query_string"], _USER_QUERY_KEYS)
+    if not isinstance(user_id, str) or len(user_id) > MAX_ID_LENGTH or query is None:
+        return None, receive
+    k = _plain_k(query.get("k"))
+    merge_ok, merge = _plain_merge(query.get("merge"))
+    diversity_ok, diversity = _plain_diversity(query.get("diversity"))
+    if k is None or not merge_ok or not diversity_ok:
+        return None, receive
+    state: ServingState = scope["app"].state.kgrec
+    return JSONBytes(_user_candidates_body(state.ready(), state.metrics, user_id, k, merge, diversity)), receive
+
+
+_USER_QUERY_KEYS = frozenset({"k", "merge", "diversity"})
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that hands out ``messages`` again first (the body the lane read), then reads on."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _history_candidates_lane(scope: Scope, receive: Receive) -> tuple[Response | None, Receive]:
+    if scope["method"] != "POST" or scope.get("query_string"):
+        return None, receive
+    content_type = [value for name, value in scope["headers"] if name == b"content-type"]
+    if content_type != [b"application/json"]:
+        return None, receive
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    while True:  # the edge's receive counts the body (413 beyond its limit, raised from here as there)
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return None, _replaying(messages, receive)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    replay = _replaying(messages, receive)
+    raw = b"".join(chunks)
+    if not raw:
+        return None, replay
+    try:  # what FastAPI does: json.loads, then the model's validation of the document
+        body = HistoryRequest.model_validate(json.loads(raw))
+    except (ValueError, ValidationError):  # malformed or invalid: FastAPI answers it (400 / 422)
+        return None, replay
+    state: ServingState = scope["app"].state.kgrec
+    return JSONBytes(_history_candidates_body(state.ready(), state.metrics, body)), replay
+
+
 # ---------------------------------------------------------------------------- routers
 health = APIRouter(tags=["health"])
 ops = APIRouter(tags=["operations"])
 admin = APIRouter(prefix="/admin", tags=["admin"], responses={401: _error("missing or wrong bearer token"),
                                                             403: _error("no token configured")})
-retrieval = APIRouter(prefix="/v1", tags=["retrieval"], responses=MODEL_ERRORS)
+retrieval = APIRouter(prefix="/v1", tags=["retrieval"], responses=MODEL_ERRORS, route_class=FastLaneRoute)
 two_stage = APIRouter(prefix="/v1", tags=["two-stage"], responses=MODEL_ERRORS)
 
 UserId = Annotated[str, PathParam(max_length=MAX_ID_LENGTH, description="raw user id")]
@@ -453,44 +663,27 @@ async def metrics(state: State) -> Response:
     return Response(body, media_type=content_type)
 
 
-@retrieval.get("/users/{user_id}/candidates")
+# The candidates answers are serialised once, by orjson (module docstring, "Response bodies"): the
+# handler returns a Response, so FastAPI neither validates nor re-encodes it; `response_model` keeps
+# the body's schema in the OpenAPI document.
+@retrieval.get("/users/{user_id}/candidates", response_model=UserCandidates, response_class=JSONBytes)
 async def user_candidates(
     user_id: UserId,
     state: State,
     k: int = Query(100, ge=1, le=MAX_K),
     merge: MergeParam | None = Query(None),
     diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
-) -> UserCandidates:
-    served = state.ready()
-    retriever = served.retriever
-    t0 = time.perf_counter()
-    result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
-    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
-    return {
-        "user_id": user_id,
-        "k": k,
-        "model": served.summary,
-        **result.response_fields(),
-        "candidates": result.records(),
-        "took_ms": _took_ms(t0),
-    }
+) -> Response:
+    return JSONBytes(_user_candidates_body(state.ready(), state.metrics, user_id, k, merge, diversity))
 
 
-@retrieval.post("/candidates")
-async def history_candidates(body: HistoryRequest, state: State) -> HistoryCandidates:
-    served = state.ready()
-    retriever = served.retriever
-    t0 = time.perf_counter()
-    result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
-    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
-    return {
-        "k": body.k,
-        "model": served.summary,
-        **result.response_fields(),
-        "candidates": result.records(),
-        "unknown_item_ids": result.unknown_item_ids,
-        "took_ms": _took_ms(t0),
-    }
+@retrieval.post("/candidates", response_model=HistoryCandidates, response_class=JSONBytes)
+async def history_candidates(body: HistoryRequest, state: State) -> Response:
+    return JSONBytes(_history_candidates_body(state.ready(), state.metrics, body))
+
+
+user_candidates.fast_lane = _user_candidates_lane  # type: ignore[attr-defined]
+history_candidates.fast_lane = _history_candidates_lane  # type: ignore[attr-defined]
 
 
 @retrieval.get("/users/{user_id}/candidates/{item_id}/explain")
@@ -566,6 +759,8 @@ async def reload(state: State, force: bool = Query(False, description="reload ev
     return await asyncio.to_thread(state.reload, force, "admin")
 
 
+#: Thread-pool sizes a ``--workers`` process starts with (``threads_per_worker``).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 RANKED_ROUTE = "/v1/users/{user_id}/ranked"
 DEFAULT_RANKED_K = 20
 WORKER_HEALTHCHECK_SECONDS = 300.0
@@ -652,10 +847,12 @@ def create_app(
     cors_origins: tuple[str, ...] = (),
     access_log: bool = True,
     torch_threads: int | None = 1,
+    fast_lane: bool = True,
 ) -> FastAPI:
     """The service app. ``token``: the bearer token of ``/admin/*`` (admin is disabled without one);
     ``require_token``: every endpoint but the health probes needs it (a bind beyond loopback);
-    ``poll_interval_s``: how often the loaders are asked for a new version (0: never)."""
+    ``poll_interval_s``: how often the loaders are asked for a new version (0: never);
+    ``fast_lane``: False sends every request through FastAPI's parameter handling (the tests compare)."""
     metrics = ServiceMetrics()
     app = FastAPI(
         title="kgrec candidates",
@@ -670,6 +867,8 @@ def create_app(
     app.state.kgrec = ServingState(load_service, load_ranker, metrics, torch_threads=torch_threads)
     if require_token and token is None:
         raise ValueError("require_token needs a token")
+    # the fast lane of the candidates routes (FastLaneRoute): on, with the token that guards them
+    app.kgrec_lane = _LaneConfig(token if require_token else None) if fast_lane else None
     guard = [Depends(_Auth(token))]
     everywhere = guard if require_token else []
     # matched in this order: the hot routes first
@@ -750,12 +949,15 @@ def _preload(state: ServingState) -> None:
 def serve(settings: ServeSettings) -> None:
     """Run the service with uvicorn: one process, or ``settings.workers`` processes that each build
     the app from the same settings (uvicorn's own supervisor; Prometheus samples shared through a
-    multi-process directory that is removed at exit). uvicorn's access log is off: ours is JSON."""
+    multi-process directory that is removed at exit). uvicorn's access log is off: ours is JSON.
+    The event loop is ``settings.loop`` (asyncio by default, see :class:`ServeSettings`), the HTTP
+    parser uvicorn's choice (httptools when installed, else h11). The workers listen on one
+    ``SO_REUSEPORT`` socket each, with Nagle's algorithm off (:func:`_run_workers`)."""
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
     common = dict(host=settings.host, port=settings.port, log_config=None, access_log=False,
-                  log_level=settings.log_level, timeout_graceful_shutdown=10)
+                  log_level=settings.log_level, timeout_graceful_shutdown=10, loop=settings.loop)
     if settings.workers == 1:
         app = app_from_settings(settings)
         if settings.fail_fast:
@@ -771,7 +973,94 @@ def serve(settings: ServeSettings) -> None:
     with tempfile.TemporaryDirectory(prefix="kgrec-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        # the workers import numpy/faiss/torch afresh: their OpenMP and BLAS pools start at this size
+        # (an explicit setting in the environment wins)
+        for name in THREAD_ENV:
+            os.environ.setdefault(name, str(settings.threads_per_worker))
         # a worker is ready once its model is loaded (the lifespan): give it time, and do not
         # take a long GIL-bound reload for a dead worker
-        uvicorn.run("kgrec.serving.service:app_from_env", factory=True, workers=settings.workers,
-                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS, **common)
+        config = uvicorn.Config("kgrec.serving.service:app_from_env", factory=True, workers=settings.workers,
+                                timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS, **common)
+        _run_workers(config)
+
+
+def _run_workers(config: Any) -> None:
+    """What ``uvicorn.run`` does for ``workers > 1`` (uvicorn's supervisor: health checks, restarts),
+    with two changes to how connections reach the workers.
+
+    * Each worker listens on its own ``SO_REUSEPORT`` socket (Linux): the kernel spreads the
+      connections over the workers by their addresses. uvicorn's one shared listener lets the worker
+      that wakes first accept every connection that is waiting, so a client that opens its keep-alive
+      connections at once (a load balancer's pool, wrk) often had all of them on ONE worker: with 2
+      workers on 2 cores, 16 connections answered ~1,150 req/s where a balanced spread gives ~2,000
+      (benchmarks/serve_scale.py, per-process CPU). A worker's socket is created in the worker (a
+      :class:`_ReusePortListener` is pickled to it) and closed with it, so a dead worker takes no
+      connections; it listens once the worker's model is loaded (uvicorn starts listening after the
+      lifespan). The parent binds the port first, without listening: a port in use fails there, and
+      port 0 is resolved once for all workers. Elsewhere (no ``SO_REUSEPORT``): the shared listener.
+    * Nagle's algorithm is off on every connection (``TCP_NODELAY``, on the listener: Linux copies it
+      to the connections it accepts, and the listener says ``IPPROTO_TCP``, which asyncio's loop
+      wants before it sets the option itself). uvicorn's shared listener, ``socket.socket(family)``,
+      records protocol 0: without uvloop (which always sets it) every answer written in two parts
+      (headers, body) waited for the client's delayed ACK, ~40 ms a request (23 req/s on one
+      connection)."""
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    if _REUSE_PORT and config.uds is None and config.fd is None:
+        family = socket.AF_INET6 if config.host and ":" in config.host else socket.AF_INET
+        try:
+            reserved = _bind_listener(family, (config.host, config.port))
+        except OSError as exc:
+            log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
+            raise SystemExit(3) from exc  # uvicorn's STARTUP_FAILURE
+        address = (config.host, reserved.getsockname()[1])
+        sockets: list[Any] = [_ReusePortListener(family, address)]
+        log.info("listening on http://%s:%d with %d workers, one SO_REUSEPORT socket each",
+                 config.host, address[1], config.workers)
+    else:
+        bound = config.bind_socket()
+        listener = socket.socket(fileno=bound.detach())  # family, type and protocol from the descriptor
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reserved, sockets = listener, [listener]
+    options: dict[str, Any] = {"sockets": sockets}
+    if "target" in inspect.signature(Multiprocess.__init__).parameters:  # uvicorn < 0.30's supervisor
+        options["target"] = uvicorn.Server(config=config).run
+    try:
+        Multiprocess(config, **options).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reserved.close()
+
+
+#: Linux spreads the connections of a SO_REUSEPORT group over its listeners (other systems need not).
+_REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _bind_listener(family: int, address: tuple[str, int]) -> socket.socket:
+    """A TCP socket bound to ``address`` with ``SO_REUSEPORT`` and ``TCP_NODELAY`` (not listening)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _ReusePortListener:
+    """Stands for a worker's own listener in the supervisor: it pickles (to the spawned worker) as a
+    call of :func:`_bind_listener`, so the socket is created, and owned, by the worker."""
+
+    def __init__(self, family: int, address: tuple[str, int]):
+        self.family, self.address = family, address
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _bind_listener, (self.family, self.address)
