@@ -86,6 +86,7 @@ def run_one(
         "variant": max_batches,
         "batch_size": grown.batch_size,
         "learning_rate": grown.learning_rate,
+        "valid_recall@20": result.best_valid.get("recall@20", float("nan")),
         "recall@20": test["recall@20"],
         "ndcg@20": test["ndcg@20"],
         "recbole_recall@20": peer[0],
@@ -145,7 +146,7 @@ def summary(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["model"], r["variant"]), []).append(r)
-    lines = [f"{'dataset':<8} {'model':<9} {'variant':>8} {'seeds':>5} {'R@20 mean+-sd':>16} "
+    lines = [f"{'dataset':<8} {'model':<9} {'variant':>8} {'seeds':>5} {'valid R@20':>16} {'R@20 mean+-sd':>16} "
              f"{'N@20 mean+-sd':>16} {'best ep':>7} {'fit s':>7}"]
     for (dataset, model, variant), group in groups.items():
         def stat(key: str, group: list[dict] = group) -> str:
@@ -154,7 +155,8 @@ def summary(rows: list[dict]) -> str:
             return f"{statistics.mean(values):.4f}+-{sd:.4f}"
 
         lines.append(
-            f"{dataset:<8} {model:<9} {variant:>8} {len(group):>5} {stat('recall@20'):>16} {stat('ndcg@20'):>16} "
+            f"{dataset:<8} {model:<9} {variant:>8} {len(group):>5} {stat('valid_recall@20'):>16} "
+            f"{stat('recall@20'):>16} {stat('ndcg@20'):>16} "
             f"{statistics.mean(g['best_epoch'] for g in group):>7.1f} "
             f"{statistics.mean(g['fit_seconds'] for g in group):>7.1f}"
         )
