@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kgrec.models.training.sampling import redraw_rejected
 from torch import Tensor
 
 
@@ -128,18 +129,10 @@ class TailCorruptor:
         return self.keys[pos] == keys
 
     def sample(self, h: Tensor, r: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One corrupted tail per ``(h, r)`` (CPU LongTensors).
-
-        Each round re-tests only the entries it redrew (the others keep a tail already known
-        false): the same draws as testing the whole batch every round, at a fraction of the cost
-        when a few saturated ``(h, r)`` keep colliding for all ``max_rounds``."""
-        tails = self._draw(r, generator)
-        bad = self.is_true(h, r, tails).nonzero().view(-1)
-        for _ in range(self.max_rounds):
-            if bad.numel() == 0:
-                break
-            h_bad, r_bad = h[bad], r[bad]
-            redrawn = self._draw(r_bad, generator)
-            tails[bad] = redrawn
-            bad = bad[self.is_true(h_bad, r_bad, redrawn)]
-        return tails
+        """One corrupted tail per ``(h, r)`` (CPU LongTensors)."""
+        return redraw_rejected(
+            self._draw(r, generator),
+            lambda at, tails: self.is_true(h[at], r[at], tails),
+            lambda at: self._draw(r[at], generator),
+            self.max_rounds,
+        )

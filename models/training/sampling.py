@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+#: Indices into a batch: ``slice(None)`` for all of it, else a LongTensor of positions.
+Positions = slice | Tensor
+
+
+def redraw_rejected(
+    values: Tensor,
+    rejected: Callable[[Positions, Tensor], Tensor],
+    draw: Callable[[Tensor], Tensor],
+    max_rounds: int,
+) -> Tensor:
+    """``values`` with every entry that ``rejected(positions, values[positions])`` flags redrawn by
+    ``draw(positions)``, for at most ``max_rounds`` rounds (in place; entries still rejected then
+    are kept). Each round re-tests only the entries it redrew -- the others hold a value already
+    accepted -- so the draws are those of re-testing the whole batch, at a fraction of the cost
+    when a few saturated entries keep colliding for every round."""
+    bad = rejected(slice(None), values).nonzero().view(-1)
+    for _ in range(max_rounds):
+        if bad.numel() == 0:
+            break
+        redrawn = draw(bad)
+        values[bad] = redrawn
+        bad = bad[rejected(bad, redrawn)]
+    return values
 
 
 class NegativeSampler:
@@ -42,13 +68,9 @@ class NegativeSampler:
         """One uniformly drawn non-positive item per entry of ``users`` (a CPU ``LongTensor``)."""
         users = users.to(torch.int64)
         items = torch.randint(0, self.num_items, users.shape, generator=generator)
-        # Each round re-tests only the entries it redrew: the same draws as re-testing them all.
-        bad = self.is_positive(users, items).nonzero().view(-1)
-        for _ in range(self.max_rounds):
-            if bad.numel() == 0:
-                break
-            users_bad = users[bad]
-            redrawn = torch.randint(0, self.num_items, (bad.numel(),), generator=generator)
-            items[bad] = redrawn
-            bad = bad[self.is_positive(users_bad, redrawn)]
-        return items
+        return redraw_rejected(
+            items,
+            lambda at, candidates: self.is_positive(users[at], candidates),
+            lambda at: torch.randint(0, self.num_items, (at.numel(),), generator=generator),
+            self.max_rounds,
+        )
