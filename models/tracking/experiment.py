@@ -45,7 +45,7 @@ CURVE_KS = (1, 5, 10, 20, 50, 100)
 class Trained:
     """A trained model, its run, its configuration and the inputs it was trained on."""
 
-    run_id: str
+    run_id: str | None  # None: trained untracked (``kgrec train --no-track``)
     spec: ModelSpec
     config: Any
     model: torch.nn.Module

@@ -18,7 +18,7 @@ from kgrec.features.spec import load_spec
 from kgrec.models.families import PipelineInputs, family_of
 from kgrec.models.spec import get_spec
 from kgrec.models.tracking import registry
-from kgrec.models.tracking.experiment import curve_config, evaluate_and_log, train_and_log
+from kgrec.models.tracking.experiment import Trained, curve_config, evaluate_and_log, train_and_log
 from kgrec.models.tracking.settings import TrackingSettings
 from kgrec.models.training import distributed
 
@@ -53,13 +53,10 @@ def train_one(
         else:
             trained_model, fit = family.fit(spec, config, inputs)
             summary = None
-            if lead:
-                test = family.evaluate(trained_model, curve_config(config), inputs)
-                summary = {
-                    "model": spec.name, "best_epoch": fit.best_epoch, "epochs_run": len(fit.history),
-                    "seconds_per_epoch": round(fit.seconds_per_epoch, 4),
-                    "valid": fit.best_valid, "test": test, "run_id": None,
-                }
+            if lead:  # the same summary as a tracked run's, without a run
+                trained = Trained(run_id=None, spec=spec, config=config, model=trained_model, fit=fit, inputs=inputs)
+                trained.test_metrics = family.evaluate(trained_model, curve_config(config), inputs)
+                summary = trained.summary()
         distributed.barrier()  # no rank leaves (and tears the group down) while rank 0 still logs
     if summary is not None:
         summary |= {"world_size": world, "dataset": dataset}
