@@ -66,7 +66,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "serve_scale.lua"
-WRK_MARK = "KGREC-WRK-JSON "
 MARKER = "serve_scale.json"
 MODEL_NAME = "kgrec-serve-scale"
 PINNED_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -328,11 +327,9 @@ def run_wrk(wrk: str, base_url: str, requests_file: Path, connections: int, dura
     wall = time.monotonic() - started
     after = cpu_times(procs)
     reader.join(timeout=5)
-    text = "".join(out)
-    lines = [line for line in text.splitlines() if line.startswith(WRK_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"wrk failed ({proc.returncode}):\n{text[-3000:]}")
-    r = json.loads(lines[-1][len(WRK_MARK):])
+    from soak import wrk_result  # noqa: E402  (sibling script; its KGREC-WRK-JSON line, as serve_scale.lua prints)
+
+    r = wrk_result("".join(out), proc.returncode)
     wrk_cpu = usage.ru_utime + usage.ru_stime
     user = {pid: after.get(pid, u)[0] - u for pid, (u, _) in before.items()}
     system = {pid: after.get(pid, (0.0, s))[1] - s for pid, (_, s) in before.items()}

@@ -59,6 +59,15 @@ LUA = HERE / "soak.lua"
 WRK_MARK = "KGREC-WRK-JSON "
 
 
+def wrk_result(text: str, returncode: int) -> dict:
+    """The JSON line a wrk Lua script's done() printed after ``WRK_MARK`` (the last one), or exit
+    with wrk's output when it failed or printed none."""
+    lines = [line for line in text.splitlines() if line.startswith(WRK_MARK)]
+    if returncode != 0 or not lines:
+        raise SystemExit(f"wrk failed ({returncode}):\n{text[-3000:]}")
+    return json.loads(lines[-1][len(WRK_MARK):])
+
+
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
@@ -251,10 +260,7 @@ def run_load(args, wrk: str, base_url: str, requests_file: Path, server: subproc
     samples.append((round(wall, 1), round(rss_mib(server_proc), 1)))
     reader.join(timeout=5)
     text = "".join(stdout)
-    lines = [line for line in text.splitlines() if line.startswith(WRK_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"wrk failed ({proc.returncode}):\n{text[-3000:]}")
-    result = json.loads(lines[-1][len(WRK_MARK):])
+    result = wrk_result(text, proc.returncode)
     wrk_cpu = usage.ru_utime + usage.ru_stime
     rss = [r for _, r in samples]
     result["non2xx_total"] = sum(result["non2xx"].values())
