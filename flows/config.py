@@ -11,6 +11,7 @@ from typing import Literal
 
 from kgrec.models.spec import get_spec, model_names
 from kgrec.models.tracking.settings import TrackingSettings, registered_model_name
+from kgrec.models.tracking.tuning import TuneSettings
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: URL schemes of a cluster address per task runner (a bare ``host:port`` is accepted by both).
@@ -44,6 +45,9 @@ class PipelineConfig(BaseModel):
     # existing cluster (Dask scheduler ``tcp://host:8786``, Ray client ``ray://host:10001``).
     task_runner: Literal["thread", "dask", "ray"] = "thread"
     runner_address: str | None = None
+    # Train each model with the configuration `kgrec tune` recommended for this snapshot, where a
+    # study of it exists in the tracking store (its defaults otherwise, with a warning).
+    tuned: bool = False
 
     @field_validator("models")
     @classmethod
@@ -112,3 +116,23 @@ class PipelineConfig(BaseModel):
     def dataset_name(self) -> str:
         """Name of a bundled spec, or the stem of a spec file path."""
         return Path(self.dataset).stem if self.dataset.endswith((".yaml", ".yml")) else self.dataset
+
+
+class TuneConfig(PipelineConfig):
+    """Parameters of ``kgrec tune`` / the Prefect ``tune`` flow: one study per model (the budget
+    in ``tune``), then the pipeline with the recommended configs (``tuned``)."""
+
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    tuned: bool = True
+
+    @field_validator("models")
+    @classmethod
+    def _tunable(cls, models: list[str]) -> list[str]:
+        untunable = [m for m in models if not get_spec(m).search_space]
+        if untunable:
+            raise ValueError(f"model(s) {untunable} declare no search space and cannot be tuned")
+        return models
+
+    def pipeline(self) -> PipelineConfig:
+        """The pipeline that follows the studies."""
+        return PipelineConfig(**self.model_dump(exclude={"tune"}))

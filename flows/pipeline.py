@@ -39,8 +39,8 @@ from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
 from kgrec.flows.runners import WorkerSetup, build_task_runner, on_task_runner
 from kgrec.models.families import PipelineInputs, family_of
-from kgrec.models.spec import get_spec
-from kgrec.models.tracking import registry
+from kgrec.models.spec import ModelSpec, get_spec
+from kgrec.models.tracking import registry, tuning
 from kgrec.models.tracking.experiment import Trained, evaluate_and_log, ranker_inputs, train_and_log
 from kgrec.models.tracking.settings import registered_model_name, registered_ranker_name
 from kgrec.models.training.trainer import TrainingCancelled
@@ -63,7 +63,8 @@ def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
 def train_task(
-    model: str, config: Any, inputs: Any, progress: bool, cancel: Any, worker: WorkerSetup | None = None
+    model: str, config: Any, inputs: Any, progress: bool, cancel: Any, worker: WorkerSetup | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Trained:
     """``cancel``: anything with ``is_set()``; ``worker``: set when the task runs in a worker process
     of a Dask or Ray cluster, which must first be pointed at the flow's tracking store (and sends
@@ -74,7 +75,7 @@ def train_task(
         raise TrainingCancelled(f"{model}: cancelled before it started")
     with library_logs_to_prefect() if worker is not None else contextlib.nullcontext():
         return train_and_log(get_spec(model), config, inputs, progress=progress, cancel=cancel,
-                             extra_params=worker.params if worker is not None else None)
+                             extra_params=worker.params if worker is not None else None, extra_tags=tags)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -203,7 +204,7 @@ def _artifact_key(text: str) -> str:
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """The whole pipeline on one dataset; returns the figures the CLI prints."""
     with library_logs_to_prefect():
-        return _pipeline(config, current_cancel())
+        return pipeline_steps(config, current_cancel())
 
 
 def current_cancel() -> threading.Event | None:
@@ -212,7 +213,8 @@ def current_cancel() -> threading.Event | None:
     return _cancel.get()
 
 
-def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
+def pipeline_steps(config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
+    """The pipeline flow's body (also the last step of the tune flow), inside a running flow."""
     logger = get_run_logger()
     cancel = cancel or threading.Event()
     started_ms = int(time.time() * 1000)
@@ -232,10 +234,11 @@ def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[st
     with on_task_runner(config, tracking, cancel, futures) as side:
         for model in config.models:
             spec = get_spec(model)
-            model_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
+            model_config, tags = model_config_of(spec, config, inputs)
             logger.info("training %s on %s", model, inputs.snapshot.name)
             futures.append(train_task.submit(
-                model, model_config, inputs.for_family(spec.family), config.progress, side.cancel, side.worker
+                model, model_config, inputs.for_family(spec.family), config.progress, side.cancel, side.worker,
+                tags,
             ))
         try:
             for future in as_completed(futures):  # the first failure stops the others at once
@@ -276,15 +279,42 @@ def _pipeline(config: PipelineConfig, cancel: threading.Event | None) -> dict[st
     return result
 
 
+def model_config_of(spec: ModelSpec, config: PipelineConfig, inputs: PipelineInputs) -> tuple[Any, dict[str, str]]:
+    """The config ``spec`` trains with in this run and the run's extra tags: with
+    ``config.tuned``, the snapshot's recommendation from ``kgrec tune`` where one exists."""
+    model_config, recommendation = tuning.configured(
+        spec, inputs.snapshot.hash, config.tracking.experiment, config.tuned, epochs=config.epochs, seed=config.seed
+    )
+    if recommendation is not None:
+        get_run_logger().info(
+            "%s: the configuration tuned for snapshot %s (study %s, valid %s %.4f): %s", spec.name,
+            inputs.snapshot.hash[:12], recommendation.run_id, recommendation.metric, recommendation.value,
+            recommendation.overrides,
+        )
+        return model_config, {tuning.TUNED_FROM_TAG: recommendation.run_id}
+    if config.tuned:
+        get_run_logger().warning(
+            "%s: no tuned configuration for snapshot %s in experiment %r (run `kgrec tune`): training "
+            "with the defaults", spec.name, inputs.snapshot.hash[:12], config.tracking.experiment,
+        )
+    return model_config, {}
+
+
 def run_pipeline(config: PipelineConfig, cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run the pipeline flow on ``config.task_runner`` (``config.parallel_training`` concurrent
     training threads by default); setting ``cancel`` stops training at its next optimiser step."""
+    return run_flow(pipeline_flow, config, cancel)
+
+
+def run_flow(flow_function: Any, config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
+    """Run ``flow_function(config)`` on ``config``'s task runner with ``cancel`` as the event its
+    steps read through :func:`current_cancel`."""
     token = _cancel.set(cancel)
     try:
-        return configured_flow(config)(config)
+        return configured_flow(config, flow_function)(config)
     finally:
         _cancel.reset(token)
 
 
-def configured_flow(config: PipelineConfig):
-    return pipeline_flow.with_options(task_runner=build_task_runner(config))
+def configured_flow(config: PipelineConfig, flow_function: Any = pipeline_flow):
+    return flow_function.with_options(task_runner=build_task_runner(config))

@@ -30,9 +30,10 @@ from pydantic import ValidationError
 
 from kgrec.features.ingest import accounting_line, ingest
 from kgrec.features.spec import load_spec
-from kgrec.flows.config import PipelineConfig
+from kgrec.flows.config import PipelineConfig, TuneConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
 from kgrec.flows.pipeline import format_metric as _fmt
+from kgrec.flows.tune import run_tune
 from kgrec.models.spec import markdown_table, model_names
 from kgrec.models.tracking.registry import state_since
 from kgrec.models.tracking.settings import (
@@ -42,6 +43,7 @@ from kgrec.models.tracking.settings import (
     registered_ranker_name,
 )
 from kgrec.models.tracking.standalone import train_one
+from kgrec.models.tracking.tuning import TuneSettings
 from kgrec.models.training import distributed
 from kgrec.serving.service import serve
 from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, ServeSettings
@@ -131,9 +133,9 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-
-    config = PipelineConfig(
+def _pipeline_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`PipelineConfig` fields of ``kgrec pipeline`` and ``kgrec tune``."""
+    return dict(
         dataset=args.dataset,
         models=args.models.split(","),
         epochs=args.epochs,
@@ -148,10 +150,22 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         runner_address=args.runner_address,
     )
 
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    return _run_flow(args, PipelineConfig(**_pipeline_fields(args), tuned=args.tuned), run_pipeline)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    settings = TuneSettings(trials=args.trials, timeout_s=args.timeout, pruner=args.pruner)
+    return _run_flow(args, TuneConfig(**_pipeline_fields(args), tune=settings), run_tune)
+
+
+def _run_flow(args: argparse.Namespace, config: PipelineConfig, run: Any) -> int:
+    """Run a flow under the CLI's signal handling; print its summary or what a cancel kept."""
     started_ms = int(time.time() * 1000)
     try:
         with prefect_startup_grace(), stop_on_signals() as cancel:
-            result = run_pipeline(config, cancel)
+            result = run(config, cancel)
     except (KeyboardInterrupt, TerminationSignal) as exc:
         # Prefect turns a SIGTERM during a flow run into its own TerminationSignal.
         signum = getattr(exc, "signum", None) or getattr(exc, "signal", None) or signal.SIGINT
@@ -159,7 +173,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         _emit(
             {"status": "cancelled", "signal": signal.Signals(signum).name, "kept": kept},
             args.json,
-            f"kgrec pipeline: cancelled by {signal.Signals(signum).name}; {kept}",
+            f"kgrec {args.command}: cancelled by {signal.Signals(signum).name}; {kept}",
         )
         return 128 + signum
     _emit(result, args.json, format_pipeline_summary(result))
@@ -178,6 +192,30 @@ def _what_was_kept(config: PipelineConfig, since_ms: int) -> str:
 
 
 def format_pipeline_summary(result: dict[str, Any]) -> str:
+    return _format_studies(result.get("studies", [])) + _format_pipeline(result)
+
+
+def _format_studies(studies: list[dict[str, Any]]) -> str:
+    lines = []
+    for s in studies:
+        best, trials = s["best"], s["trials"]
+        lines += [
+            "",
+            f"kgrec tune: {s['model']}: {trials['complete']} trials complete, {trials['pruned']} pruned, "
+            f"{trials['fail']} failed in {s['seconds']:.0f} s (stopped by {s['stop_reason']}); "
+            f"best valid {best['metric']} {_fmt(best['value'])}; study run {s['study_run_id']}",
+            "  best: " + ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items()),
+        ]
+        if s["importances"]:
+            lines.append("  importance: " + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _format_pipeline(result: dict[str, Any]) -> str:
     ingest = result["ingest"]
     quarantined = {
         f"{source}:{reason}": n
@@ -359,31 +397,47 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the workdir)")
         p.add_argument("--workdir", help="working directory (default: $KGREC_HOME or ./kgrec-work)")
 
+    def pipeline_args(p: argparse.ArgumentParser, models: str = "bprmf,lightgcn") -> None:
+        p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
+        p.add_argument("--models", default=models, help=MODELS_HELP)
+        p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
+        p.add_argument("--split", choices=["random", "temporal"], default="random",
+                       help="split of the embedding retrievers (sequential models: sequential split)")
+        p.add_argument("--seed", type=int, default=2020)
+        p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
+        p.add_argument("--ranker", choices=model_names("ranker"),
+                       help="also train the ranking stage on the best retriever's top-200 and register "
+                       "it as <registered model>-ranker")
+        p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4); with "
+                       "--task-runner dask and no address, the worker processes of the local cluster "
+                       "(default there: one per model, at most one per CPU)")
+        # Validated by PipelineConfig, so a bad $KGREC_TASK_RUNNER is reported like a bad option.
+        p.add_argument("--task-runner", default=os.environ.get("KGREC_TASK_RUNNER") or "thread",
+                       metavar="{thread,dask,ray}",
+                       help="where the training tasks run: threads of this process, a Dask cluster (the "
+                       "dask extra) or a Ray cluster (the ray extra) (default: $KGREC_TASK_RUNNER or thread)")
+        p.add_argument("--runner-address", default=os.environ.get("KGREC_RUNNER_ADDRESS") or None,
+                       help="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001 "
+                       "(default: $KGREC_RUNNER_ADDRESS, else a temporary local cluster)")
+        p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+        tracking_args(p)
+
     p = sub.add_parser("pipeline", help="ingest → graph → train → evaluate → register → publish")
-    p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
-    p.add_argument("--models", default="bprmf,lightgcn", help=MODELS_HELP)
-    p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
-    p.add_argument("--split", choices=["random", "temporal"], default="random",
-                   help="split of the embedding retrievers (sequential models: sequential split)")
-    p.add_argument("--seed", type=int, default=2020)
-    p.add_argument("--registered-model", help="registered model name (default: kgrec-<dataset>)")
-    p.add_argument("--ranker", choices=model_names("ranker"),
-                   help="also train the ranking stage on the best retriever's top-200 and register "
-                   "it as <registered model>-ranker")
-    p.add_argument("--parallel", type=int, help="models trained at once (default: cores // 4); with "
-                   "--task-runner dask and no address, the worker processes of the local cluster "
-                   "(default there: one per model, at most one per CPU)")
-    # Validated by PipelineConfig, so a bad $KGREC_TASK_RUNNER is reported like a bad option.
-    p.add_argument("--task-runner", default=os.environ.get("KGREC_TASK_RUNNER") or "thread",
-                   metavar="{thread,dask,ray}",
-                   help="where the training tasks run: threads of this process, a Dask cluster (the "
-                   "dask extra) or a Ray cluster (the ray extra) (default: $KGREC_TASK_RUNNER or thread)")
-    p.add_argument("--runner-address", default=os.environ.get("KGREC_RUNNER_ADDRESS") or None,
-                   help="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001 "
-                   "(default: $KGREC_RUNNER_ADDRESS, else a temporary local cluster)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    tracking_args(p)
+    pipeline_args(p)
+    p.add_argument("--tuned", action="store_true", help="train each model with the configuration "
+                   "`kgrec tune` recommended for this snapshot, where a study exists (else its defaults)")
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("tune", help="Optuna studies (one MLflow parent run each, a child run per trial), "
+                       "then the pipeline with the best configurations")
+    pipeline_args(p, models="lightgcn")
+    p.add_argument("--trials", type=int, default=TuneSettings.model_fields["trials"].default,
+                   help="trials per model at most")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="wall-clock seconds per model's study (default: no limit)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stops unpromising trials on their per-epoch validation metric")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("train", help="train and test one model (data-parallel with --nproc); registers nothing")
     p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")

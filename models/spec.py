@@ -62,6 +62,9 @@ class ModelSpec:
         fit: optional replacement of the family's training step, for a model not trained by
             gradient descent (the interest mixture: a YouTube-DNN first, then k-means), with the
             family step's signature.
+        search_space: what ``kgrec tune`` searches (:mod:`kgrec.models.tracking.tuning`): config
+            field names (``"learning_rate"``, or ``"params.<name>"`` for a model parameter) to
+            Optuna distributions; the fields left out keep ``defaults``. Empty: not tunable.
     """
 
     name: str
@@ -72,11 +75,13 @@ class ModelSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Any], None] | None = None
     fit: Callable[..., Any] | None = None
+    search_space: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"{self.name}: family must be one of {FAMILIES}, got {self.family!r}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "search_space", MappingProxyType(dict(self.search_space)))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from kgrec.models.base import Recommender
+from kgrec.models.config import BPR_SEARCH_SPACE
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
 from torch import Tensor
@@ -73,5 +74,6 @@ SPEC = register(
         family="retriever",
         build=build_bprmf,
         summary="BPR-MF: matrix factorisation trained with BPR (Rendle et al., UAI 2009)",
+        search_space=BPR_SEARCH_SPACE,
     )
 )

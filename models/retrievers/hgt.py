@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from kgrec.models.base import Recommender
-from kgrec.models.retrievers.rgcn import RELATIONAL_DEFAULTS, LayerCombination, combine_layers
+from kgrec.models.retrievers.rgcn import (
+    RELATIONAL_DEFAULTS,
+    RELATIONAL_SEARCH_SPACE,
+    LayerCombination,
+    combine_layers,
+)
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
 from pydantic import BaseModel, ConfigDict, Field
@@ -244,5 +249,6 @@ SPEC = register(
         summary="HGT: type-specific attention over the heterogeneous graph (Hu et al., WWW 2020)",
         params=HGTParams,
         defaults=RELATIONAL_DEFAULTS,  # tuned with R-GCN's (comment there)
+        search_space=RELATIONAL_SEARCH_SPACE,
     )
 )

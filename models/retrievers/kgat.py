@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG, ckg_relation_names
 from kgrec.models.base import EpochHook, Recommender
-from kgrec.models.config import TrainConfig
+from kgrec.models.config import BPR_SEARCH_SPACE, TrainConfig
 from kgrec.models.layers.kgat_conv import Aggregator, AttentiveAdjacency, KGATConv
 from kgrec.models.layers.transr import TailCorruptor, grouped_project, relation_groups, transr_loss
 from kgrec.models.retrievers.bprmf import BPRMF
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
 from kgrec.models.training.pairwise import fit
+from optuna.distributions import FloatDistribution
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from torch_geometric.utils import softmax
@@ -489,6 +490,11 @@ SPEC = register(
             "epochs": 400,
             "patience": 20,
             "params": {"mess_dropout": 0.0},
+        },
+        search_space={
+            **BPR_SEARCH_SPACE,
+            "params.mess_dropout": FloatDistribution(0.0, 0.3),
+            "params.kg_learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
         },
     )
 )

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
+from kgrec.models.config import BPR_SEARCH_SPACE
 from kgrec.models.retrievers.kgat import interaction_ckg
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
+from optuna.distributions import FloatDistribution, IntDistribution
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -364,6 +366,12 @@ SPEC = register(
             "reg_weight": 1e-5,
             "patience": 20,
             "params": {},
+        },
+        search_space={
+            **BPR_SEARCH_SPACE,
+            "num_layers": IntDistribution(1, 3),
+            "params.node_dropout": FloatDistribution(0.0, 0.6),
+            "params.mess_dropout": FloatDistribution(0.0, 0.3),
         },
     )
 )

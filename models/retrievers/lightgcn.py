@@ -9,8 +9,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from kgrec.models.base import Recommender
+from kgrec.models.config import BPR_SEARCH_SPACE
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
+from optuna.distributions import IntDistribution
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -166,5 +168,6 @@ SPEC = register(
         # Every batch propagates the whole graph: 40 batches (ml-100k's epoch at 2048) per epoch at
         # most, the batch growing beyond, so an epoch costs time linear in the interactions.
         defaults={"max_batches_per_epoch": 40},
+        search_space={**BPR_SEARCH_SPACE, "num_layers": IntDistribution(1, 4)},
     )
 )

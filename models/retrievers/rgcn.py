@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
+from kgrec.models.config import BPR_SEARCH_SPACE
 from kgrec.models.retrievers.kgat import interaction_ckg
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
+from optuna.distributions import FloatDistribution, IntDistribution
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from torch_geometric.nn import FastRGCNConv, RGCNConv
@@ -266,6 +268,12 @@ RELATIONAL_DEFAULTS = {
     "epochs": 100,
     "patience": 5,
 }
+#: R-GCN's and HGT's search: the BPR space, depth and dropout.
+RELATIONAL_SEARCH_SPACE = {
+    **BPR_SEARCH_SPACE,
+    "num_layers": IntDistribution(1, 2),
+    "params.dropout": FloatDistribution(0.0, 0.3),
+}
 SPEC = register(
     ModelSpec(
         name="rgcn",
@@ -274,5 +282,6 @@ SPEC = register(
         summary="R-GCN: relation-specific transforms over the CKG (Schlichtkrull et al., ESWC 2018)",
         params=RGCNParams,
         defaults=RELATIONAL_DEFAULTS,
+        search_space=RELATIONAL_SEARCH_SPACE,
     )
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from kgrec.models.merge import MergeRule
 from kgrec.models.sequential.config import (
+    SEQUENTIAL_SEARCH_SPACE,
     SequentialModelConfig,
     served_as_configured,
     trained_merge_rule,
@@ -92,5 +93,6 @@ SPEC = register(
         build=build_comirec_dr,
         summary="ComiRec-DR: capsule routing to K interests (Cen et al., KDD 2020)",
         check=unnormalised_interests,
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )

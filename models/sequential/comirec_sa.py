@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from kgrec.models.merge import MergeRule
-from kgrec.models.sequential.config import SequentialModelConfig, served_as_configured, trained_merge_rule
+from kgrec.models.sequential.config import (
+    SEQUENTIAL_SEARCH_SPACE,
+    SequentialModelConfig,
+    served_as_configured,
+    trained_merge_rule,
+)
 from kgrec.models.sequential.multi_interest import MultiInterestModel, Readout, init_normal_
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -112,6 +117,7 @@ SPEC = register(
         family="sequential",
         build=build_comirec_sa,
         summary="ComiRec-SA: multi-head self-attention to K interests (Cen et al., KDD 2020)",
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )
 # Presets: the same network, trained and served another way (BENCHMARKS.md, multi-interest table).
@@ -123,6 +129,7 @@ MOS_SPEC = register(
         summary="ComiRec-SA with the mixture-of-softmaxes readout, unit interests and decorrelation, "
         "served with the mixture merge",
         defaults={"readout": "mixture", "normalize_interests": True, "decorrelation": 1.0},
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )
 MAX_SPEC = register(
@@ -132,5 +139,6 @@ MAX_SPEC = register(
         build=build_comirec_sa,
         summary="ComiRec-SA trained on the softmax of the score the max merge serves",
         defaults={"readout": "max"},
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )

@@ -16,10 +16,19 @@ from typing import Any, Literal, TypeVar
 
 from kgrec.models.spec import get_spec
 from kgrec.models.training.config import LoopConfig, check_selection_metric
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from pydantic import Field, model_validator
 
 M = TypeVar("M")
 
+
+#: What ``kgrec tune`` searches for the next-item softmax models (around the defaults: lr 1e-3,
+#: batch 256, temperature 0.1); K, L and the width stay fixed so that runs compare.
+SEQUENTIAL_SEARCH_SPACE = {
+    "learning_rate": FloatDistribution(3e-4, 3e-3, log=True),
+    "batch_size": CategoricalDistribution((128, 256, 512)),
+    "temperature": FloatDistribution(0.05, 0.5, log=True),
+}
 
 class SequentialModelConfig(LoopConfig):
     """Model + training configuration of one sequential candidate generator (flat, for MLflow)."""

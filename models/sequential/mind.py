@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from kgrec.models.merge import MergeRule
 from kgrec.models.sequential.config import (
+    SEQUENTIAL_SEARCH_SPACE,
     SequentialModelConfig,
     hard_readout_only,
     served_as_configured,
@@ -139,5 +140,6 @@ SPEC = register(
         build=build_mind,
         summary="MIND: dynamic routing to an adaptive number of interests (Li et al., CIKM 2019)",
         check=hard_readout_only,
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )

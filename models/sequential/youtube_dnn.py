@@ -3,7 +3,12 @@ r"""YouTube-DNN-style single-vector candidate generator (the baseline of the mul
 from __future__ import annotations
 
 import torch
-from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, served_as_configured
+from kgrec.models.sequential.config import (
+    SEQUENTIAL_SEARCH_SPACE,
+    SequentialModelConfig,
+    hard_readout_only,
+    served_as_configured,
+)
 from kgrec.models.sequential.multi_interest import MultiInterestModel, init_normal_
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -87,5 +92,6 @@ SPEC = register(
         build=build_youtube_dnn,
         summary="YouTube-DNN: one user vector from the pooled history (Covington et al., RecSys 2016)",
         check=hard_readout_only,
+        search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )

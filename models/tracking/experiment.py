@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.spec import ModelSpec
 from kgrec.models.tracking.lineage import lineage_tags, log_snapshot_input
 from kgrec.models.tracking.registry import prefixed_metrics, tracked_run
-from kgrec.models.training.trainer import EpochLog, FitResult
+from kgrec.models.training.trainer import EpochCallback, EpochLog, FitResult
 
 logger = logging.getLogger("kgrec.models")
 
@@ -113,21 +113,34 @@ def train_and_log(
     inputs: Any,
     *,
     extra_params: dict[str, Any] | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+    run_name: str | None = None,
+    nested: bool = False,
+    stopped_on_purpose: tuple[type[BaseException], ...] = (),
     progress: bool = False,
     cancel: threading.Event | None = None,
 ) -> Trained:
-    """Train ``spec`` with ``config`` on ``inputs`` as one MLflow run (module docstring)."""
+    """Train ``spec`` with ``config`` on ``inputs`` as one MLflow run (module docstring).
+
+    ``callbacks`` run after the MLflow logging of each epoch (a tuning trial's pruner);
+    ``nested`` and ``stopped_on_purpose`` as in :func:`~kgrec.models.tracking.registry.tracked_run`.
+    """
     family = family_of(spec)
     data_params = family.data_params(inputs)
     params = {**config.to_dict(), **data_params, "family": spec.family, **(extra_params or {})}
     dataset = str(data_params.get("dataset", "unknown"))
     tags = {
         "kgrec.model": spec.name, "kgrec.dataset": dataset, "kgrec.bundle_kind": family.artifact,
-        **lineage_tags(),
+        **lineage_tags(), **(extra_tags or {}),
     }
-    with tracked_run(f"{spec.name}-{dataset}", params, tags) as run_id:
+    with tracked_run(
+        run_name or f"{spec.name}-{dataset}", params, tags, nested=nested, stopped_on_purpose=stopped_on_purpose
+    ) as run_id:
         log_snapshot_input(family.snapshot(inputs))
-        model, result = family.fit(spec, config, inputs, (log_epoch,), progress=progress, cancel=cancel)
+        model, result = family.fit(
+            spec, config, inputs, (log_epoch, *callbacks), progress=progress, cancel=cancel
+        )
         if not result.best_valid:
             raise RuntimeError(f"{spec.name}: no validation result (no validation users?)")
         if result.settings:

@@ -126,19 +126,41 @@ def is_cancellation(error: BaseException) -> bool:
     return isinstance(error, TrainingCancelled) or not isinstance(error, Exception)
 
 
+#: Why a run that was stopped on purpose (a pruned trial) stopped; it ends FINISHED.
+STOPPED_TAG = "kgrec.stopped"
+
+
 def end_status(error: BaseException) -> str:
     return "KILLED" if is_cancellation(error) else "FAILED"
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
+def tracked_run(
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    *,
+    nested: bool = False,
+    stopped_on_purpose: tuple[type[BaseException], ...] = (),
+) -> Iterator[str]:
     """An MLflow run that ends FAILED (KILLED when cancelled), with the error as a tag, when the
     body raises. The run is tagged with its owner process, so a run a killed process left RUNNING is
-    recognised and ended by the next pipeline (:func:`reap_orphans`)."""
-    with mlflow.start_run(run_name=run_name, tags={**dict(tags), OWNER_TAG: process_owner()}) as run:
+    recognised and ended by the next pipeline (:func:`reap_orphans`).
+
+    ``nested``: a child of the active run (a tuning trial under its study). ``stopped_on_purpose``:
+    exceptions that end the run FINISHED with the reason as the ``kgrec.stopped`` tag before they
+    propagate (a pruned trial: a normal outcome of a study, not an error)."""
+    with mlflow.start_run(
+        run_name=run_name, nested=nested, tags={**dict(tags), OWNER_TAG: process_owner()}
+    ) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         try:
             yield run.info.run_id
+        except stopped_on_purpose as exc:
+            with _logged_failure(f"ending run {run.info.run_id}"):
+                mlflow.set_tag(STOPPED_TAG, str(exc)[:5000] or type(exc).__name__)
+                mlflow.end_run(status="FINISHED")
+            raise
         except BaseException as exc:
             with _logged_failure(f"ending run {run.info.run_id}"):
                 mlflow.set_tag("kgrec.error", f"{type(exc).__name__}: {exc}"[:5000])
