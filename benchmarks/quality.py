@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from kgrec.features.dataset import InteractionData
 from kgrec.features.ingest import ingest
-from kgrec.features.snapshot import load_snapshot
+from kgrec.features.snapshot import Snapshot, load_snapshot
 from kgrec.features.spec import load_spec
 from kgrec.features.split import random_split
+from kgrec.features.synthetic import sparse_snapshot
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate_split
 from kgrec.models.spec import build_model
@@ -60,37 +61,35 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def run_one(
-    dataset: str, name: str, epochs: int | None, workdir: Path, seed: int = 2020,
-    max_batches: str = "default", lr_scaling: str | None = None,
-) -> dict:
-    report = ingest(load_spec(dataset), workdir)
-    snapshot = load_snapshot(report.snapshot_dir)
-    data = InteractionData.from_snapshot(snapshot, random_split(snapshot.interactions, seed=2020))
-    overrides: dict = {"epochs": epochs, "seed": seed, "lr_scaling": lr_scaling}
-    if max_batches != "default":
-        overrides["max_batches_per_epoch"] = None if max_batches == "none" else int(max_batches)
-    config = TrainConfig.for_model(name, **overrides)
-    if max_batches == "none":  # for_model treats None as "the default"
-        config = config.model_copy(update={"max_batches_per_epoch": None})
+#: The generated sparse dataset (kgrec.features.synthetic.sparse_snapshot) by its name here.
+SPARSE = "sparse"
+
+
+def protocol_snapshot(dataset: str, workdir: Path) -> Snapshot:
+    """A bundled dataset ingested into ``workdir``, or the generated sparse one (``sparse``)."""
+    if dataset == SPARSE:
+        return sparse_snapshot()
+    return load_snapshot(ingest(load_spec(dataset), workdir).snapshot_dir)
+
+
+def protocol_data(snapshot: Snapshot) -> InteractionData:
+    """The protocol's split of ``snapshot`` (per user 80/10/10, seed 2020)."""
+    return InteractionData.from_snapshot(snapshot, random_split(snapshot.interactions, seed=2020))
+
+
+def train_and_test(data: InteractionData, config: TrainConfig) -> dict:
+    """Train ``config`` on ``data``, select on validation Recall@20, test the best epoch."""
     grown = config.for_data(int(data.train.nnz))
     started = time.perf_counter()
     model = build_model(config, data)  # KGAT's optional BPR-MF pre-training happens here
     result = fit(model, data, config)
     test = evaluate_split(model, data, part="test")
-    peer = RECBOLE.get((dataset, name), (float("nan"), float("nan")))
     return {
-        "dataset": dataset,
-        "model": name,
-        "seed": seed,
-        "variant": max_batches,
         "batch_size": grown.batch_size,
         "learning_rate": grown.learning_rate,
         "valid_recall@20": result.best_valid.get("recall@20", float("nan")),
         "recall@20": test["recall@20"],
         "ndcg@20": test["ndcg@20"],
-        "recbole_recall@20": peer[0],
-        "recbole_ndcg@20": peer[1],
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "seconds_per_epoch": result.seconds_per_epoch,
@@ -98,6 +97,25 @@ def run_one(
         "peak_rss_mb": peak_rss_mb(),
         "test_users": test["num_users_evaluated"],
         "config": config.to_dict(),
+    }
+
+
+def run_one(
+    dataset: str, name: str, epochs: int | None, workdir: Path, seed: int = 2020,
+    max_batches: str = "default", lr_scaling: str | None = None,
+) -> dict:
+    data = protocol_data(protocol_snapshot(dataset, workdir))
+    overrides: dict = {"epochs": epochs, "seed": seed, "lr_scaling": lr_scaling}
+    if max_batches != "default":
+        overrides["max_batches_per_epoch"] = None if max_batches == "none" else int(max_batches)
+    config = TrainConfig.for_model(name, **overrides)
+    if max_batches == "none":  # for_model treats None as "the default"
+        config = config.model_copy(update={"max_batches_per_epoch": None})
+    peer = RECBOLE.get((dataset, name), (float("nan"), float("nan")))
+    return {
+        "dataset": dataset, "model": name, "seed": seed, "variant": max_batches,
+        "recbole_recall@20": peer[0], "recbole_ndcg@20": peer[1],
+        **train_and_test(data, config),
     }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 from kgrec.features.dataset import InteractionData
 from kgrec.features.split import random_split
-from kgrec.features.synthetic import PowerLawConfig, powerlaw_snapshot
+from kgrec.features.synthetic import PowerLawConfig, SparseConfig, powerlaw_snapshot, sparse_snapshot
 
 SMALL = PowerLawConfig(
     num_users=2_000, num_items=1_000, num_interactions=30_000,
@@ -46,3 +46,30 @@ def test_same_seed_same_data_and_it_feeds_the_graph_builders():
     assert data.train.nnz + data.valid.nnz + data.test.nnz == 30_000
     assert data.ckg.num_nodes == 2_000 + 1_000 + 3_000
     assert isinstance(a.items, pl.DataFrame)
+
+
+def test_the_sparse_dataset_is_shaped_like_the_held_out_one_and_has_structure():
+    """Most users with one interaction, ~3.4 per user; a user's items share genres beyond chance,
+    and the KG's genre relation says which (the structure a model can learn, and a KG can help)."""
+    snap = sparse_snapshot(SparseConfig(num_users=4_000, num_items=1_000, num_genres=20))
+    degree = snap.interactions.group_by("user_idx").len()["len"].to_numpy()
+    assert 0.55 < (degree == 1).mean() < 0.67
+    assert 2.5 < degree.mean() < 4.5
+    assert snap.interactions.unique(["user_idx", "item_idx"]).height == snap.interactions.height
+    genre = snap.relations.filter(pl.col("relation") == "genre")["relation_idx"].item()
+    item_genre = (
+        snap.kg.filter(pl.col("relation") == genre).unique("head", keep="first", maintain_order=True)
+        .select(pl.col("head").alias("item_idx"), pl.col("tail").alias("genre"))
+    )
+    pairs = snap.interactions.join(item_genre, on="item_idx")
+    multi = pairs.filter(pl.len().over("user_idx") >= 2)
+    same = multi.group_by("user_idx").agg(pl.col("genre").n_unique() / pl.len())["genre"].mean()
+    assert same < 0.9  # fewer distinct genres per user than draws: genres repeat within a user
+    shuffled = multi.with_columns(pl.col("genre").shuffle(seed=0))
+    chance = shuffled.group_by("user_idx").agg(pl.col("genre").n_unique() / pl.len())["genre"].mean()
+    assert same < chance - 0.1
+    assert sparse_snapshot(SparseConfig(num_users=4_000, num_items=1_000, num_genres=20)).interactions.equals(
+        snap.interactions
+    )
+    data = InteractionData.from_snapshot(snap, random_split(snap.interactions, seed=2020))
+    assert data.test.nnz > 0 and data.ckg.num_nodes == snap.n_users + snap.n_items + snap.n_entities
