@@ -11,6 +11,9 @@ cold item as a CKG node with its KG edges and no interaction.
 For the inductive setting -- an item the model has never seen, not even as a node with KG edges --
 :func:`without_item_triples` gives a snapshot whose KG lacks the triples touching given items, and
 :func:`item_triples` the triples it dropped (the facts the item brings when it is posted).
+:func:`without_items` goes one step further: a catalogue in which the items do not exist at all (no
+row, no interaction, no triple; the other items and the entities renumbered), as a service knows
+the catalogue before the items are posted to it (``POST /v1/items``).
 """
 
 from __future__ import annotations
@@ -152,3 +155,37 @@ def without_item_triples(snapshot: Snapshot, items: Iterable[int] | np.ndarray) 
     manifest = {**snapshot.manifest, "hash": digest.hexdigest(),
                 "derived_from": {"hash": snapshot.hash, "without_item_triples": int(len(items))}}
     return dataclasses.replace(snapshot, kg=kg, manifest=manifest)
+
+
+def without_items(snapshot: Snapshot, items: Iterable[int] | np.ndarray) -> Snapshot:
+    """A copy of ``snapshot`` without ``items`` (``item_idx``): their rows, interactions and every
+    triple touching them removed; the remaining items renumbered ``0 ..< n_items - len(items)`` in
+    their order, and the non-item KG nodes moved down by ``len(items)`` (KG node space: items,
+    then entities). Users, entities and relations are unchanged. The hash is derived from the
+    original's and the items (as :func:`without_item_triples`'s)."""
+    items = np.unique(np.asarray(list(items) if not isinstance(items, np.ndarray) else items, dtype=np.int64))
+    n_items = snapshot.n_items
+    keep = np.ones(n_items, dtype=bool)
+    keep[items] = False
+    new_idx = np.full(n_items, -1, dtype=np.int64)
+    new_idx[keep] = np.arange(int(keep.sum()))
+    m = len(items)
+
+    def node(column: str) -> pl.Expr:
+        old = pl.col(column).cast(pl.Int64)
+        moved = pl.when(old >= n_items).then(old - m).otherwise(
+            old.replace_strict(np.arange(n_items), new_idx, default=-1))
+        return moved.cast(pl.Int32).alias(column)
+
+    kg = snapshot.kg.filter(~_touches(snapshot.kg, items)).with_columns(node("head"), node("tail"))
+    is_kept = pl.Series(keep)
+    kept_items = snapshot.items.sort("item_idx").filter(is_kept).with_columns(
+        pl.Series("item_idx", np.arange(int(keep.sum()), dtype=np.int32)))
+    item_keys = pl.Series(items).cast(snapshot.interactions["item_idx"].dtype)
+    interactions = snapshot.interactions.filter(~pl.col("item_idx").is_in(item_keys.implode())).with_columns(
+        pl.col("item_idx").replace_strict(np.arange(n_items), new_idx).cast(pl.Int32))
+    digest = hashlib.sha256(f"{snapshot.hash}\x00without_items\x00".encode())
+    digest.update(items.tobytes())
+    manifest = {**snapshot.manifest, "hash": digest.hexdigest(),
+                "derived_from": {"hash": snapshot.hash, "without_items": int(m)}}
+    return dataclasses.replace(snapshot, kg=kg, items=kept_items, interactions=interactions, manifest=manifest)

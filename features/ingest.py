@@ -145,6 +145,9 @@ class IngestReport:
     #: source kind -> {"read", "accepted", "quarantined", "excluded"}: read is the sum of the others
     accounting: dict[str, dict[str, int]]
     seconds: float = 0.0
+    #: items posted to the service merged in after ingestion (kgrec.features.overlay.apply_overlay):
+    #: their counts; None when no overlay was applied
+    overlay: dict[str, Any] | None = None
 
     @property
     def n_quarantined(self) -> int:

@@ -48,6 +48,11 @@ class PipelineConfig(BaseModel):
     # Train each model with the configuration `kgrec tune` recommended for this snapshot, where a
     # study of it exists in the tracking store (its defaults otherwise, with a warning).
     tuned: bool = False
+    # Merge the items posted to the registered model's versions (POST /v1/items; their overlays in
+    # the serve cache) into the ingested snapshot before training: kgrec.features.overlay.
+    overlay: bool = True
+    # The serve cache root holding those overlays (default: <workdir>/serve-cache, the service's).
+    overlay_dir: Path | None = None
 
     @field_validator("models")
     @classmethod

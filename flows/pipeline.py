@@ -8,6 +8,11 @@ run and one version of the dataset's registered model, promoted on its own selec
 global layer starting from the run's KGAT, if it trained one) and registers it as
 ``<registered model>-ranker``.
 
+Items posted to the service (``POST /v1/items``) join the run's data: after ingestion the overlays
+of the registered model (in the serve cache, :mod:`kgrec.serving.overlay`) are merged into the
+snapshot (:func:`kgrec.features.overlay.apply_overlay`: KG-only items, their counts in the ingest
+report's ``overlay``), unless ``config.overlay`` is off.
+
 Only wiring lives here; every step is a library function that works (and is tested) without Prefect.
 I/O steps retry; a version whose index could not be published is rolled back, and the run that
 produced it is marked FAILED (KILLED when cancelled), so a failed flow leaves no half-published model
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kgrec.features.ingest import IngestReport, ingest
+from kgrec.features.overlay import apply_overlay
 from kgrec.features.spec import load_spec
 from kgrec.flows.config import PipelineConfig
 from kgrec.flows.runners import WorkerSetup, build_task_runner, on_task_runner
@@ -45,6 +51,7 @@ from kgrec.models.tracking.experiment import Trained, evaluate_and_log, ranker_i
 from kgrec.models.tracking.settings import registered_model_name, registered_ranker_name
 from kgrec.models.training.trainer import TrainingCancelled
 from kgrec.serving.export import publish_index_for, register_trained
+from kgrec.serving.overlay import read_overlay_items
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -52,6 +59,7 @@ from prefect.futures import as_completed, wait
 from prefect.logging.handlers import APILogHandler
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+_log = logging.getLogger("kgrec.flows")  # a kgrec logger: shown in the flow run (library_logs_to_prefect)
 #: The cancellation event of the pipeline running in this context (flow parameters must be JSON).
 _cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("kgrec_cancel", default=None)
 
@@ -59,6 +67,19 @@ _cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar
 @task(name="ingest", cache_policy=NO_CACHE, **IO_RETRIES)
 def ingest_task(dataset: str, out_dir: Path, progress: bool) -> IngestReport:
     return ingest(load_spec(dataset), out_dir, progress=progress)
+
+
+@task(name="overlay", cache_policy=NO_CACHE)
+def overlay_task(report: IngestReport, model_name: str, overlay_root: Path, out_dir: Path) -> IngestReport:
+    """The snapshot with the items posted to ``model_name``'s versions merged in (the same report
+    when none was posted)."""
+    items = read_overlay_items(overlay_root, model_name)
+    if not items:
+        return report
+    merged = apply_overlay(report, items, out_dir)
+    _log.info("merged %d items posted to %s into the snapshot (%s): %s", merged.overlay["added"], model_name,
+              merged.snapshot_dir.name, merged.overlay)
+    return merged
 
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
@@ -221,8 +242,10 @@ def pipeline_steps(config: PipelineConfig, cancel: threading.Event | None) -> di
     tracking = config.tracking
     client = registry.configure_tracking(tracking)
     report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
+    name = config.registered_model or registered_model_name(report.name)
+    if config.overlay:
+        report = overlay_task(report, name, config.overlay_dir or tracking.workdir / "serve-cache", tracking.snapshot_dir)
     inputs = PipelineInputs(report.snapshot_dir, config.split, config.seed)
-    name = config.registered_model or registered_model_name(inputs.snapshot.name)
     reaped = registry.reap_orphans([name, registered_ranker_name(name)], started_ms, tracking.experiment)
     if reaped.versions or reaped.runs:
         logger.warning("cleaned up after an interrupted run: versions %s, runs %s", reaped.versions, reaped.runs)
@@ -282,8 +305,10 @@ def pipeline_steps(config: PipelineConfig, cancel: threading.Event | None) -> di
 def model_config_of(spec: ModelSpec, config: PipelineConfig, inputs: PipelineInputs) -> tuple[Any, dict[str, str]]:
     """The config ``spec`` trains with in this run and the run's extra tags: with
     ``config.tuned``, the snapshot's recommendation from ``kgrec tune`` where one exists."""
+    # posted items merged in (overlay) leave the data the studies tuned on otherwise unchanged
+    tuned_hash = (inputs.snapshot.manifest.get("overlay") or {}).get("base_hash") or inputs.snapshot.hash
     model_config, recommendation = tuning.configured(
-        spec, inputs.snapshot.hash, config.tracking.experiment, config.tuned, epochs=config.epochs, seed=config.seed
+        spec, tuned_hash, config.tracking.experiment, config.tuned, epochs=config.epochs, seed=config.seed
     )
     if recommendation is not None:
         get_run_logger().info(

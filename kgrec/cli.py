@@ -148,6 +148,7 @@ def _pipeline_fields(args: argparse.Namespace) -> dict[str, Any]:
         **({"parallel_training": args.parallel} if args.parallel else {}),
         task_runner=args.task_runner,
         runner_address=args.runner_address,
+        overlay=not args.no_overlay,
     )
 
 
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runner-address", default=os.environ.get("KGREC_RUNNER_ADDRESS") or None,
                        help="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001 "
                        "(default: $KGREC_RUNNER_ADDRESS, else a temporary local cluster)")
+        p.add_argument("--no-overlay", action="store_true",
+                       help="train on the ingested data only: leave out the items posted to the service "
+                       "(POST /v1/items; merged in by default when the registered model has any)")
         p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
         tracking_args(p)
 

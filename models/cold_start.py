@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from kgrec.models.base import Recommender
 from kgrec.models.evaluation import evaluate
+from kgrec.models.layers.kgat_conv import KGATConv
 from kgrec.models.layers.transr import relation_project
 from kgrec.models.retrievers.kgat import KGAT
 from torch import Tensor
@@ -330,11 +331,18 @@ class InductiveKGAT:
 
     Attributes: ``layer_inputs`` -- ``[X^(0), ..., X^(L-1)]``, every node's input to each layer
     ``[N, d_l]``; ``user_vectors`` / ``item_vectors`` -- the model's ``embeddings()``.
+
+    Without the model (a serving bundle, :meth:`from_parts` / :meth:`load`): the instance holds only
+    what :meth:`embed` needs -- the layer inputs of the item and entity nodes (rows from
+    ``node_offset`` = the number of users: facts never point at users), the relation embeddings and
+    projections, the layers, ``use_attention``, and the ego estimates' parameters (the prior mean
+    and the ``regress`` map, fitted on the training graph at :meth:`state_dict` time). Its
+    ``model``, ``user_vectors`` and ``item_vectors`` are None (:func:`choose_ego` needs a model).
     """
 
     def __init__(self, model: KGAT, ridge: float = 0.1) -> None:
         model.eval()
-        self.model = model
+        self.model: KGAT | None = model
         self.ridge = float(ridge)
         with torch.no_grad():
             x = model.node_embedding.weight.detach()
@@ -343,40 +351,153 @@ class InductiveKGAT:
                 x = conv(x, model.adjacency)
                 self.layer_inputs.append(x)
             self.user_vectors, self.item_vectors = (t.detach() for t in model.embeddings())
+        self.num_users, self.num_items = int(model.num_users), int(model.num_items)
+        self.num_nodes, self.num_relations = int(model.num_nodes), int(model.num_relations)
+        self.node_offset = 0  # layer_inputs rows are CKG node ids
+        self.relation_weight = model.relation_weight.detach()
+        self.relation_embedding = model.relation_embedding.weight.detach()
+        self.convs = model.convs
+        self.use_attention = bool(model.use_attention)
+        self._mean: Tensor | None = None
         self._regression: Tensor | None = None
+
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        num_users: int,
+        num_items: int,
+        num_nodes: int,
+        relation_weight: Tensor,
+        relation_embedding: Tensor,
+        convs: Sequence[torch.nn.Module],
+        layer_inputs: Sequence[Tensor],
+        use_attention: bool,
+        item_mean: Tensor,
+        regression: Tensor | None = None,
+        node_offset: int | None = None,
+        ridge: float = 0.1,
+    ) -> InductiveKGAT:
+        """An instance without the KGAT module or its graph: ``layer_inputs[l]`` holds the layer-``l``
+        inputs of CKG nodes ``node_offset ..< num_nodes`` (default offset: ``num_users``), ``convs``
+        the trained :class:`~kgrec.models.layers.kgat_conv.KGATConv` layers (put in eval mode),
+        ``item_mean`` the prior mean ego and ``regression`` the ``regress`` map (both as
+        :meth:`state_dict` stores them; without ``regression`` the ``regress`` estimate raises)."""
+        self = cls.__new__(cls)
+        self.model = None
+        self.ridge = float(ridge)
+        self.num_users, self.num_items, self.num_nodes = int(num_users), int(num_items), int(num_nodes)
+        self.num_relations = int(relation_weight.shape[0])
+        self.node_offset = self.num_users if node_offset is None else int(node_offset)
+        self.layer_inputs = [t.detach() for t in layer_inputs]
+        rows = self.num_nodes - self.node_offset
+        if len(self.layer_inputs) != len(convs) or any(t.shape[0] != rows for t in self.layer_inputs):
+            raise ValueError(f"expected {len(convs)} layer inputs of {rows} rows (nodes {self.node_offset}.."
+                             f"{self.num_nodes - 1}), got {[tuple(t.shape) for t in self.layer_inputs]}")
+        self.relation_weight = relation_weight.detach()
+        self.relation_embedding = relation_embedding.detach()
+        self.convs = torch.nn.ModuleList(convs).eval()
+        self.use_attention = bool(use_attention)
+        self.user_vectors = self.item_vectors = None
+        self._mean = item_mean.detach().reshape(-1)
+        self._regression = None if regression is None else regression.detach()
+        return self
+
+    # -------------------------------------------------------------- save / load
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """``(tensors, config)``: everything :meth:`from_state_dict` needs to embed items without the
+        model (CPU tensors: the item and entity rows of the layer inputs, relation embeddings and
+        projections, the layers' weights, the prior mean and the ``regress`` map, fitted here if
+        it was not yet; ``config``: JSON-able sizes and settings)."""
+        start = self.num_users - self.node_offset  # row of the first item node
+        tensors: dict[str, Tensor] = {
+            "relation_weight": self.relation_weight,
+            "relation_embedding": self.relation_embedding,
+            "item_mean": self._item_mean(),
+            "regression": self._regression_map(),
+        }
+        for layer, x in enumerate(self.layer_inputs):
+            tensors[f"layer_input.{layer}"] = x[start:]
+        for layer, conv in enumerate(self.convs):
+            for key, value in conv.state_dict().items():
+                tensors[f"conv.{layer}.{key}"] = value
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        first = self.convs[0]
+        config = {
+            "class": type(self).__name__,
+            "num_users": self.num_users,
+            "num_items": self.num_items,
+            "num_nodes": self.num_nodes,
+            "num_relations": self.num_relations,
+            "dims": [int(c.in_channels) for c in self.convs] + [int(self.convs[-1].out_channels)],
+            "aggregator": str(first.aggregator),
+            "negative_slope": float(first.negative_slope),
+            "use_attention": self.use_attention,
+            "ridge": self.ridge,
+        }
+        return tensors, config
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor], config: dict) -> InductiveKGAT:
+        """The inverse of :meth:`state_dict` (layers rebuilt with the saved sizes, no dropout)."""
+        dims = [int(d) for d in config["dims"]]
+        convs = []
+        for layer in range(len(dims) - 1):
+            conv = KGATConv(dims[layer], dims[layer + 1], config["aggregator"], dropout=0.0,
+                            negative_slope=float(config.get("negative_slope", 0.2)))
+            prefix = f"conv.{layer}."
+            conv.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            convs.append(conv)
+        return cls.from_parts(
+            num_users=int(config["num_users"]), num_items=int(config["num_items"]),
+            num_nodes=int(config["num_nodes"]), relation_weight=tensors["relation_weight"],
+            relation_embedding=tensors["relation_embedding"], convs=convs,
+            layer_inputs=[tensors[f"layer_input.{layer}"] for layer in range(len(convs))],
+            use_attention=bool(config["use_attention"]), item_mean=tensors["item_mean"],
+            regression=tensors.get("regression"), ridge=float(config.get("ridge", 0.1)),
+        )
 
     @property
     def device(self) -> torch.device:
-        return self.model.node_embedding.weight.device
+        return self.relation_weight.device
+
+    @property
+    def dim(self) -> int:
+        """Size of the retrieval vectors :meth:`embed` returns."""
+        return int(self.convs[0].in_channels) + sum(int(c.out_channels) for c in self.convs)
 
     # -------------------------------------------------------------- facts
     def _pack(self, facts_per_item: Sequence[Facts]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(owner, relation, row)`` of every fact; ``row`` is the fact node's row of the layer
+        inputs (its CKG id minus ``node_offset``)."""
         owner, rel, node = [], [], []
-        m = self.model
         for b, facts in enumerate(facts_per_item):
             for r, t in facts:
-                if not 2 <= int(r) < m.num_relations:
+                if not 2 <= int(r) < self.num_relations:
                     raise ValueError(
-                        f"fact relation {r} is not a KG relation id of the CKG (2..{m.num_relations - 1})"
+                        f"fact relation {r} is not a KG relation id of the CKG (2..{self.num_relations - 1})"
                     )
-                if not m.num_users <= int(t) < m.num_nodes:
+                if not self.num_users <= int(t) < self.num_nodes:
                     raise ValueError(f"fact node {t} is not an item or entity node of the CKG")
                 owner.append(b)
                 rel.append(int(r))
-                node.append(int(t))
+                node.append(int(t) - self.node_offset)
         as_t = lambda v: torch.tensor(v, dtype=torch.int64, device=self.device)  # noqa: E731
         return as_t(owner), as_t(rel), as_t(node)
 
     # -------------------------------------------------------------- ego estimates
     def _item_mean(self) -> Tensor:
         """Mean ego of the graph's items with at least one interaction edge (the prior mean)."""
-        m = self.model
-        head, etype = m.edge_index[0], m.edge_type
-        items = torch.unique(head[etype == 1])  # rev_interact: item -> user, heads are items
-        ego = self.layer_inputs[0]
-        if items.numel() == 0:
-            return ego[m.num_users : m.num_users + m.num_items].mean(0)
-        return ego[items].mean(0)
+        if self._mean is None:
+            m = self.model
+            head, etype = m.edge_index[0], m.edge_type
+            items = torch.unique(head[etype == 1])  # rev_interact: item -> user, heads are items
+            ego = self.layer_inputs[0]
+            if items.numel() == 0:
+                self._mean = ego[m.num_users : m.num_users + m.num_items].mean(0)
+            else:
+                self._mean = ego[items].mean(0)
+        return self._mean
 
     def _neighbour_mean(self, owner: Tensor, node: Tensor, n: int) -> tuple[Tensor, Tensor]:
         ego = self.layer_inputs[0]
@@ -385,19 +506,19 @@ class InductiveKGAT:
         return total / count.clamp(min=1).unsqueeze(1), count
 
     def _transr_ego(self, owner: Tensor, rel: Tensor, node: Tensor, n: int) -> Tensor:
-        m = self.model
-        w, e_r, ego = m.relation_weight.detach(), m.relation_embedding.weight.detach(), self.layer_inputs[0]
+        w, e_r, ego = self.relation_weight, self.relation_embedding, self.layer_inputs[0]
+        num_relations = self.num_relations
         d = ego.size(1)
-        inv = torch.arange(m.num_relations, device=w.device) ^ 1  # 2 + 2r <-> 3 + 2r
+        inv = torch.arange(num_relations, device=w.device) ^ 1  # 2 + 2r <-> 3 + 2r
         # Per relation: G_r = W_r W_r^T + W_rbar W_rbar^T [R, d, d] and c_r = -e_r W_r^T + e_rbar W_rbar^T;
         # a fact (r, t) adds G_r to the normal matrix and e_t G_r + c_r to the right-hand side.
         w_t = w.transpose(1, 2)
         gram = w @ w_t + w[inv] @ w_t[inv]
         const = -torch.einsum("rk,rdk->rd", e_r, w) + torch.einsum("rk,rdk->rd", e_r[inv], w[inv])
         rhs = relation_project(ego[node], rel, gram) + const[rel]  # [F, d], grouped by relation
-        per_item = torch.zeros(n, m.num_relations, dtype=torch.float64, device=ego.device)
+        per_item = torch.zeros(n, num_relations, dtype=torch.float64, device=ego.device)
         per_item.index_put_((owner, rel), torch.ones_like(owner, dtype=torch.float64), accumulate=True)
-        a = (per_item @ gram.reshape(m.num_relations, d * d).double()).view(n, d, d)
+        a = (per_item @ gram.reshape(num_relations, d * d).double()).view(n, d, d)
         b = torch.zeros(n, d, dtype=torch.float64, device=ego.device).index_add_(0, owner, rhs.double())
         # ridge: `ridge` times the mean eigenvalue of the normal matrix, towards the prior mean
         lam = self.ridge * torch.diagonal(a, dim1=1, dim2=2).sum(1) / d
@@ -411,6 +532,9 @@ class InductiveKGAT:
     def _fit_regression(self) -> Tensor:
         """Ridge map ``[mean neighbour ego, 1] -> ego`` over the interacted items with KG edges."""
         m = self.model
+        if m is None:
+            raise ValueError("this InductiveKGAT has no model to fit the 'regress' estimate on, and "
+                             "none was stored with it")
         head, tail, etype = m.edge_index[0], m.edge_index[1], m.edge_type
         u, i = m.num_users, m.num_items
         interacted = torch.zeros(m.num_nodes, dtype=torch.bool, device=head.device)
@@ -426,6 +550,11 @@ class InductiveKGAT:
         reg[-1, -1] = 0.0  # no penalty on the bias
         return torch.linalg.solve(gram + reg, x.T @ y)
 
+    def _regression_map(self) -> Tensor:
+        if self._regression is None:
+            self._regression = self._fit_regression()
+        return self._regression
+
     def ego_estimate(self, facts_per_item: Sequence[Facts], ego: EgoEstimate = "transr") -> Tensor:
         """Layer-0 estimates ``[B, d0]`` of items from their facts (module docstring)."""
         owner, rel, node = self._pack(facts_per_item)
@@ -439,11 +568,10 @@ class InductiveKGAT:
             mean, count = self._neighbour_mean(owner, node, n)
             return torch.where(count.unsqueeze(1) > 0, mean, self._item_mean().expand(n, -1))
         if ego == "regress":
-            if self._regression is None:
-                self._regression = self._fit_regression()
+            regression = self._regression_map()
             mean, count = self._neighbour_mean(owner, node, n)
             x = torch.cat([mean, torch.ones(n, 1, device=mean.device)], 1).double()
-            out = (x @ self._regression).to(mean.dtype)
+            out = (x @ regression).to(mean.dtype)
             return torch.where(count.unsqueeze(1) > 0, out, self._item_mean().expand(n, -1))
         if ego == "transr":
             return self._transr_ego(owner, rel, node, n)
@@ -456,7 +584,6 @@ class InductiveKGAT:
         (each a sequence of ``(CKG relation, CKG node)``; an item may have none: it then gets its
         ego and the layers' output for an empty neighbourhood). ``ego``: an estimate name or the
         layer-0 embeddings ``[B, d0]`` themselves."""
-        m = self.model
         n = len(facts_per_item)
         owner, rel, node = self._pack(facts_per_item)
         if isinstance(ego, Tensor):
@@ -464,8 +591,8 @@ class InductiveKGAT:
         else:
             e_h = self._ego(owner, rel, node, n, ego)
         # attention (Eq. 4-5) from the ego embeddings, softmax over each item's facts
-        if m.use_attention and owner.numel():
-            w, e_r = m.relation_weight, m.relation_embedding.weight
+        if self.use_attention and owner.numel():
+            w, e_r = self.relation_weight, self.relation_embedding
             proj_t = relation_project(self.layer_inputs[0][node], rel, w)
             proj_h = relation_project(e_h[owner], rel, w)
             scores = (proj_t * torch.tanh(proj_h + e_r[rel])).sum(-1)
@@ -475,7 +602,7 @@ class InductiveKGAT:
             att = 1.0 / deg[owner]
         x = e_h
         outs = [e_h]
-        for conv, layer_input in zip(m.convs, self.layer_inputs):
+        for conv, layer_input in zip(self.convs, self.layer_inputs):
             neigh = torch.zeros(n, layer_input.size(1), device=x.device, dtype=x.dtype)
             neigh.index_add_(0, owner, att.unsqueeze(1) * layer_input[node])
             x = conv(x, _Fixed(neigh))
@@ -486,6 +613,8 @@ class InductiveKGAT:
         self, items: np.ndarray, facts_per_item: Sequence[Facts], ego: EgoEstimate | Tensor = "transr"
     ) -> Tensor:
         """The model's item vectors with the rows of ``items`` replaced by their inductive vectors."""
+        if self.item_vectors is None:
+            raise ValueError("item_matrix needs the model's item vectors: build InductiveKGAT(model)")
         out = self.item_vectors.clone()
         if len(items):
             out[torch.as_tensor(np.asarray(items, dtype=np.int64), device=out.device)] = self.embed(
@@ -517,10 +646,11 @@ def choose_ego(
     (A proxy: the re-embedded warm items are still nodes of the graph, so their neighbours' cached
     states carry a little of their interactions.)
     ``kg``: the triples to take the facts from (default ``data.snapshot.kg``)."""
-    m = inductive.model
+    if inductive.model is None:
+        raise ValueError("choose_ego needs an InductiveKGAT built from the model (its user and item vectors)")
     kg = data.snapshot.kg if kg is None else kg
     warm = np.flatnonzero(np.diff(sp.csc_matrix(data.train).indptr) > 0)
-    facts = facts_by_item(kg, warm, m.num_users)
+    facts = facts_by_item(kg, warm, inductive.num_users)
     keep = np.array([len(f) > 0 for f in facts], dtype=bool)
     items, facts = warm[keep], [f for f, k_ in zip(facts, keep) if k_]
     figures = {}

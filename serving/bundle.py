@@ -27,6 +27,8 @@ only ``_write_payload``, ``_read_payload`` and their checks:
     item_embeddings.npy   float32 [I, d]
     seen.npz              scipy CSR users x items of every known positive (excluded at serving time)
     explain/              optional attention-weighted CKG (:class:`kgrec.models.explain.AttentionGraph`)
+    inductive/            optional (KGAT): what embeds an item posted after training
+                          (:class:`kgrec.serving.inductive.ItemEmbedder`, ``POST /v1/items``)
     index/                optional faiss index (``kgrec.serving.index``), added after writing
 
 * ``"multi_interest"``: :class:`kgrec.serving.multi_interest.MultiInterestBundle`;
@@ -49,6 +51,7 @@ import scipy.sparse as sp
 from kgrec.models.explain import AttentionGraph
 from kgrec.serving import integrity
 from kgrec.serving.files import atomic_directory
+from kgrec.serving.inductive import INDUCTIVE_DIRNAME, ItemEmbedder
 from kgrec.serving.integrity import MANIFEST_FILE as MANIFEST_FILE  # re-exported: bundle names kept
 from kgrec.serving.integrity import MANIFEST_VERSION as MANIFEST_VERSION
 from kgrec.serving.integrity import IntegrityError
@@ -312,6 +315,8 @@ class RetrievalBundle(Bundle):
     items: pl.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
     attention_graph: AttentionGraph | None = None
+    #: KGAT bundles: the inductive embedding of items posted after training (None: cannot embed new items)
+    inductive: ItemEmbedder | None = None
 
     def __post_init__(self) -> None:
         self.user_embeddings = np.ascontiguousarray(self.user_embeddings, dtype=np.float32)
@@ -353,6 +358,13 @@ class RetrievalBundle(Bundle):
                 f"attention graph covers {graph.num_users} users x {graph.num_items} items, "
                 f"embeddings {ue.shape[0]} x {ie.shape[0]}"
             )
+        embedder = self.inductive
+        if embedder is not None and (embedder.num_users, embedder.num_items, embedder.dim) != (
+                ue.shape[0], ie.shape[0], ie.shape[1]):
+            raise BundleError(
+                f"inductive embedder covers {embedder.num_users} users x {embedder.num_items} items with "
+                f"vectors of dim {embedder.dim}, the embeddings {ue.shape[0]} x {ie.shape[0]} of dim {ie.shape[1]}"
+            )
 
     # ------------------------------------------------------------------ io
     def _write_payload(self, directory: Path) -> None:
@@ -361,6 +373,8 @@ class RetrievalBundle(Bundle):
         sp.save_npz(directory / "seen.npz", self.seen.tocsr(), compressed=True)
         if self.attention_graph is not None:
             self.attention_graph.save(directory / EXPLAIN_DIRNAME)
+        if self.inductive is not None:
+            self.inductive.save(directory / INDUCTIVE_DIRNAME)
 
     @classmethod
     def _read_payload(
@@ -373,4 +387,6 @@ class RetrievalBundle(Bundle):
         seen = sp.load_npz(directory / "seen.npz").tocsr()
         explain = directory / EXPLAIN_DIRNAME
         graph = AttentionGraph.load(explain) if explain.is_dir() else None
-        return cls(ue, ie, seen, users, items, meta, attention_graph=graph)
+        inductive = directory / INDUCTIVE_DIRNAME
+        embedder = ItemEmbedder.load(inductive) if inductive.is_dir() else None
+        return cls(ue, ie, seen, users, items, meta, attention_graph=graph, inductive=embedder)

@@ -13,12 +13,24 @@ Two entry points:
 
 Per-request work is one index search plus O(k + |seen|) Python/numpy work: ids are resolved through
 dicts and lists built once at construction, never through polars.
+
+Posted items (``POST /v1/items``, :meth:`CandidateService.add_items`): items added after training
+live in a second, exact segment of the live index -- their vectors, ids and names in one immutable
+:class:`_Posted` object that an addition replaces whole (copy-on-write, one attribute assignment), at
+``item_idx`` ``n_catalogue ..``. A search takes the segment once, asks the catalogue's faiss index
+for its top items exactly as before, scores every posted item exactly (``vectors @ q``: a few
+thousand items cost microseconds) and merges the two lists; no user has seen a posted item, so the
+seen-item filter never removes one. The published faiss index is never modified in memory: a faiss
+``add`` is not safe against a concurrent search, and the service may search from several threads
+(a reload's smoke queries, the fast lane, the pyfunc) while an item is added, whereas the segment
+swap is. Without posted items the search path is the one it always was.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import ChainMap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,30 +38,14 @@ from typing import Any, NamedTuple
 import faiss
 import numpy as np
 from kgrec.serving.bundle import RetrievalBundle, id_lookup
+from kgrec.serving.errors import QUOTE_LIMIT as QUOTE_LIMIT  # re-exported: request errors live in errors.py
+from kgrec.serving.errors import CandidateError as CandidateError
+from kgrec.serving.errors import quote_input as quote_input
 from kgrec.serving.index import index_kind, index_over
 
 # Larger searches than this go straight to an exact numpy scan (cheaper than a huge ANN k).
 _MAX_INDEX_K = 4096
-
-
-#: The most characters of a client's input an error message quotes.
-QUOTE_LIMIT = 200
-
-
-def quote_input(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """``repr`` of a client-supplied value, cut to ``limit`` characters (a 1 MB id is not echoed)."""
-    text = str(value)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
-class CandidateError(Exception):
-    """Base class of request errors; ``status_code`` is the HTTP status the service answers."""
-
-    status_code = 422
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 class InvalidRequestError(CandidateError):
@@ -151,6 +147,22 @@ class CandidateResult:
         return {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    """The posted-items segment: rows ``n_catalogue + j``; replaced whole by every addition."""
+
+    vectors: np.ndarray  # float32 [m, d]
+    ids: list[str]
+    names: list[str | None]
+    index: dict[str, int]  # raw id -> item_idx (n_catalogue + j)
+
+
+class DuplicateItemError(CandidateError):
+    """The item id is in the catalogue or was posted already: 409."""
+
+    status_code = 409
+
+
 class CandidateService:
     supports_merge = False  # one query vector per user: no per-interest lists to merge
 
@@ -181,11 +193,60 @@ class CandidateService:
         self._item_ids: list[str] = items["item_id"].to_list()
         self._item_names: list[str | None] = items["name"].to_list()
         self._item_index: dict[str, int] = dict(zip(self._item_ids, range(len(self._item_ids))))
+        self._n_base = bundle.n_items  # the trained catalogue; posted items follow it
+        self._posted: _Posted | None = None
+        self._add_lock = threading.Lock()
 
     # ------------------------------------------------------------------ introspection
     @property
     def n_items(self) -> int:
-        return self.bundle.n_items
+        """Items served: the trained catalogue plus the posted items."""
+        posted = self._posted
+        return self._n_base + (0 if posted is None else len(posted.ids))
+
+    @property
+    def n_posted(self) -> int:
+        posted = self._posted
+        return 0 if posted is None else len(posted.ids)
+
+    @property
+    def item_embedder(self) -> Any:
+        """The bundle's :class:`~kgrec.serving.inductive.ItemEmbedder` (KGAT), else None: the model
+        cannot embed items posted after training."""
+        return getattr(self.bundle, "inductive", None)
+
+    def in_catalogue(self, item_id: str) -> bool:
+        """Whether ``item_id`` is an item of the trained catalogue (not a posted one)."""
+        return item_id in self._item_index
+
+    def has_item(self, item_id: str) -> bool:
+        """Whether ``item_id`` is in the catalogue or was posted."""
+        posted = self._posted
+        return item_id in self._item_index or (posted is not None and item_id in posted.index)
+
+    def add_items(self, item_ids: Sequence[str], names: Sequence[str | None], vectors: np.ndarray) -> list[int]:
+        """Add items to the live index (the posted segment, module docstring); returns their
+        ``item_idx``. Searches running meanwhile see the segment before or after, whole. Raises
+        :class:`DuplicateItemError` when an id is known (nothing is added then)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(item_ids), -1)
+        if vectors.shape[1] != self._item_emb.shape[1]:
+            raise ValueError(f"posted vectors have dim {vectors.shape[1]}, the index {self._item_emb.shape[1]}")
+        ids = [str(i) for i in item_ids]
+        with self._add_lock:
+            known = [i for i in ids if self.has_item(i)]
+            if known or len(set(ids)) != len(ids):
+                raise DuplicateItemError(f"item {quote_input(known[0] if known else ids[0], 80)} is already "
+                                         "in the catalogue or was posted already")
+            posted = self._posted
+            start = self.n_items
+            if posted is None:
+                posted = _Posted(vectors, ids, list(names), {})
+            else:
+                posted = _Posted(np.concatenate([posted.vectors, vectors]), posted.ids + ids,
+                                 posted.names + list(names), dict(posted.index))
+            posted.index.update(zip(ids, range(start, start + len(ids))))
+            self._posted = posted  # one assignment: searches see the old or the new segment
+        return list(range(start, start + len(ids)))
 
     @property
     def n_users(self) -> int:
@@ -207,17 +268,20 @@ class CandidateService:
         k = self._check_k(k)
         u = self._resolve_user(user_id)
         seen = self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
-        idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
-        return self._result(idx, scores, user_id=user_id)
+        posted = self._posted
+        idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen, posted)
+        return self._result(idx, scores, user_id=user_id, posted=posted)
 
     def for_history(self, item_ids: Iterable[str | int], k: int = 100) -> CandidateResult:
         """Top-``k`` items for an unseen user given raw item ids (mean-vector fold-in)."""
         k = self._check_k(k)
-        ordered, unknown = resolve_history(item_ids, self._item_index)
+        posted = self._posted
+        lookup = self._item_index if posted is None else ChainMap(self._item_index, posted.index)
+        ordered, unknown = resolve_history(item_ids, lookup)  # type: ignore[arg-type]
         history = np.unique(ordered)
-        query = self._item_emb[history].mean(axis=0, keepdims=True)
-        idx, scores = self._top_k(query, k, history)
-        return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)))
+        query = self._vectors(history, posted).mean(axis=0, keepdims=True)
+        idx, scores = self._top_k(query, k, history, posted)
+        return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)), posted=posted)
 
     def for_users(
         self, user_ids: Sequence[str], k: int = 20, batch_size: int = 1024
@@ -238,7 +302,8 @@ class CandidateService:
             return out
         us = np.asarray([rows[i] for i in known], dtype=np.int64)
         n_seen = self._seen_indptr[us + 1] - self._seen_indptr[us]
-        k_search = int(min(self.n_items, k + int(n_seen.max())))
+        posted = self._posted
+        k_search = int(min(self._n_base, k + int(n_seen.max())))
         batch_ok = k_search <= _MAX_INDEX_K
         if batch_ok:
             self._ensure_threads(None)  # batch: let faiss use its threads
@@ -247,11 +312,13 @@ class CandidateService:
             seen = self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
             if batch_ok:
                 idx, scores = self._filter(I[pos], D[pos], seen, k)
-                if idx.shape[0] < min(k, self.n_items - seen.shape[0]):
-                    idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
+                if idx.shape[0] < min(k, self._n_base - seen.shape[0]):
+                    idx, scores = self._top_k_catalogue(self._user_emb[u : u + 1], k, seen)
             else:
-                idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen)
-            out[i] = self._result(idx, scores, user_id=user_ids[i])
+                idx, scores = self._top_k_catalogue(self._user_emb[u : u + 1], k, seen)
+            if posted is not None:
+                idx, scores = self._merge_posted(posted, self._user_emb[u], idx, scores, k, _NONE)
+            out[i] = self._result(idx, scores, user_id=user_ids[i], posted=posted)
         return out
 
     def explain(self, user_id: str, item_id: str, max_paths: int = 5) -> dict[str, Any]:
@@ -265,6 +332,11 @@ class CandidateService:
         user = self._resolve_user(user_id)
         item = self._item_index.get(str(item_id))
         if item is None:
+            posted = self._posted
+            if posted is not None and str(item_id) in posted.index:
+                raise ExplanationUnavailableError(
+                    f"item {quote_input(item_id, 80)} was posted after training: the trained graph has no "
+                    "paths to it")
             raise UnknownItemError(str(item_id))
         paths = graph.explain(user, item, max_paths=max_paths)
         return {
@@ -316,8 +388,42 @@ class CandidateService:
             faiss.omp_set_num_threads(want)
             self._tls.threads = want
 
-    def _top_k(self, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = self.n_items
+    def _top_k(
+        self, query: np.ndarray, k: int, exclude: np.ndarray, posted: _Posted | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` of the catalogue and the posted segment, ``exclude`` (sorted) left out."""
+        if posted is None:
+            return self._top_k_catalogue(query, k, exclude)
+        cut = int(np.searchsorted(exclude, self._n_base))
+        idx, scores = self._top_k_catalogue(query, k, exclude[:cut])
+        return self._merge_posted(posted, query[0], idx, scores, k, exclude[cut:] - self._n_base)
+
+    def _merge_posted(
+        self, posted: _Posted, q: np.ndarray, idx: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The catalogue's best (``idx``, ``scores``: its top unseen items, at least ``k`` of them or
+        all there are) merged with every posted item scored exactly, best ``k``; ties keep the
+        catalogue item first."""
+        p_scores = posted.vectors @ np.asarray(q, dtype=np.float32)
+        p_idx = np.arange(self._n_base, self._n_base + p_scores.shape[0], dtype=np.int64)
+        if exclude.shape[0]:
+            keep = np.ones(p_scores.shape[0], dtype=bool)
+            keep[exclude] = False
+            p_idx, p_scores = p_idx[keep], p_scores[keep]
+        all_idx = np.concatenate([idx.astype(np.int64, copy=False), p_idx])
+        all_scores = np.concatenate([scores.astype(np.float32, copy=False), p_scores.astype(np.float32)])
+        order = np.argsort(-all_scores, kind="stable")[:k]
+        return all_idx[order], all_scores[order]
+
+    def _vectors(self, idx: np.ndarray, posted: _Posted | None) -> np.ndarray:
+        if posted is None or not idx.shape[0] or idx[-1] < self._n_base:  # idx sorted
+            return self._item_emb[idx]
+        cut = int(np.searchsorted(idx, self._n_base))
+        return np.concatenate([self._item_emb[idx[:cut]], posted.vectors[idx[cut:] - self._n_base]])
+
+    def _top_k_catalogue(self, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` items of the trained catalogue (its faiss index), ``exclude`` left out."""
+        n = self._n_base
         target = min(k, n - exclude.shape[0])
         if target <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
@@ -353,7 +459,7 @@ class CandidateService:
         scores = self._item_emb @ q
         if exclude.shape[0]:
             scores[exclude] = -np.inf
-        n_ok = self.n_items - exclude.shape[0]
+        n_ok = self._n_base - exclude.shape[0]
         k = min(k, n_ok)
         if k < scores.shape[0]:
             top = np.argpartition(-scores, k - 1)[:k]
@@ -368,14 +474,22 @@ class CandidateService:
         scores: np.ndarray,
         user_id: str | None = None,
         unknown_item_ids: list[str] | None = None,
+        posted: _Posted | None = None,
     ) -> CandidateResult:
         ids, names = self._item_ids, self._item_names
         il = idx.tolist()
+        n = self._n_base
+        if posted is None or not il or max(il) < n:
+            item_ids, item_names = [ids[i] for i in il], [names[i] for i in il]
+        else:
+            p_ids, p_names = posted.ids, posted.names
+            item_ids = [ids[i] if i < n else p_ids[i - n] for i in il]
+            item_names = [names[i] if i < n else p_names[i - n] for i in il]
         return CandidateResult(
             item_idx=idx,
             scores=scores,
-            item_ids=[ids[i] for i in il],
-            names=[names[i] for i in il],
+            item_ids=item_ids,
+            names=item_names,
             user_id=user_id,
             unknown_item_ids=unknown_item_ids or [],
         )

@@ -2,7 +2,8 @@
 
 * :func:`export_bundle` -- the artefact of a :class:`~kgrec.models.tracking.experiment.Trained`
   model, by its artefact kind: an embedding retriever's :class:`RetrievalBundle`, a sequential
-  model's :class:`MultiInterestBundle`, a ranker's :class:`RankerBundle`.
+  model's :class:`MultiInterestBundle`, a ranker's :class:`RankerBundle`. A KGAT bundle also
+  carries what embeds an item posted after training (:func:`item_embedder`, ``inductive/``).
 * :func:`register_bundle` -- log a bundle as an MLflow pyfunc model (models from code, named
   after the model: :func:`kgrec.serving.pyfunc.log_bundle_model`) in its run and register it as
   a version linked to that logged model, tagged with its kind and selection metric.
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from kgrec.features.sequences import ordered_sequences, raw_id_order
 from kgrec.features.snapshot import Snapshot
+from kgrec.models.cold_start import InductiveKGAT, choose_ego
 from kgrec.models.explain import attention_graph_of
+from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.tracking import plots
 from kgrec.models.tracking.experiment import Trained
 from kgrec.models.tracking.registry import (
@@ -36,6 +39,7 @@ from kgrec.models.tracking.registry import (
 )
 from kgrec.serving.bundle import RetrievalBundle, bundle_kind, id_lookup, read_meta
 from kgrec.serving.champion import open_service
+from kgrec.serving.inductive import ItemEmbedder
 from kgrec.serving.multi_interest import MultiInterestBundle
 from kgrec.serving.publish import publish_index
 from kgrec.serving.pyfunc import log_bundle_model
@@ -53,6 +57,34 @@ def _identity(trained: Trained, snapshot: Snapshot) -> dict[str, object]:
     return {"model": trained.name, "run_id": trained.run_id, "dataset": snapshot.name, "snapshot_hash": snapshot.hash}
 
 
+#: choose_ego re-embeds every warm item four times and ranks the validation users: up to this many
+#: items that is seconds; above it the export takes the "regress" estimate without a selection.
+CHOOSE_EGO_MAX_ITEMS = 100_000
+DEFAULT_EGO = "regress"
+
+
+def item_embedder(model: object, data: object) -> ItemEmbedder | None:
+    """What a KGAT bundle stores to embed posted items (:mod:`kgrec.serving.inductive`), None for
+    other models (no inductive path) or data without a knowledge graph. The ego estimate is picked
+    on validation (:func:`~kgrec.models.cold_start.choose_ego`) up to :data:`CHOOSE_EGO_MAX_ITEMS`
+    items, else :data:`DEFAULT_EGO`; which one and how are recorded."""
+    snapshot = getattr(data, "snapshot", None)
+    if not isinstance(model, KGAT) or snapshot is None or snapshot.n_relations == 0:
+        return None
+    if model.num_relations != 2 + 2 * snapshot.n_relations or model.num_items != snapshot.n_items:
+        logger.warning("KGAT's graph does not match the snapshot's KG: its bundle cannot embed new items")
+        return None
+    inductive = InductiveKGAT(model)
+    info: dict[str, object]
+    if snapshot.n_items <= CHOOSE_EGO_MAX_ITEMS and getattr(data, "valid", None) is not None and data.valid.nnz:
+        ego, figures = choose_ego(inductive, data)
+        info = {"ego_selection": "validation", "ego_valid_recall@20": figures}
+    else:
+        ego, info = DEFAULT_EGO, {"ego_selection": "default"}
+    logger.info("KGAT bundle: posted items are embedded with the %r ego estimate (%s)", ego, info["ego_selection"])
+    return ItemEmbedder.from_model(inductive, snapshot, ego, info)
+
+
 def _embedding_bundle(trained: Trained, target: Path) -> Path:
     data = trained.inputs
     if data.snapshot is None:
@@ -60,14 +92,18 @@ def _embedding_bundle(trained: Trained, target: Path) -> Path:
     with torch.no_grad():
         user_emb, item_emb = trained.model.embeddings()
     snapshot = data.snapshot
+    embedder = item_embedder(trained.model, data)
+    inductive_meta = {} if embedder is None else {"item_embedding": embedder.describe()}
     RetrievalBundle(
         user_embeddings=user_emb.detach().cpu().numpy().astype(np.float32),
         item_embeddings=item_emb.detach().cpu().numpy().astype(np.float32),
         seen=(data.train + data.valid + data.test).tocsr(),
         users=snapshot.users.select("user_id", "user_idx"),
         items=snapshot.items.select("item_id", "item_idx", "name"),
-        meta={**_identity(trained, snapshot), "dim": int(item_emb.shape[1]), **_selection(trained)},
+        meta={**_identity(trained, snapshot), "dim": int(item_emb.shape[1]), **_selection(trained),
+              **inductive_meta},
         attention_graph=attention_graph_of(trained.model, data),
+        inductive=embedder,
     ).write(target)
     return target
 

@@ -35,6 +35,10 @@ Endpoints::
                                                ranking model; both scores and stage timings
     GET  /v1/latency                           per-stage p50/p90/p99 of this worker (a view of the
                                                Prometheus histograms)
+    POST /v1/items {"item_id", "facts": [{"relation", "entity"}], "name"}
+                                               bearer token; add an item after training: its vector
+                                               from its KG facts (KGAT), into the live index and
+                                               the overlay file (201; :mod:`kgrec.serving.overlay`)
 
 The two-stage endpoints need ``load_ranker`` (``() -> (RankerBundle, info)`` or ``None`` for "no
 ranker registered"); without a ranker they answer 503. A ranker that fails to load makes the whole
@@ -48,16 +52,20 @@ candidate then carries ``interest`` (the index of the interest it came from) and
 ``supports_merge`` is false (embedding retrievers) ignore ``merge`` and ``diversity``.
 
 Errors are 4xx JSON, all declared in the OpenAPI schema: ``{"detail": "<message>"}`` for malformed
-JSON 400, missing/wrong token 401, admin without a configured token 403, unknown user or item 404,
+JSON 400, missing/wrong token 401, admin (or item posting) without a configured token 403, unknown
+user or item 404, a posted item that exists already or a model that cannot embed new items 409,
 body over ``max_body_bytes`` 413, model (or ranker) not loaded 503; a 422 (bad ``k`` / ``n`` /
-``merge`` / body, an id over 256 characters, all posted items unknown) has FastAPI's shape
+``merge`` / body, an id over 256 characters, all posted items unknown, a posted fact with an
+unknown relation or entity, no facts or too many) has FastAPI's shape
 ``{"detail": [{"loc", "msg", "type"}], "message": "<one line>"}``. Messages quote at most 200
 characters of the input and no absolute path.
 
 The edge (:mod:`kgrec.serving.middleware`, one pure ASGI middleware): request id (``X-Request-ID``,
 echoed), body limit, metrics, one JSON access-log record per request. Security: ``token`` guards
 ``/admin/*``; ``require_token`` (``kgrec serve`` beyond loopback) guards everything but the health
-probes; CORS is off unless ``cors_origins`` is given.
+probes; CORS is off unless ``cors_origins`` is given. ``POST /v1/items`` changes the catalogue for
+good (its overlay is merged into the next training run), so it is guarded like ``/admin/*``: the
+token always, loopback or not.
 
 Structure: the endpoints live on module-level routers (``retrieval``, ``two_stage``, ``admin``,
 ``ops``, ``health``) that ``create_app`` includes, hot routes first (routes are matched in order).
@@ -123,7 +131,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kgrec.models.tracking.settings import registered_ranker_name
 from kgrec.serving.bundle import INDEX_DIRNAME
 from kgrec.serving.cache import ServeCache
-from kgrec.serving.candidates import QUOTE_LIMIT, CandidateError
+from kgrec.serving.candidates import QUOTE_LIMIT, CandidateError, InvalidRequestError
 from kgrec.serving.champion import RegisteredModel, RegisteredRanker, open_service
 from kgrec.serving.errors import ServiceUnavailable
 from kgrec.serving.index import load_index
@@ -131,7 +139,13 @@ from kgrec.serving.metrics import MULTIPROC_ENV, ServiceMetrics
 from kgrec.serving.middleware import RequestEdge, configure_logging, request_id_var
 from kgrec.serving.protocols import Retriever
 from kgrec.serving.ranking import TwoStageService
-from kgrec.serving.settings import DEFAULT_MAX_BODY_BYTES, MAX_ID_LENGTH, SETTINGS_ENV, ServeSettings
+from kgrec.serving.settings import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_ITEM_FACTS,
+    MAX_ID_LENGTH,
+    SETTINGS_ENV,
+    ServeSettings,
+)
 from kgrec.serving.state import Loader, RankerLoader, Served, ServingState, public_message
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, with_config
 from starlette.exceptions import HTTPException
@@ -159,6 +173,31 @@ class HistoryRequest(BaseModel):
     k: int = Field(100, ge=1, le=MAX_K)
     merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
     diversity: float | None = Field(None, ge=0.0, le=MAX_DIVERSITY)  # lambda of merge="controllable"
+
+
+IdText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+#: Longest display name of a posted item.
+MAX_NAME_LENGTH = 1000
+
+
+class ItemFact(BaseModel):
+    """One KG fact of a posted item: a relation name of the served model's KG (the item is the
+    triple's head; ``rev_<name>``: its tail) and an entity id of that KG (or an item's linked entity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    relation: IdText
+    entity: IdText
+
+
+class NewItem(BaseModel):
+    """Body of ``POST /v1/items``: the new item's raw id, its KG facts, an optional display name."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    item_id: IdText
+    facts: list[ItemFact]  # 1 .. max_item_facts, checked by the handler (the limit is a setting)
+    name: Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH)] | None = None
 
 
 # ---------------------------------------------------------------------------- response bodies
@@ -335,6 +374,25 @@ class NotReady(TypedDict):
     detail: str
 
 
+class ItemEmbedding(TypedDict, total=False):
+    method: Required[str]  # "inductive_kgat"
+    ego: str  # the layer-0 estimate: "transr" | "mean" | "regress" | "zero"
+    ego_selection: str  # "validation" (chosen at export) | "default"
+    use_attention: bool
+
+
+class PostedItem(TypedDict):
+    """``POST /v1/items`` (201)."""
+
+    item_id: str
+    position: int  # the item's row in this worker's live index (the trained catalogue comes first)
+    n_items: int  # items this worker serves now
+    facts: int  # distinct facts the vector was computed from
+    embedding: ItemEmbedding
+    model: ModelSummary
+    took_ms: float
+
+
 class ReloadReport(TypedDict):
     """``POST /admin/reload``."""
 
@@ -380,6 +438,13 @@ MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     404: _error("unknown user or item"),
     503: _error("no model (or no ranker) loaded"),
 }
+ITEM_ERRORS: dict[int | str, dict[str, Any]] = {
+    **COMMON_ERRORS,
+    401: _error("missing or wrong bearer token"),
+    403: _error("no token configured: posting items is disabled"),
+    409: _error("the item is in the catalogue or was posted already, or the served model cannot embed new items"),
+    503: _error("no model loaded"),
+}
 
 
 # ---------------------------------------------------------------------------- dependencies
@@ -423,14 +488,15 @@ BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bear
 
 class _Auth:
     """``Authorization: Bearer <token>`` check (constant-time); 401 when it is missing or wrong, 403
-    when the service has no token (admin endpoints are then disabled)."""
+    when the service has no token (``what`` -- the admin endpoints, item posting -- is then disabled)."""
 
-    def __init__(self, token: str | None):
+    def __init__(self, token: str | None, what: str = "admin endpoints are"):
         self.token = token
+        self.what = what
 
     async def __call__(self, credentials: BearerCredentials) -> None:
         if self.token is None:
-            raise HTTPException(403, "admin endpoints are disabled: start the service with $KGREC_SERVE_TOKEN "
+            raise HTTPException(403, f"{self.what} disabled: start the service with $KGREC_SERVE_TOKEN "
                                      "or --token-file")
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -636,6 +702,7 @@ ops = APIRouter(tags=["operations"])
 admin = APIRouter(prefix="/admin", tags=["admin"], responses={401: _error("missing or wrong bearer token"),
                                                             403: _error("no token configured")})
 retrieval = APIRouter(prefix="/v1", tags=["retrieval"], responses=MODEL_ERRORS, route_class=FastLaneRoute)
+catalogue = APIRouter(prefix="/v1", tags=["catalogue"], responses=ITEM_ERRORS)
 two_stage = APIRouter(prefix="/v1", tags=["two-stage"], responses=MODEL_ERRORS)
 
 UserId = Annotated[str, PathParam(max_length=MAX_ID_LENGTH, description="raw user id")]
@@ -751,6 +818,38 @@ async def latency(state: State) -> LatencyReport:
     }}
 
 
+class _FactsError(InvalidRequestError):
+    """No facts, or more than the service's limit: 422 at ``body.facts``."""
+
+    loc = ["body", "facts"]
+
+
+@catalogue.post("/items", status_code=201)
+async def post_item(body: NewItem, state: State) -> PostedItem:
+    """Add an item after training: its retrieval vector from its KG facts through the served KGAT's
+    layers (:mod:`kgrec.serving.inductive`), added to the live index at once (candidate answers can
+    return it from this answer on) and appended durably to the version's overlay, which every
+    worker applies and the next training run merges into its data (:mod:`kgrec.serving.overlay`)."""
+    served = state.ready()
+    limit = state.max_item_facts
+    if not body.facts:
+        raise _FactsError("facts must hold at least one {relation, entity} fact")
+    if len(body.facts) > limit:
+        raise _FactsError(f"at most {limit} facts per item, got {len(body.facts)}")
+    t0 = time.perf_counter()
+    facts = [(f.relation, f.entity) for f in body.facts]
+    served, result = await asyncio.to_thread(state.post_item, body.item_id, facts, body.name)
+    return {
+        "item_id": result.item_id,
+        "position": result.position,
+        "n_items": result.n_items,
+        "facts": result.facts,
+        "embedding": result.embedding,
+        "model": served.summary,
+        "took_ms": _took_ms(t0),
+    }
+
+
 @admin.post("/reload")
 async def reload(state: State, force: bool = Query(False, description="reload even if the version is unchanged")
                  ) -> ReloadReport:
@@ -774,7 +873,7 @@ def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def _candidate_error(request: Request, exc: CandidateError) -> JSONResponse:
     if exc.status_code == 422:  # same body as every other 422 (the OpenAPI schema has one)
-        loc = ["body", "item_ids"] if request.method == "POST" else ["query"]
+        loc = exc.loc or (["body", "item_ids"] if request.method == "POST" else ["query"])
         body = _validation_body([{"loc": loc, "msg": exc.message, "type": "value_error"}])
         return JSONResponse(body, status_code=422)
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
@@ -809,22 +908,41 @@ def quote_limit(text: str) -> str:
 
 # ---------------------------------------------------------------------------- app
 @asynccontextmanager
-async def _lifespan(app: FastAPI, *, poll_interval_s: float, fail_fast: bool):
+async def _lifespan(app: FastAPI, *, poll_interval_s: float, fail_fast: bool, overlay_poll_interval_s: float = 0.0):
     state: ServingState = app.state.kgrec
     loaded = state.current is not None or await asyncio.to_thread(state.load)
     if not loaded and fail_fast:
         raise RuntimeError(f"--fail-fast: the model cannot be loaded: {state.error}")
-    poller = None
+    tasks = []
     if poll_interval_s > 0:
-        poller = asyncio.create_task(_poll(state, poll_interval_s), name="kgrec-registry-poll")
+        tasks.append(asyncio.create_task(_poll(state, poll_interval_s), name="kgrec-registry-poll"))
+    if overlay_poll_interval_s > 0 and state.overlay_root is not None:
+        tasks.append(asyncio.create_task(_watch_overlay(state, overlay_poll_interval_s), name="kgrec-overlay-poll"))
     try:
         yield
     finally:
-        if poller is not None:
-            poller.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await poller
+                await task
         state.unload()
+
+
+async def _watch_overlay(state: ServingState, interval: float) -> None:
+    """Every ``interval`` seconds, one ``stat`` of the served version's overlay; when another worker
+    appended to it, its new items are embedded and added in a thread (the event loop keeps answering)."""
+    while True:
+        await asyncio.sleep(interval)
+        served = state.current
+        if served is None or served.items is None or not served.items.changed():
+            continue
+        try:
+            added = await asyncio.to_thread(served.items.catch_up)
+        except Exception:  # a bad read must not stop the watcher; the next tick retries
+            log.exception("could not apply the posted items other workers added")
+            continue
+        if added:
+            log.info("applied %d items posted to other workers", added)
 
 
 async def _poll(state: ServingState, interval: float) -> None:
@@ -848,15 +966,22 @@ def create_app(
     access_log: bool = True,
     torch_threads: int | None = 1,
     fast_lane: bool = True,
+    overlay_root: Path | None = None,
+    max_item_facts: int = DEFAULT_MAX_ITEM_FACTS,
+    overlay_poll_interval_s: float = 1.0,
 ) -> FastAPI:
-    """The service app. ``token``: the bearer token of ``/admin/*`` (admin is disabled without one);
-    ``require_token``: every endpoint but the health probes needs it (a bind beyond loopback);
-    ``poll_interval_s``: how often the loaders are asked for a new version (0: never);
-    ``fast_lane``: False sends every request through FastAPI's parameter handling (the tests compare)."""
+    """The service app. ``token``: the bearer token of ``/admin/*`` and ``POST /v1/items`` (both are
+    disabled without one); ``require_token``: every endpoint but the health probes needs it (a bind
+    beyond loopback); ``poll_interval_s``: how often the loaders are asked for a new version (0:
+    never); ``fast_lane``: False sends every request through FastAPI's parameter handling (the tests
+    compare); ``overlay_root``: the serve cache root where posted items' overlays are kept (None:
+    posting answers 409); ``max_item_facts``: facts per posted item; ``overlay_poll_interval_s``: how
+    often the served version's overlay is checked for other workers' posts (0: never)."""
     metrics = ServiceMetrics()
     app = FastAPI(
         title="kgrec candidates",
-        lifespan=partial(_lifespan, poll_interval_s=poll_interval_s, fail_fast=fail_fast),
+        lifespan=partial(_lifespan, poll_interval_s=poll_interval_s, fail_fast=fail_fast,
+                         overlay_poll_interval_s=overlay_poll_interval_s),
         exception_handlers={
             CandidateError: _candidate_error,
             ServiceUnavailable: _unavailable,
@@ -864,7 +989,9 @@ def create_app(
             Exception: _unexpected,
         },
     )
-    app.state.kgrec = ServingState(load_service, load_ranker, metrics, torch_threads=torch_threads)
+    app.state.kgrec = ServingState(load_service, load_ranker, metrics, torch_threads=torch_threads,
+                                   overlay_root=None if overlay_root is None else Path(overlay_root),
+                                   max_item_facts=max_item_facts)
     if require_token and token is None:
         raise ValueError("require_token needs a token")
     # the fast lane of the candidates routes (FastLaneRoute): on, with the token that guards them
@@ -875,6 +1002,8 @@ def create_app(
     for router in (retrieval, two_stage):
         app.include_router(router, dependencies=everywhere)
     app.include_router(admin, dependencies=guard)
+    # a catalogue write: the token always, as /admin (module docstring)
+    app.include_router(catalogue, dependencies=[Depends(_Auth(token, "posting items is"))])
     app.include_router(ops, dependencies=everywhere)
     app.include_router(health)
     if cors_origins:
@@ -890,7 +1019,7 @@ def app_from_settings(settings: ServeSettings) -> FastAPI:
     every ``poll_interval_s``, with the settings' limits and token."""
     threads = settings.threads_per_worker
     faiss.omp_set_num_threads(threads)
-    cache = ServeCache(settings.cache_dir or settings.tracking.workdir / "serve-cache")
+    cache = ServeCache(settings.serve_cache_dir)
     loader = RegisteredModel(settings.tracking, settings.model_name, settings.alias, cache=cache,
                              torch_threads=threads)
     ranker = None
@@ -910,6 +1039,9 @@ def app_from_settings(settings: ServeSettings) -> FastAPI:
         cors_origins=settings.cors_origins,
         access_log=settings.access_log,
         torch_threads=threads,
+        overlay_root=cache.root,
+        max_item_facts=settings.max_item_facts,
+        overlay_poll_interval_s=settings.overlay_poll_interval_s,
     )
 
 

@@ -23,6 +23,8 @@ TOKEN_ENV = "KGREC_SERVE_TOKEN"
 MAX_ID_LENGTH = 256
 #: A POST body of 500 ids of 256 characters is ~135 KB; 1 MiB leaves room without parsing 50 MB.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Facts one posted item (POST /v1/items) may carry; the most-described ml-100k movie has 242.
+DEFAULT_MAX_ITEM_FACTS = 256
 
 
 def cpu_quota() -> int:
@@ -72,8 +74,14 @@ class ServeSettings(BaseModel):
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     fail_fast: bool = False
-    #: Where registered versions are cached (default: the serve cache of the work directory).
+    #: Where registered versions are cached (default: the serve cache of the work directory); the
+    #: overlays of posted items live there too (``<cache>/<model>/overlays/``).
     cache_dir: Path | None = None
+    #: Facts a posted item may carry (more: 422).
+    max_item_facts: int = Field(DEFAULT_MAX_ITEM_FACTS, ge=1, le=100_000)
+    #: Seconds between checks (one stat) of the served version's overlay for items other workers
+    #: posted; 0 = never (a worker then sees them at its next post or reload).
+    overlay_poll_interval_s: float = Field(1.0, ge=0)
     access_log: bool = True
     log_format: Literal["json", "text"] = "json"
     log_level: str = "info"
@@ -93,6 +101,11 @@ class ServeSettings(BaseModel):
                 f"binding {self.host} (beyond loopback) needs a bearer token: set ${TOKEN_ENV} or --token-file"
             )
         return self
+
+    @property
+    def serve_cache_dir(self) -> Path:
+        """The serve cache root: ``cache_dir``, else ``<workdir>/serve-cache``."""
+        return self.cache_dir or self.tracking.workdir / "serve-cache"
 
     @property
     def loopback(self) -> bool:

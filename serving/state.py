@@ -13,6 +13,13 @@ assignment. A version that fails to load or verify leaves the old one serving; t
 in :attr:`ServingState.reload_status` (``/v1/model``) and counted in the metrics, and that version
 is retried by polling only after a back-off (5 s, doubling per repeated failure, at most 10 min;
 an explicit ``POST /admin/reload`` retries it at once).
+
+Posted items (``POST /v1/items``, :mod:`kgrec.serving.overlay`): each :class:`Served` carries its
+:class:`~kgrec.serving.overlay.PostedItems`, which applied the model's overlays when the version was
+built. A post and a swap exclude each other (``overlay_lock``): a post appends to the overlay and
+adds the item to the current snapshot while holding it, and a load or reload, holding it, first
+catches the new snapshot up with the overlay (what was posted while it was being built) and then
+swaps it in. So an item answered 201 is in whatever snapshot serves afterwards.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kgrec.serving.errors import ServiceUnavailable
 from kgrec.serving.metrics import ServiceMetrics
+from kgrec.serving.overlay import CannotPostItemsError, PostedItems, PostResult
 from kgrec.serving.protocols import Ranker, Retriever
 from kgrec.serving.ranking import TwoStageService
 
@@ -74,6 +83,7 @@ class Served:
     summary: dict[str, Any]  # {"name", "version"} of the retriever
     ranker_summary: dict[str, Any]
     versions: Versions
+    items: PostedItems | None = None  # posted items of this version (None: a retriever without a bundle)
 
 
 def verify_served(served: Served) -> None:
@@ -105,8 +115,14 @@ class ServingState:
     """The current :class:`Served` snapshot (``None`` until a load succeeds) and its reloads."""
 
     def __init__(self, load_service: Loader, load_ranker: RankerLoader | None = None,
-                 metrics: ServiceMetrics | None = None, torch_threads: int | None = 1) -> None:
+                 metrics: ServiceMetrics | None = None, torch_threads: int | None = 1,
+                 overlay_root: Path | None = None, max_item_facts: int = 256) -> None:
         self.load_service = load_service
+        #: the serve cache root the posted items' overlays live under (None: posts are refused)
+        self.overlay_root = overlay_root
+        self.max_item_facts = int(max_item_facts)
+        #: held by a post (append + add) and by a swap (catch-up + assignment): module docstring
+        self.overlay_lock = threading.Lock()
         self.load_ranker = load_ranker
         self.metrics = metrics or ServiceMetrics()
         self.torch_threads = torch_threads
@@ -127,7 +143,28 @@ class ServingState:
         return served
 
     def model_info(self, served: Served) -> dict[str, Any]:
-        return {**served.info, "reload": dict(self.reload_status)}
+        live = {"n_items": served.retriever.n_items}
+        if served.items is not None:
+            live["posted_items"] = served.items.describe()
+        return {**served.info, **live, "reload": dict(self.reload_status)}
+
+    # ------------------------------------------------------------------ posted items
+    def post_item(self, item_id: str, facts: Sequence[tuple[str, str]], name: str | None) -> tuple[Served, PostResult]:
+        """Add a posted item to what serves now, durably (module docstring); blocking (file lock,
+        fsync): call it from a thread. Raises a CandidateError (409, 422) or ServiceUnavailable."""
+        with self.overlay_lock:
+            served = self.ready()
+            if served.items is None:
+                raise CannotPostItemsError(f"the served retriever ({type(served.retriever).__name__}) cannot "
+                                           "take posted items")
+            return served, served.items.post(item_id, facts, name)
+
+    def sync_posted(self) -> int:
+        """Apply the items other workers appended to the served version's overlay; returns how many."""
+        served = self.current
+        if served is None or served.items is None or not served.items.changed():
+            return 0
+        return served.items.catch_up()
 
     # ------------------------------------------------------------------ loading
     def build(self) -> Served:
@@ -154,10 +191,17 @@ class ServingState:
             two_stage = TwoStageService(retriever, bundle, torch_threads=self.torch_threads)
             full["ranker"] = {**dict(ranker_info or {}), **two_stage.info()}
             ranker_summary = summary(full["ranker"])
+        items = PostedItems.open(retriever, dict(info or {}), self.overlay_root) if hasattr(retriever, "bundle") else None
         served = Served(retriever, two_stage, full, summary(full), ranker_summary,
-                        (_version(info), _version(ranker_info)))
+                        (_version(info), _version(ranker_info)), items)
         verify_served(served)
         return served
+
+    def _catch_up_and_swap(self, served: Served) -> None:
+        with self.overlay_lock:  # nothing posted between the build's overlay read and the swap is lost
+            if served.items is not None:
+                served.items.catch_up()
+            self._swap(served)
 
     def load(self) -> bool:
         """The first load (at startup); on failure the state stays unready with the error."""
@@ -171,7 +215,7 @@ class ServingState:
                 log.debug("model load failed", exc_info=True)
                 self.metrics.ready.set(0)
                 return False
-            self._swap(served)
+            self._catch_up_and_swap(served)
             log.info("model loaded in %.2fs: %s", time.perf_counter() - t0, served.summary)
             return True
 
@@ -206,7 +250,7 @@ class ServingState:
                 served = self.build()
             except Exception as exc:
                 return self._failed(wanted, exc, trigger)
-            self._swap(served)
+            self._catch_up_and_swap(served)
             self.reload_status["successes"] += 1
             self.reload_status["failed_versions"] = None
             self.metrics.reloads.labels("success").inc()

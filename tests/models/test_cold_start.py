@@ -269,3 +269,31 @@ def test_inductive_kgat_scores_cold_items_above_chance(world, trained) -> None:
     result = evaluate_cold((inductive.user_vectors, matrix), data, split)
     chance = evaluate_cold(random_scores(U, I), data, split)
     assert result["cold"]["ndcg@20"] > chance["cold"]["ndcg@20"]
+
+
+@pytest.mark.parametrize(("aggregator", "attention"), [("bi", True), ("graphsage", False)])
+def test_inductive_parts_embed_without_the_model(world, trained, aggregator, attention) -> None:
+    """state_dict() -> from_state_dict(): the item and entity rows, the layers and the estimates'
+    parameters are enough; the vectors are the model-built instance's, for every estimate."""
+    split, data, kg, _ = world
+    if aggregator == "bi":
+        model = trained
+    else:
+        torch.manual_seed(3)
+        model = KGAT(U, I, ckg_of(data.train, kg), embedding_dim=8, layer_sizes=(6, 4), aggregator=aggregator,
+                     relation_dim=5, use_attention=attention)
+        model.update_attention()
+    full = InductiveKGAT(model)
+    tensors, config = full.state_dict()
+    assert tensors["layer_input.0"].shape[0] == I + E  # users are never a fact's node: not stored
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    parts = InductiveKGAT.from_state_dict(tensors, config)
+    assert parts.model is None and parts.dim == full.dim
+    cold = split.cold_items
+    facts = [own_facts(model, U + int(c)) for c in cold] + [[]]
+    for name in ("transr", "mean", "regress", "zero"):
+        torch.testing.assert_close(parts.embed(facts, name), full.embed(facts, name))
+    ego = model.node_embedding.weight[U + torch.from_numpy(cold)].detach()
+    torch.testing.assert_close(parts.embed(facts[:-1], ego), model.embeddings()[1][torch.from_numpy(cold)].detach())
+    with pytest.raises(ValueError, match="needs the model"):
+        parts.item_matrix(cold, facts[:-1])

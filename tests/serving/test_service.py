@@ -52,6 +52,7 @@ def test_json_responses_and_every_endpoint_is_routed(client, broken_client):
         ("POST", "/v1/candidates"),
         ("GET", "/v1/users/{user_id}/ranked"),
         ("GET", "/v1/latency"),
+        ("POST", "/v1/items"),
     }
     # handler dependencies are not request parameters
     params = {p["name"] for p in paths["/v1/users/{user_id}/candidates"]["get"]["parameters"]}
