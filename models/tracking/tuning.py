@@ -187,8 +187,8 @@ def tune(
         raise ValueError(f"model {spec.name!r} declares no search space: it cannot be tuned")
     family = family_of(spec)
     fixed = {"seed": settings.seed, "epochs": settings.epochs}
-    metric = family.config(spec, **fixed).selection_metric
-    max_epochs = family.config(spec, **fixed).epochs
+    default = family.config(spec, **fixed)
+    metric, max_epochs = default.selection_metric, default.epochs
     data_params = family.data_params(inputs)
     snapshot = family.snapshot(inputs)
     snapshot_hash = snapshot.hash if snapshot is not None else str(data_params.get("snapshot_hash", "unknown"))
