@@ -24,12 +24,21 @@ variants of one (:data:`VARIANTS`: the K = 1 control, other readouts and merge r
 overrides); ``_kginit`` and ``mixture_lightgcn`` rows add the LightGCN prior.
 
 Every gradient-trained row uses the same recipe: Adam at ``--lr`` (default 1e-3), batch 256,
-``--num-negatives`` uniform negatives per batch (default 0: the exact softmax over all 1,682 items),
-temperature 0.1, patience 3. (Session 2's table used 256 sampled negatives and lr 3e-3: every model
-scored lower, YouTube-DNN 0.374 Recall@50.)
+``--num-negatives`` uniform negatives per batch (default: the row's own, 0 for every registered
+model = the exact softmax over all 1,682 items), temperature 0.1, patience 3. (Session 2's table
+used 256 sampled negatives and lr 3e-3: every model scored lower, YouTube-DNN 0.374 Recall@50.)
+
+A row may carry config overrides after ``/``: ``comirec_sa_remi/hard_negative_beta=2/routing_reg=0``
+is ``comirec_sa_remi`` with those two fields changed (values parsed as JSON, else kept as strings;
+the row's name in the results is the whole string) -- how the REMI weights were chosen on
+validation.
+
+The REMI rows (``comirec_sa_remi``, ``comirec_dr_remi``; issue 17) are compared with the K = 1
+control (``comirec_sa_k1``) under the SAME merge rule (the max list, and the controllable merge at
+each lambda), per seed, on validation and on test (:func:`print_paired_same_merge`).
 
     .venv/bin/python benchmarks/multi_interest.py [--seeds 2020,2021,2022] [--models ...]
-        [--out results.jsonl] [--threads 2] [--epochs 20] [--lr 1e-3] [--num-negatives 0]
+        [--out results.jsonl] [--threads 2] [--epochs 20] [--lr 1e-3] [--num-negatives N]
 """
 
 from __future__ import annotations
@@ -73,7 +82,10 @@ ALL_MODELS = (
     "comirec_dr_max", "comirec_dr_weighted",
     "comirec_sa_weighted", "comirec_dr_mixture", "comirec_sa_mixture", "comirec_sa_mixture_decor", "mixture", "youtube_dnn_kginit",
     "comirec_sa_kginit", "comirec_sa_mixture_kginit", "comirec_sa_mixture_decor_kginit", "mixture_lightgcn",
+    "comirec_sa_remi", "comirec_dr_remi",
 )
+#: The K = 1 control: one self-attentive vector (the REMI rows are paired with it, same merge).
+CONTROL = "comirec_sa_k1"
 #: Benchmark rows that are not a model of the registry: ``row -> (registered model, overrides of its
 #: recommended SequentialModelConfig)``. Every other row (but ``popularity``) is a registered
 #: sequential model (``model_names("sequential")``) with its own defaults. ``_decor`` rows add the
@@ -120,17 +132,34 @@ def lightgcn_item_vectors(kg_snapshot: Snapshot, seq_snapshot: Snapshot, split: 
     return vectors, present, info
 
 
+def split_row(name: str) -> tuple[str, dict]:
+    """``"row/key=value/..."`` -> ``("row", {key: value})`` (values parsed as JSON when they parse)."""
+    base, *assignments = name.split("/")
+    overrides: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad override {item!r} in row {name!r} (expected key=value)")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return base, overrides
+
+
 def row_config(name: str, recipe: dict, decorrelation: float) -> SequentialModelConfig:
     """The configuration of benchmark row ``name``: the registered model's recommended config
     (``SequentialModelConfig.for_model``) with the training recipe shared by every row (d, K, seed,
-    epochs, learning rate, negatives, ...) and then the row's own overrides (:data:`VARIANTS`)."""
-    base = name.removesuffix("_kginit")
+    epochs, learning rate, negatives, ...; ``None`` = the model's own) and then the row's own
+    overrides (:data:`VARIANTS`, then any ``/key=value`` of the row's name)."""
+    row, extra = split_row(name)
+    base = row.removesuffix("_kginit")
     model, overrides = VARIANTS.get(base, (base, {}))
     if model not in model_names("sequential"):
         raise ValueError(f"unknown benchmark row {name!r}; rows: {ALL_MODELS}")
     if "_decor" in base:
         overrides = overrides | {"decorrelation": decorrelation}
-    return SequentialModelConfig.for_model(model, **(recipe | overrides))
+    return SequentialModelConfig.for_model(model, **(recipe | overrides | extra))
 
 
 def run_seed(
@@ -159,11 +188,12 @@ def run_seed(
     for name in models:
         extra: dict = {}
         started = time.perf_counter()
-        if name == "popularity":
+        row = split_row(name)[0]
+        if row == "popularity":
             model = Popularity.from_sequences(split.train_sequences, n_items)
             train_s, best_epoch = 0.0, 0
-        elif name == "mixture" or name == "mixture_lightgcn":
-            if name == "mixture":
+        elif row == "mixture" or row == "mixture_lightgcn":
+            if row == "mixture":
                 base = trained.get("youtube_dnn")
                 if base is None:
                     torch.manual_seed(seed)
@@ -187,7 +217,7 @@ def run_seed(
             torch.manual_seed(seed)
             model = build_model(config, n_items)
             reset = True
-            if name.endswith("kginit"):
+            if row.endswith("kginit"):
                 vectors, present, info = need_prior()
                 extra.update(info)
                 torch.manual_seed(seed)
@@ -199,7 +229,8 @@ def run_seed(
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
         valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, cats, ks=(50,))
-        extra.update({"valid_recall@50": valid["recall@50"], "valid_diversity@50": valid["diversity@50"]})
+        extra.update({"valid_recall@50": valid["recall@50"], "valid_diversity@50": valid["diversity@50"],
+                      "valid_interest_similarity": valid["interest_similarity"]})
         # the same model served with the controllable (diversity-aware) merge, per lambda, on
         # validation (to choose) and test
         for lam in CONTROLLABLE_LAMBDAS:
@@ -214,8 +245,11 @@ def run_seed(
             mismatch = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(50,), rule="max")
             extra.update({"max_merge_recall@50": mismatch["recall@50"],
                           "max_merge_diversity@50": mismatch["diversity@50"]})
+            mismatch = evaluate_sequential(model, split.valid_inputs, split.valid_targets, cats, ks=(50,), rule="max")
+            extra.update({"valid_max_merge_recall@50": mismatch["recall@50"],
+                          "valid_max_merge_diversity@50": mismatch["diversity@50"]})
         if save_models is not None:
-            save_model(model, save_models / tag / str(seed) / name)
+            save_model(model, save_models / tag / str(seed) / name.replace("/", "+"))
         row = {"seed": seed, "model": name, "recipe": tag, "train_s": train_s, "best_epoch": best_epoch,
                "wall_s": time.perf_counter() - started, **metrics, **extra}
         with out.open("a") as fh:
@@ -330,6 +364,70 @@ def print_paired(
         print(f"| {name} | {recipe} | {len(pairs)} | {fmt(d_recall)} | {fmt(d_div)} | {both}/{len(pairs)} |")
 
 
+def merge_key(row: dict, part: str, merge: str | float) -> str:
+    """Prefix of ``recall@50`` / ``diversity@50`` for ``row`` served with its own rule (``"own"``),
+    the max list (``"max"``; a row whose own rule is another one: its max-merge figures) or the
+    controllable merge at lambda ``merge``, on ``part`` ("valid" or "test")."""
+    if not isinstance(merge, str):
+        return f"ctrl{merge:g}_{part}_"
+    own = "" if part == "test" else "valid_"
+    if merge == "max" and own + "max_merge_recall@50" in row:
+        return own + "max_merge_"
+    return own
+
+
+def print_paired_same_merge(rows: list[dict], baseline: str = CONTROL, part: str = "test") -> None:
+    """Every row against ``baseline`` served with the SAME merge (the max list, then the
+    controllable merge at each lambda), per seed on ``part``: mean ± std of ΔRecall@50 and
+    Δdiversity@50 and in how many seeds the row is ahead on BOTH (issue 17's target: >= 8 of 10 for
+    a model whose mean interest cosine is < 0.5). The cosine is ``part``'s. A row whose own rule is
+    not ``max`` (the mixture readout) also gets an ``own`` line: its rule against the control's list
+    (with one interest every rule but ``controllable`` ranks alike)."""
+    base = {(r["seed"], r.get("recipe", "base")): r for r in rows if r["model"] == baseline}
+    if not base:
+        return
+    cos_key = "interest_similarity" if part == "test" else "valid_interest_similarity"
+    print(f"\npaired against {baseline} served with the SAME merge ({part}; max = each one's max list, "
+          f"ctrl λ = the controllable merge)")
+    print("| model | recipe | seeds | interest cos | merge | ΔR@50 | Δdiv@50 | ahead on R@50 | ahead on both |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, recipe, rs in _groups(rows):
+        if name in (baseline, "popularity", "mixture", "mixture_lightgcn"):
+            continue
+        own_is_max = not any("max_merge_recall@50" in r for r in rs)
+        for lam in ((("max",) if own_is_max else ("own", "max")) + CONTROLLABLE_LAMBDAS):
+            pairs = []
+            for r in rs:
+                b = base.get((r["seed"], recipe))
+                if b is None:
+                    continue
+                kr, kb = merge_key(r, part, lam), merge_key(b, part, "max" if lam == "own" else lam)
+                if kr + "recall@50" in r and kb + "recall@50" in b:
+                    pairs.append((r[kr + "recall@50"] - b[kb + "recall@50"],
+                                  r[kr + "diversity@50"] - b[kb + "diversity@50"]))
+            if not pairs:
+                continue
+            d_r, d_d = [p[0] for p in pairs], [p[1] for p in pairs]
+            ahead_r = sum(x > 0 for x in d_r)
+            both = sum(x > 0 and y > 0 for x, y in pairs)
+            merge = lam if isinstance(lam, str) else f"ctrl λ = {lam:g}"
+            print(f"| {name} | {recipe} | {len(pairs)} | {fmt([r.get(cos_key) for r in rs])} | {merge} | "
+                  f"{fmt(d_r)} | {fmt(d_d)} | {ahead_r}/{len(pairs)} | {both}/{len(pairs)} |")
+
+
+def print_valid_table(rows: list[dict]) -> None:
+    """Validation figures of every row (what the REMI weights were chosen on)."""
+    print("\nvalidation users (choose on these), mean ± std over seeds")
+    print("| model | recipe | n | valid R@50 | valid div@50 | valid interest cos | ctrl λ = 0.5 valid R@50 / div@50 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, recipe, rs in _groups(rows):
+        ctrl = (f"{fmt([r.get('ctrl0.5_valid_recall@50') for r in rs])} / "
+                f"{fmt([r.get('ctrl0.5_valid_diversity@50') for r in rs])}")
+        print(f"| {name} | {recipe} | {len(rs)} | {fmt([r.get('valid_recall@50') for r in rs])} | "
+              f"{fmt([r.get('valid_diversity@50') for r in rs])} | "
+              f"{fmt([r.get('valid_interest_similarity') for r in rs])} | {ctrl} |")
+
+
 def read_rows(path: Path) -> list[dict]:
     """Rows of a results file; a (seed, model, recipe) written twice keeps its last row."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -345,12 +443,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--num-negatives", type=int, default=0, help="per batch; 0 = exact softmax")
+    parser.add_argument("--num-negatives", type=int, default=None,
+                        help="per batch; 0 = exact softmax (default: each row's own, 0 for every registered model)")
     parser.add_argument("--decorrelation", type=float, default=1.0, help="penalty weight of the _decor rows")
     parser.add_argument("--mask-seen", action="store_true", help="train without the user's earlier items as negatives")
     parser.add_argument("--target-window", type=int, default=1, help="predict one of the next W items (1: the next)")
     parser.add_argument("--save-models", type=Path, help="write every trained model to DIR/<recipe>/<seed>/<row>")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--valid-only", action="store_true",
+                        help="print only the validation tables (for choosing settings without seeing test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "multi_interest.jsonl"
@@ -362,9 +463,14 @@ def main() -> None:
             run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
                      args.num_negatives, args.decorrelation, args.mask_seen, args.target_window, args.save_models)
     rows = read_rows(out)
+    print_valid_table(rows)
+    print_paired_same_merge(rows, part="valid")
+    if args.valid_only:
+        return
     print(f"\nml-100k sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
           f" (torch threads={args.threads}; timings on a shared 2-core machine)")
     print_table(rows)
+    print_paired_same_merge(rows, part="test")
     print_paired(rows)
     print_controllable(rows)
     print_paired(rows, lam=0.5)

@@ -70,6 +70,16 @@ class SequentialModelConfig(LoopConfig):
     selection_metric: str = "recall@50"
     ks: tuple[int, ...] = (20, 50)
     decorrelation: float = Field(0.0, ge=0.0, description="weight of the interest decorrelation penalty")
+    hard_negative_beta: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="REMI interest-aware hard negatives: hardness beta of the negative weights exp(beta * logit) "
+        "(0: the plain softmax)",
+    )
+    routing_reg: float = Field(
+        0.0, ge=0.0, le=1e9,
+        description="REMI routing regularisation weight (ComiRec-SA attention, ComiRec-DR/MIND coupling; "
+        "0: off)",
+    )
     mask_seen: bool = Field(False, description="leave the user's earlier items out of the softmax's negatives")
     target_window: int = Field(1, ge=1, le=1000, description="predict an item drawn from the next W (1: the next)")
     # Per-batch tensors are tiny (B=256, L=20, d=64): OpenMP fan-out costs far more than it saves,
@@ -97,11 +107,13 @@ def trained_merge_rule(config: SequentialModelConfig) -> str:
 
 
 def served_as_configured(model: M, config: SequentialModelConfig) -> M:
-    """The last step of every sequential ``build``: the config's merge rule (when it names one)
-    and the controllable merge's lambda."""
+    """The last step of every sequential ``build``: the config's merge rule (when it names one),
+    the controllable merge's lambda and REMI's training-only weights (IHN beta, RR weight)."""
     if config.merge_rule:
         model.merge_rule = config.merge_rule
     model.diversity_weight = config.diversity_weight
+    model.hard_negative_beta = config.hard_negative_beta
+    model.routing_reg = config.routing_reg
     return model
 
 
@@ -109,6 +121,13 @@ def unnormalised_interests(config: SequentialModelConfig) -> None:
     """``check`` of the models without interest normalisation (all but ComiRec-SA)."""
     if config.normalize_interests:
         raise ValueError(f"normalize_interests is for comirec_sa, not {config.model}")
+
+
+def no_routing_matrix(config: SequentialModelConfig) -> None:
+    """``check`` part of the models without an item-to-interest routing matrix (REMI's RR)."""
+    if config.routing_reg > 0:
+        raise ValueError(f"routing_reg is for models with a routing matrix (comirec_sa, comirec_dr, mind), "
+                         f"not {config.model}")
 
 
 def hard_readout_only(config: SequentialModelConfig) -> None:

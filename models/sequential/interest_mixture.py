@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from kgrec.models.sequential.config import SequentialModelConfig, hard_readout_only, served_as_configured
+from kgrec.models.sequential.config import (
+    SequentialModelConfig,
+    hard_readout_only,
+    no_routing_matrix,
+    served_as_configured,
+)
 from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential.youtube_dnn import build_youtube_dnn
 from kgrec.models.sequential_evaluation import evaluate_sequential
@@ -185,6 +190,7 @@ def fit_mixture(
 
 def _check_mixture(config: SequentialModelConfig) -> None:
     hard_readout_only(config)
+    no_routing_matrix(config)  # the mixture's base is a YouTube-DNN
     if config.num_interests > config.num_clusters:
         raise ValueError(f"mixture: num_interests ({config.num_interests}) must be <= num_clusters ({config.num_clusters})")
 

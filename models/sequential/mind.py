@@ -16,6 +16,7 @@ from kgrec.models.sequential.multi_interest import (
     capsule_routing,
     dynamic_interest_count,
     init_normal_,
+    item_shares,
 )
 from kgrec.models.spec import ModelSpec, register
 from torch import Tensor
@@ -98,7 +99,17 @@ class MIND(MultiInterestModel):
         if self.out is not None:
             self.out.reset_parameters()
 
+    has_routing = True
+
     def interests(self, histories: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self._route(histories, lengths, coupling=False)[:2]
+
+    def routing(self, histories: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Interests and the last routing iteration's coupling coefficients, each active interest's
+        renormalised over the history items, as the routing matrix ``[B, K, L]`` (REMI's RR)."""
+        return self._route(histories, lengths, coupling=True)
+
+    def _route(self, histories: Tensor, lengths: Tensor, coupling: bool) -> tuple[Tensor, ...]:
         batch, width = histories.shape
         device = histories.device
         behaviour_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
@@ -112,10 +123,11 @@ class MIND(MultiInterestModel):
         else:
             gen = torch.Generator(device="cpu").manual_seed(self.routing_seed)
             logits = (torch.randn(shape, generator=gen) * self.routing_std).to(device)
-        v = capsule_routing(pred, behaviour_mask, interest_mask, logits, self.routing_iterations)
+        routed = capsule_routing(pred, behaviour_mask, interest_mask, logits, self.routing_iterations, coupling=coupling)
+        v, w = routed if coupling else (routed, None)
         if self.out is not None:
             v = torch.relu(self.out(v)) * interest_mask[:, :, None]
-        return v, interest_mask
+        return (v, interest_mask, item_shares(w)) if coupling else (v, interest_mask)
 
     def readout(self, interests: Tensor, mask: Tensor, target_emb: Tensor) -> Tensor:
         att = (interests * target_emb[:, None, :]).sum(-1)

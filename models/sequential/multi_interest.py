@@ -50,6 +50,40 @@ negatives with the target's interest only, so the other interests never see them
 ``seen`` (``[B, I]`` bool, :func:`kgrec.models.training.sequential.seen_mask`) drops the items a user
 already had from the negatives: retrieval never returns them, and as negatives they pull every
 interest away from the very items that define it.
+
+REMI (Xie et al., "Rethinking Multi-Interest Learning for Candidate Matching in Recommender
+Systems", RecSys 2023, arXiv 2302.14532) adds two training-only terms, both off by default
+(``hard_negative_beta = routing_reg = 0`` is the loss above, bit for bit):
+
+* **Interest-aware hard negatives (IHN)**, :func:`hard_negative_log_partition`. The ideal negative
+  distribution of a routed user vector :math:`u` (the readout's: the routed interest for the hard
+  readout, each interest for the mixture, the max score for ``"max"``) is
+  :math:`q(j) \propto \exp(\beta\, s_j)` over the negatives, :math:`s_j = \langle u, e_j\rangle / \tau`
+  the softmax logit, and the loss is
+  :math:`-\log \frac{e^{s_t}}{e^{s_t} + N\, \mathbb{E}_{j \sim q}[e^{s_j}]}`. The expectation is
+  estimated by importance weighting the ``N`` uniformly drawn negatives,
+  :math:`N\, \mathbb{E}_q[e^{s_j}] \approx \sum_n w_n e^{s_n}` with
+  :math:`w_n = e^{\beta s_n} / (\frac{1}{N}\sum_m e^{\beta s_m})` (weights of mean 1 over the
+  batch's negatives; not detached, as in the authors' code). :math:`\beta = 0` gives
+  :math:`w_n = 1`: the plain sampled softmax. With the exact softmax (``negatives`` = every item,
+  ``num_negatives = 0``) the "sample" is the whole catalogue and the estimate is exact: the loss is
+  then the paper's ideal objective with :math:`N = I - 1` -- not a no-op, since :math:`q` puts more
+  mass than uniform on high-scoring items (the denominator grows and its gradient concentrates on
+  the hardest negatives; :math:`\beta \to \infty` keeps only the hardest one, times ``N``).
+* **Routing regularisation (RR)**, :func:`routing_regularisation`, against *routing collapse* -- an
+  interest that expresses a single history item. With :math:`A \in \mathbb{R}^{K \times n}` a user's
+  routing matrix (row ``k``: interest ``k``'s distribution over the ``n`` real history items),
+  :math:`C = \frac{1}{d} (A - \bar A)(A - \bar A)^\top` (:math:`\bar A` the row means) and the
+  penalty is :math:`\lVert \mathrm{diag}(C) \rVert_2^2`, i.e. the squared per-interest variance of
+  the routing weights: 0 when every interest spreads evenly over the items, largest when each sits
+  on one item. Models with a routing matrix return it from :meth:`MultiInterestModel.routing`
+  (ComiRec-SA: its attention; ComiRec-DR and MIND: the last routing iteration's coupling
+  coefficients, renormalised over the items). The loss adds ``routing_reg`` times its mean over
+  the batch's users (the authors sum over the batch: their ``rlambda`` x batch size = ours).
+
+The two weights are attributes of the model (``hard_negative_beta``, ``routing_reg``), set by the
+build from :class:`~kgrec.models.sequential.config.SequentialModelConfig`; they are not saved with
+it (serving does not use them).
 """
 
 from __future__ import annotations
@@ -109,7 +143,8 @@ def capsule_routing(
     interest_mask: Tensor,
     logits: Tensor,
     iterations: int = 3,
-) -> Tensor:
+    coupling: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Dynamic routing (Sabour et al. 2017) from ``L`` behaviour capsules to ``K`` interest capsules.
 
     Args:
@@ -120,14 +155,21 @@ def capsule_routing(
         logits: ``[B, K, L]`` initial routing logits :math:`b_{ji}` (random for MIND, zeros for
             ComiRec-DR); never learned.
         iterations: routing iterations ``r``.
+        coupling: also return the last iteration's coupling coefficients ``w [B, K, L]``, with
+            gradient (for :func:`routing_regularisation`).
 
     Each iteration: :math:`w_{ji} = \mathrm{softmax}_j(b_{ji})` over the active interests,
     :math:`z_j = \sum_i w_{ji} \hat e_{j|i}` over real behaviours, :math:`v_j = \mathrm{squash}(z_j)`,
     :math:`b_{ji} \mathrel{+}= \langle v_j, \hat e_{j|i}\rangle`. As in the reference implementations,
-    the logit updates use detached predictions (gradients flow through the last iteration only).
+    the logit updates use detached predictions (gradients flow through the last iteration only), so
+    the coupling coefficients have no gradient. With ``coupling`` the logit updates are
+    differentiated (same values) and the capsules use the detached coefficients, so the capsules'
+    gradient is unchanged and only a penalty on the returned ``w`` reaches the predictions through
+    the routing.
 
     Returns:
-        ``[B, K, d]`` interest capsules, zero where ``interest_mask`` is False.
+        ``[B, K, d]`` interest capsules, zero where ``interest_mask`` is False (and ``w`` with
+        ``coupling``).
     """
     neg = torch.finfo(predictions.dtype).min
     detached = predictions.detach()
@@ -136,11 +178,91 @@ def capsule_routing(
         w = torch.softmax(b.masked_fill(~interest_mask[:, :, None], neg), dim=1)
         w = w * behaviour_mask[:, None, :] * interest_mask[:, :, None]
         last = it == iterations - 1
+        if coupling:
+            if last:
+                v = squash((w.detach().unsqueeze(-1) * predictions).sum(2))
+            else:
+                v = squash((w.unsqueeze(-1) * predictions).sum(2))
+                b = b + (predictions * v.unsqueeze(2)).sum(-1)
+            continue
         votes = predictions if last else detached
         v = squash((w.unsqueeze(-1) * votes).sum(2))  # [B, K, d]
         if not last:
             b = b + (detached * v.unsqueeze(2)).sum(-1)
-    return v * interest_mask[:, :, None]
+    v = v * interest_mask[:, :, None]
+    return (v, w) if coupling else v
+
+
+def hard_negative_log_partition(neg_logits: Tensor, valid: Tensor, beta: float) -> Tensor:
+    r"""REMI's interest-aware hard-negative term (module docstring): the log of
+    :math:`\sum_n w_n e^{s_n}` over the valid negatives of each row (last dimension), with
+    :math:`w_n = e^{\beta s_n} / (\frac{1}{N}\sum_m e^{\beta s_m})`, :math:`N` = the row's valid
+    negatives, i.e. :math:`\log N + \mathrm{lse}((1 + \beta) s) - \mathrm{lse}(\beta s)`.
+    ``beta = 0`` is :math:`\mathrm{lse}(s)`, the plain sampled softmax's. A row without a valid
+    negative gives ``-inf``.
+
+    Args:
+        neg_logits: ``[..., N]`` negative logits (already divided by the temperature).
+        valid: bool, broadcastable to ``neg_logits``; False drops a negative (the target, a seen item).
+        beta: hardness :math:`\beta \ge 0`.
+    """
+    valid = valid.expand_as(neg_logits)
+    ninf = torch.tensor(float("-inf"), dtype=neg_logits.dtype, device=neg_logits.device)
+    if beta == 0:
+        return torch.logsumexp(torch.where(valid, neg_logits, ninf), dim=-1)
+    count = valid.sum(-1)
+    # a row without a valid negative is computed over all of them (finite, so no NaN gradient)
+    # and then replaced by -inf
+    s = torch.where(valid | (count == 0)[..., None], neg_logits, ninf)
+    hard = torch.logsumexp((1.0 + beta) * s, dim=-1) - torch.logsumexp(beta * s, dim=-1)
+    out = torch.log(count.clamp(min=1).to(s.dtype)) + hard
+    return torch.where(count > 0, out, ninf)
+
+
+def hard_negative_weights(neg_logits: Tensor, valid: Tensor, beta: float) -> Tensor:
+    r"""The importance weights :math:`w_n` of :func:`hard_negative_log_partition` (mean 1 over each
+    row's valid negatives, 0 elsewhere); for inspection and tests."""
+    valid = valid.expand_as(neg_logits)
+    q = torch.softmax((beta * neg_logits).masked_fill(~valid, float("-inf")), dim=-1)
+    return torch.nan_to_num(q, nan=0.0) * valid.sum(-1, keepdim=True).to(q.dtype)
+
+
+def item_shares(coupling: Tensor, eps: float = 1e-12) -> Tensor:
+    """Capsule coupling coefficients ``w [B, K, L]`` (each item's distribution over the interests,
+    0 on padding) as routing rows: each interest's share of every item, summing to 1 over the items."""
+    return coupling / coupling.sum(-1, keepdim=True).clamp(min=eps)
+
+
+def routing_regularisation(
+    routing: Tensor, behaviour_mask: Tensor, interest_mask: Tensor | None = None, dim: int | None = None
+) -> Tensor:
+    r"""REMI's routing regularisation per user (module docstring):
+    :math:`\lVert \mathrm{diag}(C) \rVert_2^2` with :math:`C = \frac{1}{d}(A - \bar A)(A - \bar A)^\top`,
+    i.e. :math:`\sum_k \big(\frac{1}{d} \sum_i (A_{ki} - \bar A_k)^2\big)^2` over the real history items
+    ``i`` and the active interests ``k`` (:math:`\bar A_k` = the mean over the real items).
+
+    Zero when every interest spreads evenly over the items (every row of ``A`` constant); for a
+    row concentrated on one of ``n`` items the inner sum is :math:`1 - 1/n`. The authors' code takes
+    the mean and the sum over every padded position (so an even spread over a short history is
+    penalised there); here padding is left out.
+
+    Args:
+        routing: ``[B, K, L]``, row ``k`` interest ``k``'s weights over the history positions.
+        behaviour_mask: ``[B, L]`` bool, real history positions.
+        interest_mask: ``[B, K]`` bool, active interests (default all).
+        dim: the :math:`d` of :math:`C` (default 1).
+
+    Returns:
+        ``[B]`` penalty of each user.
+    """
+    real = behaviour_mask[:, None, :].to(routing.dtype)
+    n = real.sum(-1, keepdim=True).clamp(min=1)
+    a = routing * real
+    centred = (a - a.sum(-1, keepdim=True) / n) * real
+    diag = centred.pow(2).sum(-1) / (dim or 1)  # [B, K]
+    if interest_mask is not None:
+        diag = diag * interest_mask.to(diag.dtype)
+    return diag.pow(2).sum(-1)
 
 
 def pad_histories(
@@ -211,6 +333,9 @@ class MultiInterestModel(torch.nn.Module, ABC):
         #: lambda of the ``"controllable"`` merge (saved with the model, like ``merge_rule``)
         self.diversity_weight = 0.0
         self.hparams: dict[str, Any] = {}
+        #: REMI's training-only weights (module docstring): IHN hardness beta, RR weight
+        self.hard_negative_beta = 0.0
+        self.routing_reg = 0.0
         # Optional L2 pull of the item embeddings toward given prior vectors (KG-aware init).
         self.prior_weight = 0.0
         self.register_buffer("item_prior", None, persistent=False)
@@ -232,6 +357,16 @@ class MultiInterestModel(torch.nn.Module, ABC):
     def item_embeddings(self) -> Tensor:
         """``[I, d]`` item vectors; score = inner product with an interest."""
         return self.item_embedding.weight
+
+    #: Whether :meth:`routing` returns a routing matrix (REMI's routing regularisation applies).
+    has_routing: bool = False
+
+    def routing(self, histories: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(V, mask, A)``: :meth:`interests` and the item-to-interest routing matrix
+        ``A [B, K, L]`` (row ``k``: interest ``k``'s weights over the history positions, summing to
+        1 over the real ones; with gradient), or ``None`` for a model without one (the default)."""
+        v, mask = self.interests(histories, lengths)
+        return v, mask, None
 
     def interest_weights(self, histories: Tensor, lengths: Tensor, mask: Tensor) -> Tensor:
         """``[B, K]`` non-negative weights for the ``"weighted"`` merge (default: 1 per active
@@ -257,21 +392,33 @@ class MultiInterestModel(torch.nn.Module, ABC):
 
     def loss(
         self, histories: Tensor, lengths: Tensor, targets: Tensor, negatives: Tensor, decorrelation: float = 0.0,
-        seen: Tensor | None = None,
+        seen: Tensor | None = None, hard_negative_beta: float | None = None, routing_reg: float | None = None,
     ) -> Tensor:
         """Sampled-softmax loss (module docstring) of a batch; ``negatives [N]`` shared by the batch
         (every item for the exact softmax). ``decorrelation`` :math:`\lambda` adds
         :math:`\lambda \cdot \mathrm{mean}_{j \ne k} \cos^2(v_j, v_k)` over each user's active
         interest pairs (averaged over users with two or more), which keeps the mixture readout's
         interests from collapsing onto one direction. ``seen [B, I]``: items left out of each row's
-        negatives (module docstring)."""
-        v, mask = self.interests(histories, lengths)
+        negatives (module docstring). ``hard_negative_beta`` / ``routing_reg``: REMI's IHN hardness
+        and RR weight (module docstring; default: the model's attributes, 0 unless configured)."""
+        beta = self.hard_negative_beta if hard_negative_beta is None else float(hard_negative_beta)
+        rr = self.routing_reg if routing_reg is None else float(routing_reg)
+        if beta < 0 or rr < 0:
+            raise ValueError(f"hard_negative_beta and routing_reg must be >= 0, got {beta}, {rr}")
+        if rr > 0:
+            if not self.has_routing:
+                raise ValueError(f"{type(self).__name__} has no routing matrix for routing_reg")
+            v, mask, routing = self.routing(histories, lengths)
+        else:
+            v, mask = self.interests(histories, lengths)
         items = self.item_embeddings()
         target_emb = items[targets]
         is_target = negatives[None, :] == targets[:, None]  # [B, N]
         if seen is not None:  # items the user already had: never candidates, so never negatives
             is_target = is_target | seen[:, negatives]
-        if self.readout_kind == "mixture":
+        if beta > 0:
+            loss = self._hard_negative_loss(v, mask, target_emb, items[negatives], ~is_target, beta)
+        elif self.readout_kind == "mixture":
             pos = (v * target_emb[:, None, :]).sum(-1, keepdim=True)  # [B, K, 1]
             neg = torch.einsum("bkd,nd->bkn", v, items[negatives]).masked_fill(is_target[:, None, :], float("-inf"))
             logits = torch.cat([pos, neg], 2) / self.temperature
@@ -296,6 +443,9 @@ class MultiInterestModel(torch.nn.Module, ABC):
             loss = torch.nn.functional.cross_entropy(
                 logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device)
             )
+        if rr > 0:
+            behaviour_mask = torch.arange(routing.shape[-1], device=lengths.device)[None, :] < lengths[:, None]
+            loss = loss + rr * routing_regularisation(routing, behaviour_mask, mask, self.embedding_dim).mean()
         if self.prior_weight > 0 and self.item_prior is not None:
             diff = (items - self.item_prior)[self.item_prior_mask]
             loss = loss + self.prior_weight * (diff * diff).sum(-1).mean()
@@ -308,6 +458,29 @@ class MultiInterestModel(torch.nn.Module, ABC):
             if has_pairs.any():
                 loss = loss + decorrelation * (cos2[has_pairs] / n_pairs[has_pairs]).mean()
         return loss
+
+    def _hard_negative_loss(
+        self, v: Tensor, mask: Tensor, target_emb: Tensor, neg_emb: Tensor, valid: Tensor, beta: float
+    ) -> Tensor:
+        """The readout's loss with REMI's IHN denominator (:func:`hard_negative_log_partition`):
+        ``log(e^pos + sum_n w_n e^neg_n) - pos`` per sample; ``valid [B, N]``."""
+        tau = self.temperature
+        if self.readout_kind == "mixture":  # each interest's softmax with its own hard negatives
+            pos = (v * target_emb[:, None, :]).sum(-1) / tau  # [B, K]
+            neg = torch.einsum("bkd,nd->bkn", v, neg_emb) / tau
+            log_z = torch.logaddexp(pos, hard_negative_log_partition(neg, valid[:, None, :], beta))
+            log_p = (pos - log_z).masked_fill(~mask, float("-inf"))
+            active = mask.sum(1).clamp(min=1).to(log_p.dtype)
+            return -(torch.logsumexp(log_p, dim=1) - torch.log(active)).mean()
+        if self.readout_kind == "max":  # hardness of the served (max) score
+            pos = (v * target_emb[:, None, :]).sum(-1).masked_fill(~mask, float("-inf")).amax(1) / tau
+            neg = torch.einsum("bkd,nd->bkn", v, neg_emb).masked_fill(~mask[:, :, None], float("-inf")).amax(1) / tau
+        else:  # hardness under the routed interest (MIND: the label-aware attention's vector)
+            user = self.readout(v, mask, target_emb)
+            pos = (user * target_emb).sum(-1) / tau
+            neg = (user @ neg_emb.t()) / tau
+        log_z = torch.logaddexp(pos, hard_negative_log_partition(neg, valid, beta))
+        return (log_z - pos).mean()
 
     # ------------------------------------------------------------------ KG-aware initialisation
     @torch.no_grad()

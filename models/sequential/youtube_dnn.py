@@ -7,6 +7,7 @@ from kgrec.models.sequential.config import (
     SEQUENTIAL_SEARCH_SPACE,
     SequentialModelConfig,
     hard_readout_only,
+    no_routing_matrix,
     served_as_configured,
 )
 from kgrec.models.sequential.multi_interest import MultiInterestModel, init_normal_
@@ -77,6 +78,11 @@ class YouTubeDNN(MultiInterestModel):
         return user.unsqueeze(1), torch.ones(len(lengths), 1, dtype=torch.bool, device=histories.device)
 
 
+def _check_youtube_dnn(config: SequentialModelConfig) -> None:
+    hard_readout_only(config)
+    no_routing_matrix(config)  # mean pooling / an MLP: nothing routes items to interests
+
+
 def build_youtube_dnn(config: SequentialModelConfig, num_items: int) -> YouTubeDNN:
     model = YouTubeDNN(
         num_items, embedding_dim=config.embedding_dim, max_length=config.max_length,
@@ -91,7 +97,7 @@ SPEC = register(
         family="sequential",
         build=build_youtube_dnn,
         summary="YouTube-DNN: one user vector from the pooled history (Covington et al., RecSys 2016)",
-        check=hard_readout_only,
+        check=_check_youtube_dnn,
         search_space=SEQUENTIAL_SEARCH_SPACE,
     )
 )
