@@ -340,7 +340,7 @@ def test_config_params_are_validated_and_flat():
             TrainConfig.for_model("kgat", params=bad)
     with pytest.raises(pydantic.ValidationError):
         TrainConfig(model="bprmf", params={"aggregator": "bi"})
-    assert TrainConfig.for_model("bprmf") == TrainConfig(model="bprmf")
+    assert TrainConfig.for_model("bprmf") == TrainConfig(model="bprmf", learning_rate=2e-3)  # its spec default
     assert TrainConfig.for_model("lightgcn", epochs=None) == TrainConfig(
         model="lightgcn", max_batches_per_epoch=40
     )
