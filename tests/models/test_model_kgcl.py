@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
-from kgrec.features.graph import CollaborativeKG, ckg_relation_names
+from ckg_helpers import make_ckg  # noqa: E402  (tests/models helper)
 from kgrec.models.config import TrainConfig
 from kgrec.models.evaluation import evaluate
 from kgrec.models.layers.kgcl_aggregation import RelationAwareAggregation
@@ -17,27 +16,6 @@ from kgrec.models.retrievers.kgcl import KGCL, KGCLParams, consistency_keep_prob
 from kgrec.models.retrievers.lightgcn import LightGCN
 from kgrec.models.spec import build_model, get_spec, model_names
 from kgrec.models.training.pairwise import fit
-
-
-def make_ckg(train: sp.spmatrix, kg, num_entities: int, num_kg_relations: int) -> CollaborativeKG:
-    """CKG laid out as ``build_ckg`` does; ``kg`` rows are (head, relation, tail) in KG node space."""
-    coo = sp.csr_matrix(train).tocoo()
-    num_users, num_items = train.shape
-    users, items = coo.row.astype(np.int64), coo.col.astype(np.int64) + num_users
-    kg = np.asarray(kg, dtype=np.int64).reshape(-1, 3)
-    head, rel, tail = kg[:, 0] + num_users, kg[:, 1], kg[:, 2] + num_users
-    return CollaborativeKG(
-        edge_index=torch.from_numpy(
-            np.stack([np.concatenate([users, items, head, tail]), np.concatenate([items, users, tail, head])])
-        ),
-        edge_type=torch.from_numpy(
-            np.concatenate([np.zeros_like(users), np.ones_like(users), 2 + 2 * rel, 3 + 2 * rel])
-        ),
-        num_users=num_users,
-        num_items=num_items,
-        num_entities=num_entities,
-        relation_names=ckg_relation_names([f"r{r}" for r in range(num_kg_relations)]),
-    )
 
 
 @pytest.fixture(scope="module")
