@@ -234,14 +234,17 @@ def current_cancel() -> threading.Event | None:
     return _cancel.get()
 
 
-def pipeline_steps(config: PipelineConfig, cancel: threading.Event | None) -> dict[str, Any]:
-    """The pipeline flow's body (also the last step of the tune flow), inside a running flow."""
+def pipeline_steps(
+    config: PipelineConfig, cancel: threading.Event | None, report: IngestReport | None = None
+) -> dict[str, Any]:
+    """The pipeline flow's body (also the last step of the tune flow, which passes the ``report``
+    of the ingestion it already ran), inside a running flow."""
     logger = get_run_logger()
     cancel = cancel or threading.Event()
     started_ms = int(time.time() * 1000)
     tracking = config.tracking
     client = registry.configure_tracking(tracking)
-    report = ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
+    report = report or ingest_task(config.dataset, tracking.snapshot_dir, config.progress)
     name = config.registered_model or registered_model_name(report.name)
     if config.overlay:
         report = overlay_task(report, name, config.overlay_dir or tracking.workdir / "serve-cache", tracking.snapshot_dir)

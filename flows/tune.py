@@ -58,7 +58,7 @@ def _tune(config: TuneConfig, cancel: threading.Event | None) -> dict[str, Any]:
         spec = get_spec(model)
         logger.info("tuning %s on %s: %s", model, inputs.snapshot.name, settings.model_dump())
         studies.append(tune_task(model, inputs.for_family(spec.family), settings, cancel).summary())
-    result = pipeline_steps(config.pipeline(), cancel)
+    result = pipeline_steps(config.pipeline(), cancel, report)  # the same snapshot, not ingested again
     return {**result, "studies": studies}
 
 
