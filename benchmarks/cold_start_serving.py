@@ -36,11 +36,16 @@ facts (``POST /v1/items``), then retrieved for the users who rated them.
    Each offline row also has its "posted only" figures: the posted movies ranked among themselves
    (no warm item competes; random insertion is then K / number posted), which separates whether a
    vector orders the new movies well from whether it lifts them above the warm catalogue.
+6. The same GETs with ``fresh=F`` (``--fresh``, 2): up to F of the K slots go to the best-scored
+   posted movies the ranking left out (:mod:`kgrec.serving.candidates`, "Fresh slots"); a pair is then
+   a hit when the movie is in the top K of all items or in the top F of the posted ones. Every offline
+   row gets that figure too, and ``random scores`` (uniform random scores, mean of 5 draws) is the
+   chance level of all three figures.
 
 Prints one example POST and GET answer, the figures, and one JSON object (last line).
 
-    .venv/bin/python benchmarks/cold_start_serving.py [--epochs N] [--items 0] [--k 20] [--workers 1]
-        [--workdir DIR] [--threads 1] [--json]
+    .venv/bin/python benchmarks/cold_start_serving.py [--epochs N] [--items 0] [--k 20] [--fresh 2]
+        [--workers 1] [--workdir DIR] [--threads 1] [--json]
     .venv/bin/python benchmarks/cold_start_serving.py --epochs 2 --items 8     # smoke
 """
 
@@ -135,7 +140,8 @@ def train_and_register(warm, workdir: Path, epochs: int | None, seed: int) -> di
 
 
 # ---------------------------------------------------------------------------- serve, post, retrieve
-def serve_and_measure(workdir: Path, full, warm, split, posted: list[int], k: int, workers: int, threads: int) -> dict:
+def serve_and_measure(workdir: Path, full, warm, split, posted: list[int], k: int, fresh: int, workers: int,
+                      threads: int) -> dict:
     from kgrec.serving.process import service_process, workdir_env
 
     cold = set(split.cold_items.tolist())
@@ -171,10 +177,11 @@ def serve_and_measure(workdir: Path, full, warm, split, posted: list[int], k: in
             time.sleep(2.5)
         counts = []
         for _ in range(4 * workers):  # fresh connections spread over the workers
-            with httpx.Client(base_url=url, timeout=30) as fresh:
-                counts.append(fresh.get("/v1/model").json()["posted_items"]["count"])
+            with httpx.Client(base_url=url, timeout=30) as connection:
+                counts.append(connection.get("/v1/model").json()["posted_items"]["count"])
         out["posted_count_seen_by_workers"] = sorted(set(counts))
         served: dict[int, list[str]] = {}
+        served_fresh: dict[int, list[str]] = {}
         mine = {item_ids[i] for i in posted}
         example = None
         t0 = time.perf_counter()
@@ -186,15 +193,25 @@ def serve_and_measure(workdir: Path, full, warm, split, posted: list[int], k: in
                 if example is None and mine & set(served[u]):  # shown: a user who gets a posted movie
                     example = r.json()
                 last = r.json()
-        out["get_seconds"] = round(time.perf_counter() - t0, 2)
+            out["get_seconds"] = round(time.perf_counter() - t0, 2)
+            example_fresh = None
+            for u in users:
+                r = client.get(f"/v1/users/{user_ids[u]}/candidates", params={"k": k, "fresh": fresh})
+                r.raise_for_status()
+                served_fresh[u] = [c["item_id"] for c in r.json()["candidates"]]
+                if example_fresh is None and u in served and set(served_fresh[u]) - set(served[u]):
+                    example_fresh = r.json()
         example = example or last
         out["example_get"] = {"user_id": example["user_id"], "k": example["k"], "model": example["model"],
                               "candidates": [c for c in example["candidates"]][:5],
                               "posted_in_top_k": [(p, c["item_id"], c["name"]) for p, c in enumerate(example["candidates"])
                                                   if c["item_id"] in mine]}
+        if example_fresh is not None:
+            out["example_get_fresh"] = {"user_id": example_fresh["user_id"], "k": k, "fresh": fresh,
+                                        "candidates": example_fresh["candidates"][-fresh - 1:]}
     index_of = {iid: i for i, iid in enumerate(item_ids)}
-    top = {u: [index_of[i] for i in ids] for u, ids in served.items()}
-    out["served"] = hit_figures(truth, top)
+    out["served"] = hit_figures(truth, {u: [index_of[i] for i in ids] for u, ids in served.items()})
+    out["served_fresh"] = hit_figures(truth, {u: [index_of[i] for i in ids] for u, ids in served_fresh.items()})
     return out
 
 
@@ -211,7 +228,7 @@ def hit_figures(truth: pl.DataFrame, top: dict[int, list[int]]) -> dict:
 
 
 # ---------------------------------------------------------------------------- offline baselines
-def baselines(full, warm, split, registered: dict, posted: list[int], k: int, seed: int) -> dict:
+def baselines(full, warm, split, registered: dict, posted: list[int], k: int, fresh: int, seed: int) -> dict:
     """The module docstring's baselines, in the full snapshot's item index space."""
     from kgrec.models.cold_start import kg_item_knn_scores, popularity_scores
     from kgrec.serving.bundle import RetrievalBundle
@@ -238,13 +255,16 @@ def baselines(full, warm, split, registered: dict, posted: list[int], k: int, se
     only_posted[:, to_full] = True  # the posted-only ranking: no warm item is a candidate
 
     def both(scores: np.ndarray) -> dict:
-        """The figures of the all-items ranking and of the posted-movies-only one (``posted_only``)."""
-        out = {}
-        for key, excluded in (("all", mask), ("posted_only", only_posted)):
+        """The figures of the all-items ranking, of the posted-movies-only one (``posted_only``) and
+        of the all-items top K with ``fresh`` slots (the top K plus the posted top ``fresh``)."""
+        tops = {}
+        for key, excluded, depth in (("all", mask, k), ("posted_only", only_posted, k), ("fresh", only_posted, fresh)):
             ranked = np.where(excluded[users], -np.inf, scores)
-            best = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
-            out[key] = hit_figures(truth, {int(u): row.tolist() for u, row in zip(users, best)})
-        return {**out["all"], "posted_only": out["posted_only"]}
+            best = np.argsort(-ranked, axis=1, kind="stable")[:, :depth]
+            tops[key] = {int(u): row.tolist() for u, row in zip(users, best)}
+        with_fresh = {u: tops["all"][u] + tops["fresh"][u] for u in tops["all"]}
+        return {**hit_figures(truth, tops["all"]), "posted_only": hit_figures(truth, tops["posted_only"]),
+                "fresh": hit_figures(truth, with_fresh)}
 
     u_t = torch.from_numpy(users)
     out = {"popularity": both(popularity_scores(train, seed=seed)(u_t).numpy())}
@@ -255,6 +275,14 @@ def baselines(full, warm, split, registered: dict, posted: list[int], k: int, se
         random_rows[key] = {"hit_rate": round(float(np.mean([rate[u] for u in pairs])), 4),
                             "user_recall": round(float(np.mean(list(rate.values()))), 4), "expected": True}
     out["random insertion"] = {**random_rows["all"], "posted_only": random_rows["posted_only"]}
+    rng = np.random.default_rng(seed)
+    draws = [both(rng.random((len(users), n_items))) for _ in range(5)]
+
+    def mean_of(rows: list[dict]) -> dict:
+        return {key: (mean_of([r[key] for r in rows]) if isinstance(rows[0][key], dict)
+                      else round(float(np.mean([r[key] for r in rows])), 4)) for key in rows[0]}
+
+    out["random scores"] = mean_of(draws)
     knn = kg_item_knn_scores(full.kg, train, full.n_items + full.n_entities, "sum", seed=seed)
     out["kg-knn"] = both(knn(u_t).numpy())
     bundle = RetrievalBundle.load(registered["bundle_dir"])
@@ -275,6 +303,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="KGAT's maximum epochs (default: its own, early-stopped)")
     parser.add_argument("--items", type=int, default=0, help="cold movies posted (0: all)")
     parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--fresh", type=int, default=2, help="GET ...?fresh=F: slots reserved for posted movies")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--workers", type=int, default=1, help="kgrec serve --workers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and per service worker")
@@ -294,16 +323,16 @@ def main() -> None:
         posted = [int(i) for i in posted]
         registered = train_and_register(warm, workdir, args.epochs, args.seed)
         t1 = time.perf_counter()
-        served = serve_and_measure(workdir, full, warm, split, posted, args.k, args.workers, args.threads)
+        served = serve_and_measure(workdir, full, warm, split, posted, args.k, args.fresh, args.workers, args.threads)
         t2 = time.perf_counter()
-        offline = baselines(full, warm, split, registered, posted, args.k, args.seed)
+        offline = baselines(full, warm, split, registered, posted, args.k, args.fresh, args.seed)
         figures = {
             "dataset": args.dataset, "machine": where, "cold_items": int(len(cold)),
             "catalogue_items": warm.n_items, "k": args.k,
             **{key: registered[key] for key in ("version", "epochs_run", "best_epoch", "fit_seconds",
                                                 "register_seconds", "warm_test_recall@20", "item_embedding")},
-            **{key: value for key, value in served.items() if key not in ("served",)},
-            "results": {"served": served["served"], **offline},
+            **{key: value for key, value in served.items() if key not in ("served", "served_fresh")},
+            "results": {"served": {**served["served"], "fresh": served["served_fresh"]}, **offline},
             "seconds": {"prepare_train_register": round(t1 - t0, 1), "serve_post_get": round(t2 - t1, 1),
                         "total": round(time.perf_counter() - t0, 1)},
         }
@@ -317,16 +346,22 @@ def main() -> None:
     print(f"{served['posted']} movies posted (POST p50 {served['post_ms_p50']} ms, max {served['post_ms_max']} ms); "
           f"{served['pairs']} cold ratings of {served['users']} users; GET k={args.k} for each user in "
           f"{served['get_seconds']} s; posted counts seen by the workers: {served['posted_count_seen_by_workers']}")
+    if "example_get_fresh" in served:
+        print(f"example GET ...?k={args.k}&fresh={args.fresh} (last {args.fresh + 1} shown):",
+              json.dumps(served["example_get_fresh"], ensure_ascii=False))
     print("\nall items = the served ranking (warm unseen items + posted movies); posted only = the posted movies "
-          "ranked among themselves (offline diagnostic)")
+          f"ranked among themselves (offline diagnostic); fresh={args.fresh}: the all-items top {args.k} with "
+          f"{args.fresh} slots reserved for posted movies")
     print(f"| ranking | hit rate@{args.k} (pairs) | mean user recall@{args.k} | posted only: hit rate | "
-          "posted only: user recall |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+          f"posted only: user recall | fresh={args.fresh}: hit rate | fresh={args.fresh}: user recall |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in figures["results"].items():
         note = " (expected)" if row.get("expected") else ""
-        alone = row.get("posted_only")
-        tail = f"{alone['hit_rate']:.4f}{note} | {alone['user_recall']:.4f}" if alone else "- | -"
-        print(f"| {name} | {row['hit_rate']:.4f}{note} | {row['user_recall']:.4f} | {tail} |")
+        cells = [f"{row['hit_rate']:.4f}{note}", f"{row['user_recall']:.4f}"]
+        for key in ("posted_only", "fresh"):
+            part = row.get(key)
+            cells += [f"{part['hit_rate']:.4f}{note}", f"{part['user_recall']:.4f}"] if part else ["-", "-"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nseconds: {figures['seconds']}")
     if args.json:
         print(json.dumps(figures, default=str))

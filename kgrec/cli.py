@@ -351,6 +351,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         fail_fast=args.fail_fast,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        fresh_slots=args.fresh_slots,
         access_log=not args.no_access_log,
         log_format=args.log_format,
         log_level="debug" if args.verbose else "info",
@@ -493,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero when the model cannot be loaded at start (default: stay up, "
                    "answer 503 and keep polling the registry)")
     p.add_argument("--cache-dir", help="serve cache of downloaded versions (default: <workdir>/serve-cache)")
+    p.add_argument("--fresh-slots", type=int, default=0, metavar="N",
+                   help="of each candidate list, up to N slots go to items posted since training "
+                   "(POST /v1/items) that the ranking would leave out; a request's ?fresh= overrides")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
     p.add_argument("--no-access-log", action="store_true", help="no access-log line per request")
     tracking_args(p)

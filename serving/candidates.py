@@ -24,6 +24,12 @@ seen-item filter never removes one. The published faiss index is never modified 
 ``add`` is not safe against a concurrent search, and the service may search from several threads
 (a reload's smoke queries, the fast lane, the pyfunc) while an item is added, whereas the segment
 swap is. Without posted items the search path is the one it always was.
+
+Fresh slots (``fresh=N``): the cold-start benchmarks show that a posted item's vector orders the new
+items well among themselves but rarely lifts one above the whole warm catalogue (warm items have
+trained vectors; a posted one only its facts). So a request may reserve up to ``N`` of its ``k`` slots
+for posted items: the answer holds at least ``min(N, k, unseen posted items)`` of them, the best-scored
+posted items taking the places of the lowest-scored catalogue items; the list stays ordered by score.
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ class DuplicateItemError(CandidateError):
 
 class CandidateService:
     supports_merge = False  # one query vector per user: no per-interest lists to merge
+    supports_fresh = True  # takes posted items, so it can reserve slots for them (``fresh``)
 
     def __init__(
         self,
@@ -263,24 +270,26 @@ class CandidateService:
         return self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
 
     # ------------------------------------------------------------------ public API
-    def for_user(self, user_id: str, k: int = 100) -> CandidateResult:
-        """Top-``k`` unseen items for a known user (raw id)."""
+    def for_user(self, user_id: str, k: int = 100, fresh: int = 0) -> CandidateResult:
+        """Top-``k`` unseen items for a known user (raw id); ``fresh``: slots reserved for posted
+        items (module docstring)."""
         k = self._check_k(k)
         u = self._resolve_user(user_id)
         seen = self._seen_indices[self._seen_indptr[u] : self._seen_indptr[u + 1]]
         posted = self._posted
-        idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen, posted)
+        idx, scores = self._top_k(self._user_emb[u : u + 1], k, seen, posted, fresh)
         return self._result(idx, scores, user_id=user_id, posted=posted)
 
-    def for_history(self, item_ids: Iterable[str | int], k: int = 100) -> CandidateResult:
-        """Top-``k`` items for an unseen user given raw item ids (mean-vector fold-in)."""
+    def for_history(self, item_ids: Iterable[str | int], k: int = 100, fresh: int = 0) -> CandidateResult:
+        """Top-``k`` items for an unseen user given raw item ids (mean-vector fold-in); ``fresh`` as
+        in :meth:`for_user`."""
         k = self._check_k(k)
         posted = self._posted
         lookup = self._item_index if posted is None else ChainMap(self._item_index, posted.index)
         ordered, unknown = resolve_history(item_ids, lookup)  # type: ignore[arg-type]
         history = np.unique(ordered)
         query = self._vectors(history, posted).mean(axis=0, keepdims=True)
-        idx, scores = self._top_k(query, k, history, posted)
+        idx, scores = self._top_k(query, k, history, posted, fresh)
         return self._result(idx, scores, unknown_item_ids=list(dict.fromkeys(unknown)), posted=posted)
 
     def for_users(
@@ -389,21 +398,24 @@ class CandidateService:
             self._tls.threads = want
 
     def _top_k(
-        self, query: np.ndarray, k: int, exclude: np.ndarray, posted: _Posted | None = None
+        self, query: np.ndarray, k: int, exclude: np.ndarray, posted: _Posted | None = None, fresh: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The best ``k`` of the catalogue and the posted segment, ``exclude`` (sorted) left out."""
+        """The best ``k`` of the catalogue and the posted segment, ``exclude`` (sorted) left out, at
+        least ``fresh`` of them posted where there are that many."""
         if posted is None:
             return self._top_k_catalogue(query, k, exclude)
         cut = int(np.searchsorted(exclude, self._n_base))
         idx, scores = self._top_k_catalogue(query, k, exclude[:cut])
-        return self._merge_posted(posted, query[0], idx, scores, k, exclude[cut:] - self._n_base)
+        return self._merge_posted(posted, query[0], idx, scores, k, exclude[cut:] - self._n_base, fresh)
 
     def _merge_posted(
-        self, posted: _Posted, q: np.ndarray, idx: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray
+        self, posted: _Posted, q: np.ndarray, idx: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray,
+        fresh: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The catalogue's best (``idx``, ``scores``: its top unseen items, at least ``k`` of them or
         all there are) merged with every posted item scored exactly, best ``k``; ties keep the
-        catalogue item first."""
+        catalogue item first. With ``fresh``, the best posted items beyond the top ``k`` replace its
+        lowest catalogue items until ``fresh`` posted items are in (or none is left)."""
         p_scores = posted.vectors @ np.asarray(q, dtype=np.float32)
         p_idx = np.arange(self._n_base, self._n_base + p_scores.shape[0], dtype=np.int64)
         if exclude.shape[0]:
@@ -412,8 +424,18 @@ class CandidateService:
             p_idx, p_scores = p_idx[keep], p_scores[keep]
         all_idx = np.concatenate([idx.astype(np.int64, copy=False), p_idx])
         all_scores = np.concatenate([scores.astype(np.float32, copy=False), p_scores.astype(np.float32)])
-        order = np.argsort(-all_scores, kind="stable")[:k]
-        return all_idx[order], all_scores[order]
+        order = np.argsort(-all_scores, kind="stable")
+        top = order[:k]
+        if fresh > 0:
+            is_posted = all_idx[order] >= self._n_base
+            missing = min(fresh, k, p_idx.shape[0]) - int(is_posted[:k].sum())
+            if missing > 0:  # the next posted items take the places of the last catalogue items
+                chosen = np.zeros(order.shape[0], dtype=bool)
+                chosen[:k] = True
+                chosen[np.flatnonzero(~is_posted[:k])[-missing:]] = False
+                chosen[k + np.flatnonzero(is_posted[k:])[:missing]] = True
+                top = order[chosen]  # still in score order
+        return all_idx[top], all_scores[top]
 
     def _vectors(self, idx: np.ndarray, posted: _Posted | None) -> np.ndarray:
         if posted is None or not idx.shape[0] or idx[-1] < self._n_base:  # idx sorted

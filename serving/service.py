@@ -24,11 +24,13 @@ Endpoints::
     POST /admin/reload[?force=true]            bearer token; load what the alias names now
     GET  /v1/model                             model info (+ index kind, catalogue size, reload state)
     GET  /v1/users/{user_id}/candidates?k=100[&merge=max|weighted|mixture|controllable][&diversity=0.5]
-                                               known user, seen items excluded
+                                         [&fresh=N]
+                                               known user, seen items excluded; fresh: up to N of
+                                               the k slots for posted items (kgrec.serving.candidates)
     GET  /v1/users/{user_id}/candidates/{item_id}/explain?max_paths=5
                                                top attention paths user -> item (KGAT models)
     POST /v1/candidates {"item_ids": [...], "k": 100, "merge": "max"|"weighted"|"mixture"|"controllable",
-                         "diversity": 0.5}  (merge and diversity optional)
+                         "diversity": 0.5, "fresh": 2}  (merge, diversity and fresh optional)
                                                unseen user from an ORDERED item history (oldest
                                                first; history excluded)
     GET  /v1/users/{user_id}/ranked?k=20&n=200 two-stage: the retriever's top n re-ranked by the
@@ -173,6 +175,7 @@ class HistoryRequest(BaseModel):
     k: int = Field(100, ge=1, le=MAX_K)
     merge: MergeParam | None = None  # multi-interest retrievers only (default: the model's rule)
     diversity: float | None = Field(None, ge=0.0, le=MAX_DIVERSITY)  # lambda of merge="controllable"
+    fresh: int | None = Field(None, ge=0, le=MAX_K)  # slots reserved for posted items (default: the setting)
 
 
 IdText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
@@ -471,6 +474,17 @@ def _merge_kwargs(retriever: Retriever, merge: str | None, diversity: float | No
     return {key: value for key, value in (("merge", merge), ("diversity", diversity)) if value is not None}
 
 
+def _retrieval_kwargs(state: ServingState, retriever: Retriever, merge: str | None, diversity: float | None,
+                      fresh: int | None) -> dict[str, Any]:
+    """The keyword arguments this retriever takes: the merge rule (multi-interest) and the fresh
+    slots (retrievers that take posted items; the request's, else the service's setting)."""
+    kwargs = _merge_kwargs(retriever, merge, diversity)
+    fresh = state.fresh_slots if fresh is None else fresh
+    if fresh and getattr(retriever, "supports_fresh", False):
+        kwargs["fresh"] = fresh
+    return kwargs
+
+
 def _took_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1e3, 3)
 
@@ -519,12 +533,13 @@ def candidates_json(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _user_candidates_body(served: Served, metrics: ServiceMetrics, user_id: str, k: int,
-                          merge: str | None, diversity: float | None) -> bytes:
+def _user_candidates_body(state: ServingState, user_id: str, k: int, merge: str | None,
+                          diversity: float | None, fresh: int | None) -> bytes:
+    served = state.ready()
     retriever = served.retriever
     t0 = time.perf_counter()
-    result = retriever.for_user(user_id, k, **_merge_kwargs(retriever, merge, diversity))
-    _observe_retrieval(metrics, time.perf_counter() - t0, result)
+    result = retriever.for_user(user_id, k, **_retrieval_kwargs(state, retriever, merge, diversity, fresh))
+    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
     return candidates_json({
         "user_id": user_id,
         "k": k,
@@ -535,11 +550,13 @@ def _user_candidates_body(served: Served, metrics: ServiceMetrics, user_id: str,
     })
 
 
-def _history_candidates_body(served: Served, metrics: ServiceMetrics, body: HistoryRequest) -> bytes:
+def _history_candidates_body(state: ServingState, body: HistoryRequest) -> bytes:
+    served = state.ready()
     retriever = served.retriever
     t0 = time.perf_counter()
-    result = retriever.for_history(body.item_ids, body.k, **_merge_kwargs(retriever, body.merge, body.diversity))
-    _observe_retrieval(metrics, time.perf_counter() - t0, result)
+    kwargs = _retrieval_kwargs(state, retriever, body.merge, body.diversity, body.fresh)
+    result = retriever.for_history(body.item_ids, body.k, **kwargs)
+    _observe_retrieval(state.metrics, time.perf_counter() - t0, result)
     return candidates_json({
         "k": body.k,
         "model": served.summary,
@@ -622,6 +639,15 @@ def _plain_k(value: str | None, default: int = 100) -> int | None:
     return k if 1 <= k <= MAX_K else None
 
 
+def _plain_count(value: str | None) -> tuple[bool, int | None]:
+    """``fresh``: absent, or 0 .. MAX_K in plain digits."""
+    if value is None:
+        return True, None
+    if not value.isdigit() or (len(value) > 1 and value[0] == "0") or len(value) > 4:
+        return False, None
+    return int(value) <= MAX_K, int(value)
+
+
 def _plain_merge(value: str | None) -> tuple[bool, str | None]:
     return (value is None or value in _MERGES), value
 
@@ -647,13 +673,14 @@ async def _user_candidates_lane(scope: Scope, receive: Receive) -> tuple[Respons
     k = _plain_k(query.get("k"))
     merge_ok, merge = _plain_merge(query.get("merge"))
     diversity_ok, diversity = _plain_diversity(query.get("diversity"))
-    if k is None or not merge_ok or not diversity_ok:
+    fresh_ok, fresh = _plain_count(query.get("fresh"))
+    if k is None or not merge_ok or not diversity_ok or not fresh_ok:
         return None, receive
     state: ServingState = scope["app"].state.kgrec
-    return JSONBytes(_user_candidates_body(state.ready(), state.metrics, user_id, k, merge, diversity)), receive
+    return JSONBytes(_user_candidates_body(state, user_id, k, merge, diversity, fresh)), receive
 
 
-_USER_QUERY_KEYS = frozenset({"k", "merge", "diversity"})
+_USER_QUERY_KEYS = frozenset({"k", "merge", "diversity", "fresh"})
 
 
 def _replaying(messages: list[Message], receive: Receive) -> Receive:
@@ -693,7 +720,7 @@ async def _history_candidates_lane(scope: Scope, receive: Receive) -> tuple[Resp
     except (ValueError, ValidationError):  # malformed or invalid: FastAPI answers it (400 / 422)
         return None, replay
     state: ServingState = scope["app"].state.kgrec
-    return JSONBytes(_history_candidates_body(state.ready(), state.metrics, body)), replay
+    return JSONBytes(_history_candidates_body(state, body)), replay
 
 
 # ---------------------------------------------------------------------------- routers
@@ -740,13 +767,16 @@ async def user_candidates(
     k: int = Query(100, ge=1, le=MAX_K),
     merge: MergeParam | None = Query(None),
     diversity: float | None = Query(None, ge=0.0, le=MAX_DIVERSITY),
+    fresh: int | None = Query(None, ge=0, le=MAX_K, description=(
+        "slots of the k reserved for items posted since training (POST /v1/items); default: the "
+        "service's fresh_slots setting")),
 ) -> Response:
-    return JSONBytes(_user_candidates_body(state.ready(), state.metrics, user_id, k, merge, diversity))
+    return JSONBytes(_user_candidates_body(state, user_id, k, merge, diversity, fresh))
 
 
 @retrieval.post("/candidates", response_model=HistoryCandidates, response_class=JSONBytes)
 async def history_candidates(body: HistoryRequest, state: State) -> Response:
-    return JSONBytes(_history_candidates_body(state.ready(), state.metrics, body))
+    return JSONBytes(_history_candidates_body(state, body))
 
 
 user_candidates.fast_lane = _user_candidates_lane  # type: ignore[attr-defined]
@@ -969,6 +999,7 @@ def create_app(
     overlay_root: Path | None = None,
     max_item_facts: int = DEFAULT_MAX_ITEM_FACTS,
     overlay_poll_interval_s: float = 1.0,
+    fresh_slots: int = 0,
 ) -> FastAPI:
     """The service app. ``token``: the bearer token of ``/admin/*`` and ``POST /v1/items`` (both are
     disabled without one); ``require_token``: every endpoint but the health probes needs it (a bind
@@ -976,7 +1007,8 @@ def create_app(
     never); ``fast_lane``: False sends every request through FastAPI's parameter handling (the tests
     compare); ``overlay_root``: the serve cache root where posted items' overlays are kept (None:
     posting answers 409); ``max_item_facts``: facts per posted item; ``overlay_poll_interval_s``: how
-    often the served version's overlay is checked for other workers' posts (0: never)."""
+    often the served version's overlay is checked for other workers' posts (0: never); ``fresh_slots``:
+    candidate slots reserved for posted items when a request does not say (``fresh``)."""
     metrics = ServiceMetrics()
     app = FastAPI(
         title="kgrec candidates",
@@ -991,7 +1023,7 @@ def create_app(
     )
     app.state.kgrec = ServingState(load_service, load_ranker, metrics, torch_threads=torch_threads,
                                    overlay_root=None if overlay_root is None else Path(overlay_root),
-                                   max_item_facts=max_item_facts)
+                                   max_item_facts=max_item_facts, fresh_slots=fresh_slots)
     if require_token and token is None:
         raise ValueError("require_token needs a token")
     # the fast lane of the candidates routes (FastLaneRoute): on, with the token that guards them
@@ -1041,6 +1073,7 @@ def app_from_settings(settings: ServeSettings) -> FastAPI:
         torch_threads=threads,
         overlay_root=cache.root,
         max_item_facts=settings.max_item_facts,
+        fresh_slots=settings.fresh_slots,
         overlay_poll_interval_s=settings.overlay_poll_interval_s,
     )
 

@@ -79,6 +79,9 @@ class ServeSettings(BaseModel):
     cache_dir: Path | None = None
     #: Facts a posted item may carry (more: 422).
     max_item_facts: int = Field(DEFAULT_MAX_ITEM_FACTS, ge=1, le=100_000)
+    #: Candidate slots reserved for posted items when a request does not set ``fresh`` (0: posted
+    #: items compete with the catalogue on score alone; see kgrec.serving.candidates).
+    fresh_slots: int = Field(0, ge=0, le=1000)
     #: Seconds between checks (one stat) of the served version's overlay for items other workers
     #: posted; 0 = never (a worker then sees them at its next post or reload).
     overlay_poll_interval_s: float = Field(1.0, ge=0)

@@ -116,11 +116,13 @@ class ServingState:
 
     def __init__(self, load_service: Loader, load_ranker: RankerLoader | None = None,
                  metrics: ServiceMetrics | None = None, torch_threads: int | None = 1,
-                 overlay_root: Path | None = None, max_item_facts: int = 256) -> None:
+                 overlay_root: Path | None = None, max_item_facts: int = 256, fresh_slots: int = 0) -> None:
         self.load_service = load_service
         #: the serve cache root the posted items' overlays live under (None: posts are refused)
         self.overlay_root = overlay_root
         self.max_item_facts = int(max_item_facts)
+        #: candidate slots reserved for posted items when a request does not set ``fresh``
+        self.fresh_slots = int(fresh_slots)
         #: held by a post (append + add) and by a swap (catch-up + assignment): module docstring
         self.overlay_lock = threading.Lock()
         self.load_ranker = load_ranker

@@ -106,3 +106,45 @@ def test_batch_matches_single(service):
 def test_index_mismatch_rejected(bundle):
     with pytest.raises(ValueError, match="does not match"):
         CandidateService(bundle, build_index(bundle.item_embeddings[:10]))
+
+
+# ---------------------------------------------------------------------------- fresh slots
+def _with_posted(bundle, scales):
+    """A service over ``bundle`` with one posted item per scale: user 0's vector times the scale (so
+    the posted items' scores for user 0 are ordered by scale, and low scales rank below every
+    catalogue item)."""
+    from kgrec.serving.candidates import CandidateService
+
+    service = CandidateService(bundle)
+    u0 = bundle.user_embeddings[0] / np.linalg.norm(bundle.user_embeddings[0])
+    vectors = np.stack([u0 * s for s in scales]).astype(np.float32)
+    service.add_items([f"p{j}" for j in range(len(scales))], [None] * len(scales), vectors)
+    return service
+
+
+def test_fresh_slots_swap_the_last_catalogue_items_for_the_best_posted(bundle):
+    user = dict(zip(bundle.users["user_idx"].to_list(), bundle.users["user_id"].to_list()))[0]
+    service = _with_posted(bundle, [-3.0, -1.0, -2.0])  # negative: below every catalogue item of user 0
+    plain = service.for_user(user, 10)
+    assert not any(i.startswith("p") for i in plain.item_ids)
+    two = service.for_user(user, 10, fresh=2)
+    assert len(two) == 10
+    assert two.item_ids[:8] == plain.item_ids[:8]  # the last two catalogue items gave way
+    assert two.item_ids[8:] == ["p1", "p2"]  # the two best posted (scales -1, -2), in score order
+    assert np.all(np.diff(two.scores) <= 0)
+    every = service.for_user(user, 10, fresh=50)  # more slots than posted items: all three, rest catalogue
+    assert every.item_ids[:7] == plain.item_ids[:7] and every.item_ids[7:] == ["p1", "p2", "p0"]
+    assert service.for_user(user, 2, fresh=5).item_ids == ["p1", "p2"]  # never more than k
+
+
+def test_fresh_slots_count_posted_items_that_made_the_list_on_merit(bundle):
+    user = dict(zip(bundle.users["user_idx"].to_list(), bundle.users["user_id"].to_list()))[0]
+    service = _with_posted(bundle, [1e3, -5.0])  # p0 tops the list on score, p1 is last
+    plain = service.for_user(user, 10)
+    assert plain.item_ids[0] == "p0" and "p1" not in plain.item_ids
+    assert service.for_user(user, 10, fresh=1).item_ids == plain.item_ids  # one posted is in already
+    two = service.for_user(user, 10, fresh=2)
+    assert two.item_ids[:9] == plain.item_ids[:9] and two.item_ids[9] == "p1"
+    # a history that holds a posted item excludes it, and the slot goes to the other one
+    hist = service.for_history(["p0", plain.item_ids[1]], 5, fresh=1)
+    assert "p0" not in hist.item_ids and hist.item_ids[-1] == "p1"

@@ -180,6 +180,34 @@ def test_posted_item_is_served_at_once(world, tmp_path):
     assert record["version"] == "1" and record["time"].endswith("Z")
 
 
+def test_fresh_slots_bring_a_posted_item_into_the_answer(world, tmp_path):
+    """A posted item ranked below the top k is served anyway in a reserved slot: per request
+    (``?fresh=``, both lanes; ``"fresh"`` in a history body) or by the service's setting."""
+    full = world["full"]
+    item = int(HELD[3])
+    facts, item_id = facts_of(full, item), item_id_of(full, item)
+    bundle = RetrievalBundle.load(world["bundle_dir"])
+    scores = bundle.user_embeddings @ offline_vector(world, facts)
+    user_id = dict(zip(bundle.users["user_idx"].to_list(), bundle.users["user_id"].to_list()))[int(np.argmin(scores))]
+    for fast_lane in (True, False):
+        with TestClient(app_for(world, tmp_path / str(fast_lane), fast_lane=fast_lane)) as client:
+            assert post(client, item_id, facts).status_code == 201
+            plain = candidate_ids(client, user_id, 5)
+            assert item_id not in plain  # the user who likes it least: not on merit
+            r = client.get(f"/v1/users/{user_id}/candidates", params={"k": 5, "fresh": 1})
+            assert r.status_code == 200, r.text
+            assert [c["item_id"] for c in r.json()["candidates"]] == plain[:4] + [item_id]
+            for bad in ("-1", "x", "1001", "1.5"):
+                r = client.get(f"/v1/users/{user_id}/candidates", params={"k": 5, "fresh": bad})
+                assert r.status_code == 422 and "fresh" in r.json()["message"], (bad, r.text)
+            r = client.post("/v1/candidates", json={"item_ids": [plain[0]], "k": 3, "fresh": 1})
+            assert r.status_code == 200 and r.json()["candidates"][-1]["item_id"] == item_id
+    with TestClient(app_for(world, tmp_path / "True", fresh_slots=1)) as client:  # the setting; 0 overrides it
+        assert candidate_ids(client, user_id, 5)[-1] == item_id
+        r = client.get(f"/v1/users/{user_id}/candidates", params={"k": 5, "fresh": 0})
+        assert item_id not in [c["item_id"] for c in r.json()["candidates"]]
+
+
 # ---------------------------------------------------------------------------- 4xx
 @pytest.fixture
 def client(world, tmp_path):

@@ -56,7 +56,7 @@ def test_json_responses_and_every_endpoint_is_routed(client, broken_client):
     }
     # handler dependencies are not request parameters
     params = {p["name"] for p in paths["/v1/users/{user_id}/candidates"]["get"]["parameters"]}
-    assert params == {"user_id", "k", "merge", "diversity"}
+    assert params == {"user_id", "k", "merge", "diversity", "fresh"}
 
 
 def test_openapi_documents_the_candidates_body(client):
