@@ -11,7 +11,8 @@ TORCH_INDEX_URL ?=
 DATASET ?= music
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-full test test-all bench serve lint lock clean postgres stack-up stack-down
+.PHONY: setup demo demo-full test test-all bench serve lint lock clean postgres stack-up stack-down \
+	dgl-env test-dgl dgl-lock
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "kgrec needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -76,3 +77,34 @@ clean:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The optional DGL backend (README, "DGL backend"): its own environment, never part of `make test`.
+# dgl 2.1.0 (the newest on PyPI) has native libraries for torch 2.0.0 - 2.2.1 only, and PyPI's
+# torch 2.2.1 is the CUDA build: the first run downloads ~3 GB of nvidia-* wheels, on a GPU-less
+# machine too. kgrec goes in with --no-deps (its pyproject asks for torch>=2.6); its runtime
+# dependencies come from infra/dgl/requirements.txt, pinned by infra/dgl/constraints.txt.
+DGL_VENV ?= .venv-dgl
+DGL_PY := $(DGL_VENV)/bin/python
+DGL_STAMP := $(DGL_VENV)/.kgrec-dgl-installed
+
+$(DGL_STAMP): pyproject.toml infra/dgl/requirements.txt infra/dgl/constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "dgl-env needs $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(DGL_PY) || $(PYTHON) -m venv $(DGL_VENV)
+	$(DGL_PY) -m pip install -q -r infra/dgl/requirements.txt -c infra/dgl/constraints.txt
+	$(DGL_PY) -m pip install -q --no-deps -e .
+	$(DGL_PY) -c "import dgl, torch, kgrec.models.backends.dgl; print('dgl-env: dgl', dgl.__version__, 'torch', torch.__version__)"
+	@touch $(DGL_STAMP)
+
+dgl-env: $(DGL_STAMP)
+
+# Re-pin infra/dgl/constraints.txt from what .venv-dgl resolved (after editing requirements.txt).
+dgl-lock: dgl-env
+	{ echo "# Tested set of .venv-dgl (make dgl-env): the core's pins (constraints.txt) where they fit, torch"; \
+	  echo "# 2.2.1 (PyPI's CUDA build) with its nvidia-* and triton, numpy 1.26, pandas 3.0, dgl, torchdata."; \
+	  echo "# Regenerate after editing infra/dgl/requirements.txt: make dgl-lock"; \
+	  $(DGL_PY) -m pip freeze --exclude-editable; } > infra/dgl/constraints.txt.new && \
+	  mv infra/dgl/constraints.txt.new infra/dgl/constraints.txt
+
+test-dgl:
+	@test -f $(DGL_STAMP) || { echo "test-dgl: $(DGL_VENV) is missing or incomplete; create it first with: make dgl-env"; exit 1; }
+	$(DGL_PY) -m pytest -m dgl tests/dgl $(PYTEST_ARGS)

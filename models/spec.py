@@ -38,6 +38,9 @@ MODEL_PACKAGES: tuple[str, ...] = (
     "kgrec.models.retrievers",
     "kgrec.models.sequential",
     "kgrec.models.rankers",
+    # Optional backends: their spec modules import no backend library and register a variant only
+    # where that library is installed (models/backends/dgl/spec.py).
+    "kgrec.models.backends",
 )
 
 

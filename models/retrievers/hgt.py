@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from kgrec.models.base import Recommender
+from kgrec.models.layers.grouped_hgt_conv import GroupedHGTConv
+from kgrec.models.layers.relational_adjacency import RelationalAdjacency
 from kgrec.models.retrievers.rgcn import (
     RELATIONAL_DEFAULTS,
     RELATIONAL_SEARCH_SPACE,
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData
     from kgrec.models.config import TrainConfig
     from torch_geometric.typing import EdgeType
+
+HGTConvImpl = Literal["auto", "grouped", "einsum", "standard"]
 
 
 class RelationGroupedHGTConv(HGTConv):
@@ -80,8 +84,12 @@ class HGT(Recommender):
     + (1 - \alpha) H^{(l-1)}[t]` with a learned gate :math:`\alpha = \sigma(\text{skip}_{\tau(t)})`.
     Dropout is applied to each layer's input (the paper's dropout before A-Linear).
 
-    The relation-specific projections run through :class:`RelationGroupedHGTConv` (same
-    parameters and outputs, fast on CPU without pyg-lib). Node representations combine the layers
+    Implementation (same parameters, state dict and outputs): ``conv_impl="grouped"``, the
+    default (``"auto"``), is :class:`~kgrec.models.layers.grouped_hgt_conv.GroupedHGTConv`: the
+    relation projections once per distinct (source, edge type) pair, over a
+    :class:`~kgrec.models.layers.relational_adjacency.RelationalAdjacency` built once here;
+    ``"einsum"`` is :class:`RelationGroupedHGTConv` (every source-type node projected per edge
+    type), ``"standard"`` PyG's :class:`HGTConv`. Node representations combine the layers
     (concatenation, mean, or last); the score is the inner product of the user and item
     representations, trained with BPR plus :math:`\lambda` times the L2 norm of the batch's ego
     embeddings. Each batch runs the full-graph propagation once.
@@ -96,6 +104,7 @@ class HGT(Recommender):
         dropout: dropout on each layer's input.
         layer_combination: ``"concat"``, ``"mean"`` or ``"last"``.
         reg_weight: L2 weight :math:`\lambda` on the batch's ego embeddings.
+        conv_impl: ``"auto"`` (= ``"grouped"``), ``"grouped"``, ``"einsum"`` or ``"standard"``.
     """
 
     def __init__(
@@ -109,8 +118,11 @@ class HGT(Recommender):
         dropout: float = 0.1,
         layer_combination: LayerCombination = "mean",
         reg_weight: float = 1e-4,
+        conv_impl: HGTConvImpl = "auto",
     ) -> None:
         super().__init__(num_users, num_items)
+        if conv_impl not in ("auto", "grouped", "einsum", "standard"):
+            raise ValueError(f"unknown conv_impl {conv_impl!r}")
         if (hetero["user"].num_nodes, hetero["item"].num_nodes) != (num_users, num_items):
             raise ValueError(
                 f"graph has {hetero['user'].num_nodes} users / {hetero['item'].num_nodes} items, "
@@ -126,6 +138,7 @@ class HGT(Recommender):
         self.dropout = dropout
         self.layer_combination = layer_combination
         self.reg_weight = reg_weight
+        self.conv_impl = "grouped" if conv_impl == "auto" else conv_impl
         self.node_types: list[str] = list(hetero.node_types)
         self.edge_types: list[EdgeType] = list(hetero.edge_types)
         self.num_nodes_per_type = {t: int(hetero[t].num_nodes) for t in self.node_types}
@@ -135,9 +148,11 @@ class HGT(Recommender):
             {t: torch.nn.Embedding(n, embedding_dim) for t, n in self.num_nodes_per_type.items()}
         )
         metadata = (self.node_types, self.edge_types)
+        conv_cls = {"grouped": GroupedHGTConv, "einsum": RelationGroupedHGTConv, "standard": HGTConv}[
+            self.conv_impl
+        ]
         self.convs = torch.nn.ModuleList(
-            RelationGroupedHGTConv(embedding_dim, embedding_dim, metadata, heads=heads)
-            for _ in range(num_layers)
+            conv_cls(embedding_dim, embedding_dim, metadata, heads=heads) for _ in range(num_layers)
         )
         # The graph: derived from the training data, moved by .to(), not saved. Buffer names are
         # positional because relation names are not valid attribute names.
@@ -145,6 +160,16 @@ class HGT(Recommender):
             self.register_buffer(
                 f"_edge_index_{k}", hetero[edge_type].edge_index.to(torch.int64), persistent=False
             )
+        # Grouped by edge type once; its tensors are non-persistent buffers (not in the state dict).
+        self.adjacency = (
+            RelationalAdjacency.from_hetero(
+                {et: hetero[et].edge_index for et in self.edge_types},
+                self.num_nodes_per_type,
+                self.edge_types,
+            )
+            if self.conv_impl == "grouped"
+            else None
+        )
         self.reset_parameters()
 
     @property
@@ -167,12 +192,12 @@ class HGT(Recommender):
         """Layer-combined representations ``{node_type: [n, output_dim]}``; input dropout only
         with ``dropout=True`` (:meth:`loss` in training mode), so :meth:`embeddings` is
         deterministic."""
-        edge_index_dict = self.edge_index_dict()
+        graph = self.adjacency if self.adjacency is not None else self.edge_index_dict()
         x = {t: emb.weight for t, emb in self.node_embedding.items()}
         layers = {t: [v] for t, v in x.items()}
         for conv in self.convs:
             h = {t: F.dropout(v, p=self.dropout, training=dropout) for t, v in x.items()}
-            out = conv(h, edge_index_dict)
+            out = conv(h, graph)
             x = {t: out[t] if out.get(t) is not None else x[t] for t in x}
             for t, v in x.items():
                 layers[t].append(v)
@@ -195,7 +220,7 @@ class HGT(Recommender):
             f"{super().extra_repr()}, node_types={self.node_types}, "
             f"num_edge_types={len(self.edge_types)}, embedding_dim={self.embedding_dim}, "
             f"num_layers={self.num_layers}, heads={self.heads}, "
-            f"layer_combination={self.layer_combination!r}"
+            f"layer_combination={self.layer_combination!r}, conv_impl={self.conv_impl!r}"
         )
 
 
@@ -224,6 +249,9 @@ class HGTParams(BaseModel):
     heads: int = Field(2, ge=1, le=64)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     layer_combination: Literal["concat", "mean", "last"] = "mean"
+    conv_impl: Literal["auto", "grouped", "einsum", "standard"] = Field(
+        "auto", description='"auto" = "grouped" (GroupedHGTConv); "einsum", "standard" (HGTConv)'
+    )
 
 
 def build_hgt(config: TrainConfig, data: InteractionData) -> HGT:
@@ -238,6 +266,7 @@ def build_hgt(config: TrainConfig, data: InteractionData) -> HGT:
         dropout=params.dropout,
         layer_combination=params.layer_combination,
         reg_weight=config.reg_weight,
+        conv_impl=params.conv_impl,
     )
 
 
