@@ -92,7 +92,7 @@ $(DGL_STAMP): pyproject.toml infra/dgl/requirements.txt infra/dgl/constraints.tx
 	@test -x $(DGL_PY) || $(PYTHON) -m venv $(DGL_VENV)
 	$(DGL_PY) -m pip install -q -r infra/dgl/requirements.txt -c infra/dgl/constraints.txt
 	$(DGL_PY) -m pip install -q --no-deps -e .
-	$(DGL_PY) -c "import dgl, torch, kgrec.models.backends.dgl; print('dgl-env: dgl', dgl.__version__, 'torch', torch.__version__)"
+	DGLBACKEND=pytorch $(DGL_PY) -c "import dgl, torch, kgrec.models.backends.dgl; print('dgl-env: dgl', dgl.__version__, 'torch', torch.__version__)"
 	@touch $(DGL_STAMP)
 
 dgl-env: $(DGL_STAMP)
@@ -107,4 +107,4 @@ dgl-lock: dgl-env
 
 test-dgl:
 	@test -f $(DGL_STAMP) || { echo "test-dgl: $(DGL_VENV) is missing or incomplete; create it first with: make dgl-env"; exit 1; }
-	$(DGL_PY) -m pytest -m dgl tests/dgl $(PYTEST_ARGS)
+	DGLBACKEND=pytorch $(DGL_PY) -m pytest -m dgl tests/dgl $(PYTEST_ARGS)

@@ -96,7 +96,7 @@ def check_forward_backward(model, num_users: int, num_items: int) -> None:
 @pytest.mark.parametrize(
     "decomposition", [{"num_bases": 3, "num_blocks": None}, {"num_bases": None, "num_blocks": 4}]
 )
-@pytest.mark.parametrize("conv_impl", ["standard", "fast"])
+@pytest.mark.parametrize("conv_impl", ["grouped", "standard", "fast"])
 @pytest.mark.parametrize("combination", ["concat", "mean"])
 def test_rgcn_forward_backward(planted_data, planted_graph, decomposition, conv_impl, combination):
     ckg, _ = planted_graph
@@ -201,7 +201,7 @@ def test_zoo_builds_rgcn_and_hgt(snapshot_data):
     assert {"rgcn", "hgt"} <= set(model_names("retriever"))
     config = TrainConfig.for_model("rgcn", embedding_dim=8, params={"num_blocks": None, "num_bases": 2})
     model = build_model(config, snapshot_data)
-    assert isinstance(model, RGCN) and model.num_bases == 2 and model.conv_impl == "standard"
+    assert isinstance(model, RGCN) and model.num_bases == 2 and model.conv_impl == "grouped"
     assert model.num_layers == config.num_layers and model.reg_weight == config.reg_weight
     model = build_model(TrainConfig.for_model("hgt", embedding_dim=8, params={"heads": 4}), snapshot_data)
     assert isinstance(model, HGT) and model.heads == 4

@@ -1,0 +1,1 @@
+"""Optional model backends, each needing an environment of its own (never imported by the core)."""
