@@ -126,7 +126,7 @@ def main() -> None:
         print(f"  {label:<24} batch {c.batch_size}, layers {c.num_layers}, dim {c.embedding_dim}", flush=True)
 
     times: dict[str, list[float]] = {label: [] for label in runners}
-    for label, runner in runners.items():  # warm-up (allocator, first-call costs), not timed
+    for runner in runners.values():  # warm-up (allocator, first-call costs), not timed
         runner.step()
     for rep in range(args.reps):
         for label, runner in runners.items():

@@ -46,7 +46,49 @@ def combine_layers(layers: list[Tensor], how: LayerCombination) -> Tensor:
     raise ValueError(f"unknown layer combination {how!r}")
 
 
-class RGCN(Recommender):
+class CKGNodeReadout:
+    """Readout and BPR loss shared by the R-GCN backends (PyG here, DGL in
+    ``kgrec.models.backends.dgl``): users and items are the first CKG nodes of
+    :meth:`propagate_all`'s layer-combined output; the L2 term is on the batch's ego embeddings."""
+
+    num_users: int
+    num_items: int
+    embedding_dim: int
+    num_layers: int
+    layer_combination: LayerCombination
+    reg_weight: float
+    node_embedding: torch.nn.Embedding
+
+    def propagate_all(self, dropout: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of the user/item representations."""
+        if self.layer_combination == "concat":
+            return self.embedding_dim * (self.num_layers + 1)
+        return self.embedding_dim
+
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        out = self.propagate_all()
+        u, i = self.num_users, self.num_items
+        return out[:u], out[u : u + i]
+
+    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+        out = self.propagate_all(dropout=self.training)
+        user_emb, item_emb = out[: self.num_users], out[self.num_users : self.num_users + self.num_items]
+        u, p, n = user_emb[users], item_emb[pos_items], item_emb[neg_items]
+        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1))
+        offset = self.num_users
+        reg = l2_reg(
+            self.node_embedding(users),
+            self.node_embedding(pos_items + offset),
+            self.node_embedding(neg_items + offset),
+        )
+        return bpr + self.reg_weight * reg
+
+
+class RGCN(CKGNodeReadout, Recommender):
     r"""R-GCN from `"Modeling Relational Data with Graph Convolutional Networks"
     <https://arxiv.org/abs/1703.06103>`_ (Schlichtkrull et al., ESWC 2018) as a retriever over the
     collaborative KG (users, items, entities; interact/rev_interact and every KG relation with its
@@ -165,13 +207,6 @@ class RGCN(Recommender):
         )
         self.reset_parameters()
 
-    @property
-    def output_dim(self) -> int:
-        """Dimension of the user/item representations."""
-        if self.layer_combination == "concat":
-            return self.embedding_dim * (self.num_layers + 1)
-        return self.embedding_dim
-
     def reset_parameters(self) -> None:
         torch.nn.init.xavier_normal_(self.node_embedding.weight)
         for conv in self.convs:
@@ -194,24 +229,6 @@ class RGCN(Recommender):
                 x = act(x)
             layers.append(x)
         return combine_layers(layers, self.layer_combination)
-
-    def embeddings(self) -> tuple[Tensor, Tensor]:
-        out = self.propagate_all()
-        u, i = self.num_users, self.num_items
-        return out[:u], out[u : u + i]
-
-    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        out = self.propagate_all(dropout=self.training)
-        user_emb, item_emb = out[: self.num_users], out[self.num_users : self.num_users + self.num_items]
-        u, p, n = user_emb[users], item_emb[pos_items], item_emb[neg_items]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1))
-        offset = self.num_users
-        reg = l2_reg(
-            self.node_embedding(users),
-            self.node_embedding(pos_items + offset),
-            self.node_embedding(neg_items + offset),
-        )
-        return bpr + self.reg_weight * reg
 
     def extra_repr(self) -> str:
         decomposition = (

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from dgl.nn.pytorch import RelGraphConv
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
-from kgrec.models.retrievers.rgcn import combine_layers
-from kgrec.models.training.losses import bpr_loss, l2_reg
+from kgrec.models.retrievers.rgcn import CKGNodeReadout, combine_layers
 from torch import Tensor
 
 Activation = Literal["tanh", "relu", "leaky_relu", "none"]
@@ -42,7 +41,7 @@ def relation_mean_graph(ckg: CollaborativeKG) -> dgl.DGLGraph:
     return graph
 
 
-class DGLRGCN(Recommender):
+class DGLRGCN(CKGNodeReadout, Recommender):
     r"""R-GCN from `"Modeling Relational Data with Graph Convolutional Networks"
     <https://arxiv.org/abs/1703.06103>`_ (Schlichtkrull et al., ESWC 2018) over the collaborative
     KG, with DGL's :class:`~dgl.nn.pytorch.RelGraphConv` as the layer: the same model as
@@ -133,13 +132,6 @@ class DGLRGCN(Recommender):
         self._graph = relation_mean_graph(ckg)
         self.reset_parameters()
 
-    @property
-    def output_dim(self) -> int:
-        """Dimension of the user/item representations."""
-        if self.layer_combination == "concat":
-            return self.embedding_dim * (self.num_layers + 1)
-        return self.embedding_dim
-
     def reset_parameters(self) -> None:
         """Xavier-normal node embeddings; each layer as ``RelGraphConv.__init__`` sets it (its
         relation weights re-drawn, Xavier self-loop weight, zero bias), from the global RNG."""
@@ -172,24 +164,6 @@ class DGLRGCN(Recommender):
                 x = act(x)
             layers.append(x)
         return combine_layers(layers, self.layer_combination)
-
-    def embeddings(self) -> tuple[Tensor, Tensor]:
-        out = self.propagate_all()
-        u, i = self.num_users, self.num_items
-        return out[:u], out[u : u + i]
-
-    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        out = self.propagate_all(dropout=self.training)
-        user_emb, item_emb = out[: self.num_users], out[self.num_users : self.num_users + self.num_items]
-        u, p, n = user_emb[users], item_emb[pos_items], item_emb[neg_items]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1))
-        offset = self.num_users
-        reg = l2_reg(
-            self.node_embedding(users),
-            self.node_embedding(pos_items + offset),
-            self.node_embedding(neg_items + offset),
-        )
-        return bpr + self.reg_weight * reg
 
     def extra_repr(self) -> str:
         decomposition = (
