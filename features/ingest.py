@@ -91,7 +91,7 @@ DUPLICATE_EVENT = "duplicate_event"
 DUPLICATE_LINK = "duplicate_link"
 DUPLICATE_TRIPLE = "duplicate_triple"
 DUPLICATE_NAME = "duplicate_name"
-UNKNOWN_ENTITY = "unknown_entity"
+DISCONNECTED = "disconnected"
 NOT_POSITIVE = "not_positive"
 ITEM_NOT_LINKED = "item_not_linked"
 REPEAT_INTERACTION = "repeat_interaction"
@@ -99,7 +99,7 @@ REPEAT_INTERACTION = "repeat_interaction"
 QUARANTINE_REASONS: tuple[str, ...] = (
     EMPTY_LINE, BAD_QUOTING, BAD_JSON, BAD_TYPE, REPEATED_HEADER, WRONG_FIELD_COUNT, MISSING_USER,
     MISSING_ITEM, MISSING_FIELD, BAD_WEIGHT, BAD_TIMESTAMP, DUPLICATE_EVENT, DUPLICATE_LINK,
-    DUPLICATE_TRIPLE, DUPLICATE_NAME, UNKNOWN_ENTITY,
+    DUPLICATE_TRIPLE, DUPLICATE_NAME, DISCONNECTED,
 )
 EXCLUSION_REASONS: tuple[str, ...] = (NOT_POSITIVE, ITEM_NOT_LINKED, REPEAT_INTERACTION)
 #: Reason -> one-byte code (0: no reason, the row is still accepted).
@@ -139,6 +139,7 @@ class IngestReport:
     n_interactions: int
     n_users: int
     n_items: int
+    #: KG entities that are not items (KG node ids n_items ..)
     n_entities: int
     n_relations: int
     n_triples: int
@@ -148,6 +149,11 @@ class IngestReport:
     #: items posted to the service merged in after ingestion (kgrec.features.overlay.apply_overlay):
     #: their counts; None when no overlay was applied
     overlay: dict[str, Any] | None = None
+    #: items linked to a KG entity, and every KG entity including those items' own
+    n_linked_items: int = 0
+    n_entities_with_items: int = 0
+    #: a KG was declared and at least one of its triples accepted
+    has_kg: bool = False
 
     @property
     def n_quarantined(self) -> int:
@@ -157,6 +163,16 @@ class IngestReport:
         out = asdict(self)
         out["snapshot_dir"] = str(self.snapshot_dir)
         return out
+
+
+def kg_summary(report: IngestReport) -> str:
+    """The KG part of an ingestion summary, entities counted without and with the items."""
+    if not report.has_kg:
+        return "no knowledge graph"
+    return (
+        f"{report.n_entities} entities besides the items ({report.n_entities_with_items} with the "
+        f"{report.n_linked_items} linked items), {report.n_relations} relations, {report.n_triples} triples"
+    )
 
 
 def accounting_line(kind: str, counts: dict[str, int]) -> str:
@@ -847,13 +863,17 @@ def _validate_kg(rows: _Rows, linked_entities: pl.Series) -> pl.DataFrame:
     fields = ["head", "relation", "tail"]
     frame = _with_reason(_string_frame(rows), MISSING_FIELD, pl.any_horizontal(pl.col(fields).is_null()))
     frame = _with_reason(frame, DUPLICATE_TRIPLE, _not_first(fields))
+    # The KG file is the entity vocabulary, so no triple names an unknown entity; a triple that no
+    # path joins to an item is "disconnected".
     reachable = _reaches_an_item(frame.filter(pl.col("reason") == 0), linked_entities)
-    return _with_reason(frame, UNKNOWN_ENTITY, ~pl.col("row").is_in(reachable.implode()))
+    return _with_reason(frame, DISCONNECTED, ~pl.col("row").is_in(reachable.implode()))
 
 
 def _reaches_an_item(triples: pl.DataFrame, linked_entities: pl.Series) -> pl.Series:
     """Rows of the triples whose connected component (undirected, any number of hops) holds an
     entity linked to an item; the others cannot inform any recommendation."""
+    if triples.height == 0 or linked_entities.len() == 0:
+        return triples["row"].clear()
     vocab = pl.concat([linked_entities, triples["head"], triples["tail"]]).unique(maintain_order=True)
     codes = pl.Series(np.arange(vocab.len(), dtype=np.int64))
     head = triples["head"].replace_strict(vocab, codes).to_numpy()
@@ -940,7 +960,7 @@ def _validate_interactions(rows: _Rows, spec: DatasetSpec, linked_items: pl.Seri
     reason[_repeats(reason == 0, columns, event, [])] = CODE[DUPLICATE_EVENT]
     if isinstance(spec.positive, MinWeight):
         reason[(reason == 0) & (columns["w"] < spec.positive.min_weight)] = CODE[NOT_POSITIVE]
-    if spec.restrict_to_linked_items:
+    if spec.restricts_to_linked_items:
         vocab = rows.vocab["item"].table
         linked = np.zeros(vocab.height + 1, dtype=bool)
         linked[vocab.filter(pl.col("id").is_in(linked_items.implode()))["code"].to_numpy()] = True
@@ -1004,9 +1024,9 @@ def ingest(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = {"interactions": spec.interactions, "item_links": spec.item_links, "kg": spec.kg}
-    if spec.item_names is not None:
-        sources["item_names"] = spec.item_names
+    # Only the declared files are read: the KG (links and triples) and the names are optional.
+    declared = {"interactions": spec.interactions, "item_links": spec.item_links, "kg": spec.kg, "item_names": spec.item_names}
+    sources = {kind: fs for kind, fs in declared.items() if fs is not None}
     paths = {kind: spec.resolve(fs.path, data_root) for kind, fs in sources.items()}
     has_ts = spec.interactions.timestamp is not None
     has_weight = spec.interactions.weight is not None
@@ -1022,15 +1042,23 @@ def ingest(
     raw = {kind: raw[kind] for kind in sources}
 
     # Links first: they decide which items exist and which KG triples can reach an item.
-    links = _validate_links(raw["item_links"])
-    good_links = links.filter(pl.col("reason") == 0).select("item", "entity")
-    kg = _validate_kg(raw["kg"], good_links["entity"])
+    links = _validate_links(raw["item_links"]) if "item_links" in raw else None
+    good_links = (
+        links.filter(pl.col("reason") == 0).select("item", "entity")
+        if links is not None
+        else pl.DataFrame(schema={"item": pl.String, "entity": pl.String})
+    )
+    kg = _validate_kg(raw["kg"], good_links["entity"]) if "kg" in raw else None
     names = _validate_names(raw["item_names"]) if "item_names" in raw else None
     for kind, frame in (("item_links", links), ("kg", kg), ("item_names", names)):
         if frame is not None:
             raw[kind].reason = frame["reason"].to_numpy().copy()
             raw[kind].frame = None  # the audit reads the raw text from the file
-    good_kg = kg.filter(pl.col("reason") == 0)
+    good_kg = (
+        kg.filter(pl.col("reason") == 0)
+        if kg is not None
+        else pl.DataFrame(schema={"head": pl.String, "relation": pl.String, "tail": pl.String})
+    )
     good_names = names.filter(pl.col("reason") == 0) if names is not None else None
     del links, kg, names, frame  # the string frames of the small files: not needed any more
     _validate_interactions(raw["interactions"], spec, good_links["item"])
@@ -1063,19 +1091,26 @@ def ingest(
             or counts["accepted"] != accepted_tables.get(kind, counts["accepted"])
         ):
             raise RuntimeError(f"internal error: rows lost in ingestion: {accounting_line(kind, counts)}")
+    n_linked_items = int(tables["items"]["entity_id"].is_not_null().sum())
     report_counts = dict(
         n_interactions=tables["interactions"].height,
         n_users=tables["users"].height,
         n_items=tables["items"].height,
         n_entities=tables["entities"].height,
+        n_entities_with_items=tables["entities"].height + n_linked_items,
+        n_linked_items=n_linked_items,
         n_relations=tables["relations"].height,
         n_triples=tables["kg"].height,
     )
+    has_kg = spec.declares_kg and tables["kg"].height > 0
     digest = _content_hash(tables)
     manifest = {
         "name": spec.name,
         "hash": digest,
         "spec": spec.model_dump(mode="json"),
+        # Whether the snapshot has a knowledge graph (a declared KG file with at least one
+        # accepted triple): the models that need one refuse a snapshot without (see has_kg).
+        "has_kg": has_kg,
         "sources": {kind: str(p) for kind, p in paths.items()},
         "counts": {
             **report_counts,
@@ -1103,6 +1138,7 @@ def ingest(
         excluded=_reason_counts(excluded),
         accounting=accounting,
         seconds=round(time.perf_counter() - started, 3),
+        has_kg=has_kg,
         **report_counts,
     )
     _log(report)
@@ -1164,7 +1200,7 @@ def _build_tables(
 
     users = _index(inter.vocab["user"].strings(kept_codes("user")), "user_id", "user_idx")
     kept_items = inter.vocab["item"].strings(kept_codes("item"))
-    item_ids = links["item"] if spec.restrict_to_linked_items else pl.concat([links["item"], kept_items])
+    item_ids = links["item"] if spec.restricts_to_linked_items else pl.concat([links["item"], kept_items])
     items = _index(item_ids, "item_id", "item_idx")
     n_items = items.height
 
@@ -1403,17 +1439,14 @@ def _version() -> str:
 
 def _log(report: IngestReport) -> None:
     LOG.info(
-        "ingested %s -> %s (%s): %d interactions, %d users, %d items, %d entities, %d relations, "
-        "%d triples in %.2fs",
+        "ingested %s -> %s (%s): %d interactions, %d users, %d items, %s in %.2fs",
         report.name,
         report.snapshot_dir,
         "reused" if report.reused else "written",
         report.n_interactions,
         report.n_users,
         report.n_items,
-        report.n_entities,
-        report.n_relations,
-        report.n_triples,
+        kg_summary(report),
         report.seconds,
     )
     for kind, counts in report.accounting.items():

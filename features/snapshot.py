@@ -12,7 +12,7 @@ CONTRACT (owned by features/): a snapshot directory holds
   relations.parquet     relation:str, relation_idx:int32
   quarantine.parquet    rejected (malformed) rows: source:str, line:int64, raw:str, reason:str
   excluded.parquet      valid rows left out by policy (not a positive, item not linked to the KG): same columns
-  manifest.json         {"name", "hash", "spec": {...}, "counts": {...}, "created_at", "kgrec_version"}
+  manifest.json         {"name", "hash", "spec": {...}, "has_kg", "counts": {...}, "created_at", "kgrec_version"}
 """
 
 from __future__ import annotations
@@ -98,6 +98,13 @@ class Snapshot:
     @property
     def n_relations(self) -> int:
         return self.relations.height
+
+    @property
+    def has_kg(self) -> bool:
+        """Whether the dataset has a knowledge graph: its spec declared one and ingestion accepted
+        at least one triple (``manifest["has_kg"]``; snapshots written before the flag had one).
+        A KG-ablation variant keeps its base's flag: it removes the KG on purpose."""
+        return bool(self.manifest.get("has_kg", True))
 
     def item_names(self) -> list[str | None]:
         """Item display names indexed by ``item_idx`` (None where unknown)."""

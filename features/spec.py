@@ -4,7 +4,13 @@ A spec is YAML validated by pydantic (``extra="forbid"``, so a misspelt key is a
 silently ignored setting). Bundled specs live in ``features/specs/<name>.yaml``.
 
 Columns are referenced by header name, or by 0-based position when the file has no header.
-Relative data paths resolve against the data directory (see :func:`data_dir`).
+Relative data paths resolve against the folder of the spec file that names them; the bundled specs
+(``features/specs/``) and specs built in code resolve them against the data directory (see
+:func:`data_dir`).
+
+The knowledge graph is optional: a spec without ``item_links`` and ``kg`` describes an interaction
+log alone (e.g. for the sequential models); its snapshot records ``has_kg: false`` and the models
+that need a KG refuse it.
 
 Formats: ``csv`` and ``tsv`` (text, with a dialect, below), ``jsonl`` (one JSON object per line),
 ``parquet`` and ``arrow`` (Arrow IPC file or stream, i.e. Feather v2).
@@ -28,7 +34,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 #: The repository root is the parent of the ``features/`` folder that holds this module.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -218,15 +232,24 @@ class MinWeight(_Strict):
 class DatasetSpec(_Strict):
     """Everything ingestion needs to know about one dataset."""
 
+    #: Names the snapshot directory (``<name>-<hash>``) and the registered model (``kgrec-<name>``).
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    #: The interaction log: one row per (user, item) event.
     interactions: InteractionsSpec
     #: "any": every interaction is a positive; or ``{min_weight: x}``.
     positive: Literal["any"] | MinWeight = "any"
-    item_links: ItemLinksSpec
-    kg: KGSpec
+    #: Which item is which KG entity (one to one). Optional: without it there is no KG.
+    item_links: ItemLinksSpec | None = None
+    #: The knowledge graph's (head, relation, tail) triples. Optional; needs ``item_links``.
+    kg: KGSpec | None = None
+    #: Display names (and optional categories) of the items.
     item_names: ItemNamesSpec | None = None
-    #: Benchmark protocol: keep only items linked to the knowledge graph.
-    restrict_to_linked_items: bool = True
+    #: Benchmark protocol: keep only items linked to the knowledge graph. Default: true when
+    #: ``item_links`` is given, false otherwise.
+    restrict_to_linked_items: bool | None = None
+
+    #: Folder that relative data paths resolve against (set by :func:`load_spec` for a spec file).
+    _base_dir: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _positive_needs_weight(self) -> DatasetSpec:
@@ -234,10 +257,42 @@ class DatasetSpec(_Strict):
             raise ValueError("positive.min_weight needs a weight column in 'interactions'")
         return self
 
+    @model_validator(mode="after")
+    def _kg_needs_links(self) -> DatasetSpec:
+        if self.kg is not None and self.item_links is None:
+            raise ValueError("'kg' needs 'item_links': which KG entity each item is")
+        if self.restrict_to_linked_items and self.item_links is None:
+            raise ValueError("restrict_to_linked_items: true needs 'item_links'")
+        return self
+
+    @property
+    def restricts_to_linked_items(self) -> bool:
+        """The effective ``restrict_to_linked_items`` (its default depends on ``item_links``)."""
+        if self.restrict_to_linked_items is None:
+            return self.item_links is not None
+        return self.restrict_to_linked_items
+
+    @property
+    def declares_kg(self) -> bool:
+        return self.kg is not None
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self._base_dir
+
+    def with_base_dir(self, base_dir: Path | None) -> DatasetSpec:
+        """This spec with relative paths resolving against ``base_dir``."""
+        out = self.model_copy()
+        out._base_dir = None if base_dir is None else Path(base_dir).resolve()
+        return out
+
     def resolve(self, path: str, data_root: Path | None = None) -> Path:
-        """Absolute path of a data file: absolute paths as given, else under the data directory."""
+        """Absolute path of a data file: absolute paths as given; else under ``data_root`` when
+        given, else under the spec file's folder, else under the data directory."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (data_root or data_dir()) / p
+        if p.is_absolute():
+            return p
+        return (data_root or self._base_dir or data_dir()) / p
 
 
 def data_dir() -> Path:
@@ -284,7 +339,9 @@ def load_spec(name_or_path: str | os.PathLike[str]) -> DatasetSpec:
         raise SpecError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a dataset spec must be a YAML mapping, got {type(raw).__name__}")
-    return parse_spec(raw, source=str(path))
+    spec = parse_spec(raw, source=str(path))
+    # Bundled specs name files under the shared data directory; a user's spec, its own folder.
+    return spec if path.parent.resolve() == SPECS_DIR else spec.with_base_dir(path.parent)
 
 
 def parse_spec(raw: dict, source: str = "<dict>") -> DatasetSpec:

@@ -36,7 +36,7 @@ from kgrec.models.reranking import RerankTask, evaluate_reranking
 from kgrec.models.retrievers.kgat import KGAT
 from kgrec.models.sequential.config import SequentialModelConfig
 from kgrec.models.sequential_evaluation import category_matrix, evaluate_sequential
-from kgrec.models.spec import Family, ModelSpec, get_spec
+from kgrec.models.spec import Family, ModelSpec, get_spec, require_kg
 from kgrec.models.training.pairwise import BPRTask, batch_settings
 from kgrec.models.training.sequential import SequentialTask
 from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer, torch_threads
@@ -89,7 +89,9 @@ class ModelFamily:
     def fit(
         self, spec: ModelSpec, config: Any, inputs: Any, callbacks: Sequence[EpochCallback] = (), **trainer: Any
     ) -> tuple[torch.nn.Module, FitResult]:
-        """Build and train ``spec`` (its own ``fit`` for models not trained by gradient descent)."""
+        """Build and train ``spec`` (its own ``fit`` for models not trained by gradient descent);
+        a model that needs a KG refuses data without one."""
+        require_kg(spec.name, self.snapshot(inputs))
         if spec.fit is not None:
             return spec.fit(spec, config, inputs, callbacks, **trainer)
         torch.manual_seed(config.seed)

@@ -68,6 +68,8 @@ class ModelSpec:
         search_space: what ``kgrec tune`` searches (:mod:`kgrec.models.tracking.tuning`): config
             field names (``"learning_rate"``, or ``"params.<name>"`` for a model parameter) to
             Optuna distributions; the fields left out keep ``defaults``. Empty: not tunable.
+        needs_kg: the model reads the knowledge graph, so it refuses a dataset without one
+            (:func:`require_kg`).
     """
 
     name: str
@@ -79,6 +81,7 @@ class ModelSpec:
     check: Callable[[Any], None] | None = None
     fit: Callable[..., Any] | None = None
     search_space: Mapping[str, Any] = field(default_factory=dict)
+    needs_kg: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -138,6 +141,26 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def require_kg(model: str, snapshot: Any) -> None:
+    """Raise ``ValueError`` if ``model`` needs a knowledge graph and ``snapshot`` has none."""
+    if snapshot is None or snapshot.has_kg or not get_spec(model).needs_kg:
+        return
+    spec = snapshot.manifest.get("spec") or {}
+    missing = [key for key in ("item_links", "kg") if not spec.get(key)]
+    why = (
+        f"its spec declares no {' and no '.join(repr(k) for k in missing)}"
+        if missing
+        else "its KG file has no accepted triple"
+    )
+    raise ValueError(
+        f"model {model!r} needs a knowledge graph, but dataset {snapshot.name!r} has none "
+        f"({why}); add 'item_links' and 'kg' to the spec, or choose a model without a KG "
+        f"({', '.join(s.name for s in model_specs(get_spec(model).family) if not s.needs_kg)})"
+    )
+
+
 def build_model(config: Any, inputs: Any) -> Any:
-    """An untrained ``config.model`` for ``inputs`` (the spec's ``build``)."""
+    """An untrained ``config.model`` for ``inputs`` (the spec's ``build``); a model that needs a
+    KG refuses inputs whose snapshot has none."""
+    require_kg(config.model, getattr(inputs, "snapshot", None))
     return get_spec(config.model).build(config, inputs)

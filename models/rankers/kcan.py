@@ -419,6 +419,7 @@ SPEC = register(
         name="kcan",
         family="ranker",
         build=build_kcan,
+        needs_kg=True,
         summary="KCAN: knowledge-aware conditional attention re-ranking a retriever's top-N "
         "(Tu et al., WWW 2021)",
     )

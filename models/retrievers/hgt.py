@@ -275,6 +275,7 @@ SPEC = register(
         name="hgt",
         family="retriever",
         build=build_hgt,
+        needs_kg=True,
         summary="HGT: type-specific attention over the heterogeneous graph (Hu et al., WWW 2020)",
         params=HGTParams,
         defaults=RELATIONAL_DEFAULTS,  # tuned with R-GCN's (comment there)

@@ -479,6 +479,7 @@ SPEC = register(
         name="kgat",
         family="retriever",
         build=build_kgat,
+        needs_kg=True,
         summary="KGAT: attentive propagation over the collaborative KG + TransR (Wang et al., KDD 2019)",
         params=KGATParams,
         defaults={

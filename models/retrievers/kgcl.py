@@ -467,6 +467,7 @@ SPEC = register(
         name="kgcl",
         family="retriever",
         build=build_kgcl,
+        needs_kg=True,
         summary="KGCL: KG-guided contrastive LightGCN (Yang et al., SIGIR 2022)",
         params=KGCLParams,
         defaults={"max_batches_per_epoch": 40, "params": {"temperature": 0.5}},

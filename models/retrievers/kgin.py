@@ -359,6 +359,7 @@ SPEC = register(
         name="kgin",
         family="retriever",
         build=build_kgin,
+        needs_kg=True,
         summary="KGIN: user intents over KG relations, relational path-aware aggregation (Wang et al., WWW 2021)",
         params=KGINParams,
         defaults={

@@ -309,6 +309,7 @@ SPEC = register(
         name="rgcn",
         family="retriever",
         build=build_rgcn,
+        needs_kg=True,
         summary="R-GCN: relation-specific transforms over the CKG (Schlichtkrull et al., ESWC 2018)",
         params=RGCNParams,
         defaults=RELATIONAL_DEFAULTS,

@@ -122,7 +122,7 @@ def test_generated_dataset_ingests_completely(tmp_path):
     assert report.rows_accepted["interactions"] == 3000
     assert report.n_users == 60 and report.n_items == 300
     assert report.rows_accepted["item_links"] == 300
-    # triples not reachable from an item are quarantined (unknown_entity); nearly all are kept
+    # triples not reachable from an item are quarantined (disconnected); nearly all are kept
     assert report.n_triples >= 0.95 * generated["triples"]
     assert report.n_relations == 30
 

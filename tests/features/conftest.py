@@ -48,11 +48,11 @@ KG = (
     "e1\tr1\te10\r\n"  # 1
     "e2\tr2\te10\r\n"  # 2
     "e3\tr1\te11\r\n"  # 3
-    "x1\tr9\tx2\r\n"  # 4 unknown_entity: not connected to any item
+    "x1\tr9\tx2\r\n"  # 4 disconnected: no path to any item
     "e1\tr1\te10\r\n"  # 5 duplicate_triple
     "e5\tr1\r\n"  # 6 wrong_field_count
     "\tr1\te2\r\n"  # 7 missing_field
-    "x2\tr9\tx3\r\n"  # 8 unknown_entity (two hops from x1, still no item)
+    "x2\tr9\tx3\r\n"  # 8 disconnected (two hops from x1, still no item)
 )
 
 

@@ -60,11 +60,11 @@ def test_links_and_kg_quarantine(make_spec, tmp_path: Path) -> None:
     }
     assert by_source["item_links"] == {4: "duplicate_link", 5: "duplicate_link"}
     assert by_source["kg"] == {
-        4: "unknown_entity",
+        4: "disconnected",
         5: "duplicate_triple",
         6: "wrong_field_count",
         7: "missing_field",
-        8: "unknown_entity",
+        8: "disconnected",
     }
     _accounted(report)
     # index spaces: items first (sorted ids), then non-item entities
@@ -179,6 +179,51 @@ def test_without_restriction_all_items_kept(make_spec, tmp_path: Path) -> None:
     assert snap.items.filter(pl.col("item_id") == "i9")["entity_id"].to_list() == [None]
     assert "item_not_linked" not in report.excluded and "not_positive" not in report.excluded
     _accounted(report)
+
+
+def test_spec_without_a_kg_ingests_and_says_so(make_spec, tmp_path: Path) -> None:
+    spec = make_spec(positive="any", restrict_to_linked_items=None)
+    no_kg = spec.model_copy(update={"item_links": None, "kg": None})
+    report = ingest(no_kg, tmp_path / "out")
+    snap = load_snapshot(report.snapshot_dir)
+    assert not report.has_kg and not snap.has_kg and snap.manifest["has_kg"] is False
+    # no placeholder files: only the log is read, every item is kept, none is linked
+    assert set(report.rows_read) == {"interactions"} and set(report.accounting) == {"interactions"}
+    assert snap.items["item_id"].to_list() == ["i1", "i2", "i3", "i9"]
+    assert snap.items["entity_id"].null_count() == 4
+    assert (report.n_triples, report.n_entities, report.n_relations, report.n_linked_items) == (0, 0, 0, 0)
+    assert "item_not_linked" not in report.excluded
+    _accounted(report)
+    with_kg = ingest(spec, tmp_path / "out2")
+    assert with_kg.has_kg and load_snapshot(with_kg.snapshot_dir).has_kg
+
+
+def test_header_only_link_and_kg_files(make_spec, tmp_path: Path) -> None:
+    # Declared but empty: an error by default, "no KG" when the spec allows an empty file.
+    header_only = {"has_header": True, "item": "item", "entity": "entity"}
+    kg_header = {"has_header": True, "head": "h", "relation": "r", "tail": "t"}
+    with pytest.raises(ValueError, match=r"item_links file .* has no data rows \(empty or header only\)"):
+        ingest(make_spec(links_text="item\tentity\n", item_links=header_only), tmp_path / "a")
+    spec = make_spec(
+        links_text="item\tentity\n",
+        kg_text="h\tr\tt\n",
+        item_links={**header_only, "allow_empty": True},
+        kg={**kg_header, "allow_empty": True},
+        restrict_to_linked_items=False,
+        positive="any",
+    )
+    report = ingest(spec, tmp_path / "b")
+    assert not report.has_kg and report.rows_read["kg"] == 0 and report.n_items == 4
+    _accounted(report)
+
+
+def test_entity_counts_with_and_without_items(make_spec, tmp_path: Path) -> None:
+    report = ingest(make_spec(), tmp_path / "out")
+    snap = load_snapshot(report.snapshot_dir)
+    linked = int(snap.items["entity_id"].is_not_null().sum())
+    assert report.n_linked_items == linked == report.n_items
+    assert report.n_entities_with_items == report.n_entities + linked
+    assert report.n_entities == snap.n_entities and report.has_kg
 
 
 def test_item_names(make_spec, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ def test_load_spec_from_path_and_unknown_name(tmp_path: Path) -> None:
     source = Path(load_spec.__code__.co_filename).parent / "specs" / "music.yaml"
     copy = tmp_path / "copy.yaml"
     copy.write_text(source.read_text())
-    assert load_spec(copy) == load_spec("music")
+    assert load_spec(copy).model_dump() == load_spec("music").model_dump()
     with pytest.raises(SpecError, match="not a bundled spec"):
         load_spec("no-such-dataset")
 
@@ -35,7 +35,31 @@ def _base() -> dict:
 
 def test_minimal_spec_defaults() -> None:
     spec = parse_spec(_base())
-    assert spec.positive == "any" and spec.restrict_to_linked_items and spec.item_names is None
+    assert spec.positive == "any" and spec.item_names is None
+    # restrict_to_linked_items defaults to "when there are item links"
+    assert spec.restrict_to_linked_items is None and spec.restricts_to_linked_items and spec.declares_kg
+
+
+def test_kg_is_optional() -> None:
+    spec = parse_spec({k: v for k, v in _base().items() if k not in ("item_links", "kg")})
+    assert spec.item_links is None and spec.kg is None
+    assert not spec.declares_kg and not spec.restricts_to_linked_items
+    with pytest.raises(SpecError, match="'kg' needs 'item_links'"):
+        parse_spec({k: v for k, v in _base().items() if k != "item_links"})
+    with pytest.raises(SpecError, match="restrict_to_linked_items: true needs 'item_links'"):
+        parse_spec({"name": "x", "interactions": _base()["interactions"], "restrict_to_linked_items": True})
+
+
+def test_relative_paths_resolve_against_the_spec_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "spec.yaml").write_text("name: mine\ninteractions: {path: log.csv, format: csv, user: u, item: i}\n")
+    spec = load_spec(folder / "spec.yaml")
+    assert spec.resolve("log.csv") == folder.resolve() / "log.csv"
+    assert spec.resolve("/abs/log.csv") == Path("/abs/log.csv")
+    # bundled specs (and specs built in code) keep the data-directory lookup
+    assert load_spec("music").resolve("music/music.inter") == data_dir() / "music/music.inter"
+    assert parse_spec(_base()).resolve("a.tsv") == data_dir() / "a.tsv"
 
 
 @pytest.mark.parametrize(

@@ -134,3 +134,27 @@ def test_the_controllable_merge_needs_a_catalogue_with_categories():
     assert inputs.categories is None
     with pytest.raises(ValueError, match="categories"):  # before any training
         family_of("comirec_sa").fit(get_spec("comirec_sa"), config, inputs)
+
+
+def test_models_that_need_a_kg_refuse_a_dataset_without_one(tmp_path):
+    from kgrec.features.dataset import InteractionData
+    from kgrec.features.ingest import ingest
+    from kgrec.features.snapshot import load_snapshot
+    from kgrec.features.spec import load_spec
+    from kgrec.features.split import random_split
+
+    # A user's spec next to its log, no KG declared (relative path: the spec's own folder).
+    log = "".join(f"u{u},i{(u * 7 + k) % 30}\n" for u in range(40) for k in range(6))
+    (tmp_path / "log.csv").write_text("user,item\n" + log)
+    (tmp_path / "spec.yaml").write_text("name: nokg\ninteractions: {path: log.csv, format: csv, user: user, item: item}\n")
+    snapshot = load_snapshot(ingest(load_spec(tmp_path / "spec.yaml"), tmp_path / "snap").snapshot_dir)
+    data = InteractionData.from_snapshot(snapshot, random_split(snapshot.interactions, seed=0))
+    assert {s.name for s in model_specs() if s.needs_kg} >= {"kgat", "kgin", "kgcl", "rgcn", "hgt", "kcan"}
+    family = family_of("kgat")
+    config = family.config(get_spec("kgat"), epochs=1)
+    with pytest.raises(ValueError, match=r"'kgat' needs a knowledge graph.*declares no 'item_links' and no 'kg'"):
+        family.fit(get_spec("kgat"), config, data)
+    # a model without a KG trains on it
+    lightgcn = family_of("lightgcn")
+    model, result = lightgcn.fit(get_spec("lightgcn"), lightgcn.config(get_spec("lightgcn"), epochs=1), data)
+    assert result.best_epoch == 1

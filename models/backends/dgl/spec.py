@@ -79,6 +79,7 @@ RGCN_DGL_SPEC = ModelSpec(
     name="rgcn_dgl",
     family="retriever",
     build=build_rgcn_dgl,
+    needs_kg=True,
     summary="R-GCN on DGL's RelGraphConv, the DGL backend's variant of rgcn (Schlichtkrull et al., ESWC 2018)",
     params=DGLRGCNParams,
     defaults=RELATIONAL_DEFAULTS,  # rgcn's, so the two are compared like for like
