@@ -65,24 +65,55 @@ class _Strict(BaseModel):
 class FileSpec(_Strict):
     """One raw input file and how to split it into fields."""
 
-    path: str = Field(min_length=1)
-    format: FileFormat = "tsv"
-    #: Field separator for csv/tsv; defaults to "," (csv) or a tab (tsv).
-    separator: str | None = None
-    has_header: bool = True
-    #: Expected number of fields per row in a headerless text file. Defaults to the most common
-    #: count in the file (a header, when present, always defines it).
-    n_fields: int | None = Field(default=None, ge=1)
-    #: Text dialect. ``minimal``: RFC 4180 quoting with ``quote_char``; ``none``: quotes are
-    #: ordinary characters. Default: ``minimal`` for csv, ``none`` for tsv.
-    quoting: Quoting | None = None
-    quote_char: str = Field(default='"', min_length=1, max_length=1)
-    #: Escapes the next character (separator, quote, line break); none by default.
-    escape_char: str | None = Field(default=None, min_length=1, max_length=1)
-    #: Inside a quoted field, a doubled quote stands for one quote (RFC 4180).
-    double_quote: bool = True
-    #: Accept a file with no data row (empty or header only) instead of failing.
-    allow_empty: bool = False
+    path: str = Field(
+        min_length=1,
+        description="The file. A relative path resolves against the spec file's folder (bundled "
+        "specs: against the data directory, $KGREC_DATA_DIR).",
+        examples=["ratings.csv"],
+    )
+    format: FileFormat = Field(
+        default="tsv",
+        description="csv, tsv, jsonl (one JSON object per line), parquet, or arrow (Arrow IPC "
+        "file or stream, Feather v2).",
+    )
+    separator: str | None = Field(
+        default=None,
+        description='Field separator of a csv/tsv file; default "," (csv) or a tab (tsv). Several '
+        "characters (\"::\") need quoting: none.",
+        examples=[";", "::"],
+    )
+    has_header: bool = Field(
+        default=True,
+        description="Whether the first line of a text file names the columns. Without one, "
+        "columns are referenced by 0-based position.",
+    )
+    n_fields: int | None = Field(
+        default=None,
+        ge=1,
+        description="Expected number of fields per row in a headerless text file; default: the "
+        "most common count in the file (a header, when present, always defines it).",
+    )
+    quoting: Quoting | None = Field(
+        default=None,
+        description="Text dialect. minimal: RFC 4180 quoting with quote_char (a quoted field may "
+        "hold separators and line breaks); none: quotes are ordinary characters and a record is "
+        "one line. Default: minimal for csv, none for tsv.",
+    )
+    quote_char: str = Field(default='"', min_length=1, max_length=1, description="Quote character (quoting: minimal).")
+    escape_char: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1,
+        description="Escapes the next character (separator, quote, line break); none by default.",
+    )
+    double_quote: bool = Field(
+        default=True, description="Inside a quoted field, a doubled quote stands for one quote (RFC 4180)."
+    )
+    allow_empty: bool = Field(
+        default=False,
+        description="Accept a file with no data row (empty or header only) instead of failing: "
+        "an empty link or KG file then means no KG.",
+    )
 
     @field_validator("separator")
     @classmethod
@@ -162,11 +193,19 @@ class FileSpec(_Strict):
 
 
 class InteractionsSpec(FileSpec):
-    user: Column
-    item: Column
-    timestamp: Column | None = None
-    #: Weight or rating column (optional).
-    weight: Column | None = None
+    """The interaction log: one row per (user, item) event."""
+
+    user: Column = Field(description="The user id column (a column: its header name, or its 0-based position in a headerless text file).", examples=["user_id", 0])
+    item: Column = Field(description="The item id column (a column: its header name, or its 0-based position in a headerless text file).", examples=["item_id", 1])
+    timestamp: Column | None = Field(
+        default=None,
+        description="Optional event time column: integer epoch seconds in text files; timestamp "
+        "or date columns in parquet/arrow. Needed by the temporal and sequential splits.",
+    )
+    weight: Column | None = Field(
+        default=None,
+        description="Optional weight or rating column (a number); positive.min_weight filters on it.",
+    )
 
     def columns(self) -> dict[str, Column]:
         refs = {"user": self.user, "item": self.item}
@@ -178,17 +217,23 @@ class InteractionsSpec(FileSpec):
 
 
 class ItemLinksSpec(FileSpec):
-    item: Column
-    entity: Column
+    """Which KG entity each item is (one to one: a second link of an item or entity is
+    quarantined as duplicate_link)."""
+
+    item: Column = Field(description="The item id column, as in the interaction log (a column: its header name, or its 0-based position in a headerless text file).")
+    entity: Column = Field(description="The KG entity id column, as in the KG file (a column: its header name, or its 0-based position in a headerless text file).")
 
     def columns(self) -> dict[str, Column]:
         return {"item": self.item, "entity": self.entity}
 
 
 class KGSpec(FileSpec):
-    head: Column
-    relation: Column
-    tail: Column
+    """The knowledge graph: one (head, relation, tail) triple per row. Triples that no path joins
+    to a linked item are quarantined as disconnected."""
+
+    head: Column = Field(description="The head entity column (a column: its header name, or its 0-based position in a headerless text file).")
+    relation: Column = Field(description="The relation column (a column: its header name, or its 0-based position in a headerless text file).")
+    tail: Column = Field(description="The tail entity column (a column: its header name, or its 0-based position in a headerless text file).")
 
     def columns(self) -> dict[str, Column]:
         return {"head": self.head, "relation": self.relation, "tail": self.tail}
@@ -202,12 +247,16 @@ class ItemNamesSpec(FileSpec):
     (``"Animation Children's Comedy"``). Without it snapshots have no ``categories`` column.
     """
 
-    item: Column
-    name: Column
-    #: Optional column of separator-joined categories (e.g. genres); empty/missing -> no category.
-    categories: Column | None = None
-    #: Separator of the categories column; None splits on any run of whitespace.
-    category_separator: str | None = None
+    item: Column = Field(description="The item id column (a column: its header name, or its 0-based position in a headerless text file).")
+    name: Column = Field(description="The display name column (a column: its header name, or its 0-based position in a headerless text file).")
+    categories: Column | None = Field(
+        default=None,
+        description="Optional column of separator-joined categories (e.g. genres, for "
+        "diversity@K); empty or missing: no category.",
+    )
+    category_separator: str | None = Field(
+        default=None, description="Separator of the categories column; default: any run of whitespace."
+    )
 
     @field_validator("category_separator")
     @classmethod
@@ -226,27 +275,37 @@ class ItemNamesSpec(FileSpec):
 class MinWeight(_Strict):
     """An interaction is a positive when its weight is at least ``min_weight``."""
 
-    min_weight: float
+    min_weight: float = Field(description="The smallest weight that makes an interaction a positive.", examples=[4])
 
 
 class DatasetSpec(_Strict):
     """Everything ingestion needs to know about one dataset."""
 
-    #: Names the snapshot directory (``<name>-<hash>``) and the registered model (``kgrec-<name>``).
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    #: The interaction log: one row per (user, item) event.
-    interactions: InteractionsSpec
-    #: "any": every interaction is a positive; or ``{min_weight: x}``.
-    positive: Literal["any"] | MinWeight = "any"
-    #: Which item is which KG entity (one to one). Optional: without it there is no KG.
-    item_links: ItemLinksSpec | None = None
-    #: The knowledge graph's (head, relation, tail) triples. Optional; needs ``item_links``.
-    kg: KGSpec | None = None
-    #: Display names (and optional categories) of the items.
-    item_names: ItemNamesSpec | None = None
-    #: Benchmark protocol: keep only items linked to the knowledge graph. Default: true when
-    #: ``item_links`` is given, false otherwise.
-    restrict_to_linked_items: bool | None = None
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The dataset's name: it names the snapshot directory (<name>-<hash>) and the "
+        "registered model (kgrec-<name>).",
+        examples=["my-shop"],
+    )
+    interactions: InteractionsSpec = Field(description="The interaction log (required).")
+    positive: Literal["any"] | MinWeight = Field(
+        default="any",
+        description='Which interactions are positives: "any" (every one), or {min_weight: x} '
+        "(weight at least x; needs interactions.weight). The others are excluded as not_positive.",
+    )
+    item_links: ItemLinksSpec | None = Field(
+        default=None, description="Which KG entity each item is. Optional: without it there is no KG."
+    )
+    kg: KGSpec | None = Field(default=None, description="The knowledge graph's triples. Optional; needs item_links.")
+    item_names: ItemNamesSpec | None = Field(
+        default=None, description="Display names (and optional categories) of the items. Optional."
+    )
+    restrict_to_linked_items: bool | None = Field(
+        default=None,
+        description="Keep only the items linked to the KG (the benchmark protocol); the other "
+        "interactions are excluded as item_not_linked. Default: true when item_links is given, "
+        "false otherwise.",
+    )
 
     #: Folder that relative data paths resolve against (set by :func:`load_spec` for a spec file).
     _base_dir: Path | None = PrivateAttr(default=None)

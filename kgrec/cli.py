@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,12 +25,13 @@ from typing import Any
 import mlflow
 import polars.exceptions
 import pyarrow
+import yaml
 from prefect.exceptions import TerminationSignal
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from pydantic import ValidationError
 
 from kgrec.features.ingest import accounting_line, ingest
-from kgrec.features.spec import load_spec
+from kgrec.features.spec import load_spec, parse_spec
 from kgrec.flows.config import PipelineConfig, TuneConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
 from kgrec.flows.pipeline import format_metric as _fmt
@@ -333,6 +335,53 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spec(args: argparse.Namespace) -> int:
+    from kgrec.features import spec_tools
+
+    if args.spec_command == "schema":
+        print(json.dumps(spec_tools.json_schema(), indent=2))
+    elif args.spec_command == "docs":
+        print(spec_tools.reference_markdown(), end="")
+    elif args.spec_command == "init":
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists: pass --force to overwrite it")
+        name = args.name or _spec_name(Path(args.files[0]))
+        text, _ = spec_tools.draft_spec(args.files, name, out.parent, rows=args.rows)
+        parse_spec(yaml.safe_load(text), source=str(out))  # a draft that does not validate is a bug
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(text, end="", file=sys.stderr)
+        _emit({"spec": str(out), "name": name}, args.json, f"wrote {out}: check the guesses, then `kgrec spec check {out}`")
+    else:
+        result = spec_tools.check_spec(args.spec, rows=args.rows)
+        dry = result["dry_run"]
+        human = "\n".join(
+            [f"{args.spec}: valid; files: " + ", ".join(f"{k}={v}" for k, v in result["files"].items()),
+             f"dry run on the first {args.rows} rows of each file:",
+             f"  {dry['n_interactions']} interactions, {dry['n_users']} users, {dry['n_items']} items, "
+             + kg_summary_of(dry)]
+            + [f"  {accounting_line(kind, counts)}" + (f" {dry['quarantined'][kind]}" if dry["quarantined"][kind] else "")
+               for kind, counts in dry["accounting"].items()]
+            + ([f"  excluded interactions: {dry['excluded']}"] if dry["excluded"] else [])
+        )
+        _emit(result, args.json, human)
+    return 0
+
+
+def _spec_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "dataset"
+    return name if name[0].isalnum() else f"d{name}"
+
+
+def kg_summary_of(report: dict[str, Any]) -> str:
+    if not report["has_kg"]:
+        return "no knowledge graph"
+    return (f"{report['n_entities']} entities besides the items ({report['n_entities_with_items']} with "
+            f"the {report['n_linked_items']} linked items), {report['n_relations']} relations, "
+            f"{report['n_triples']} triples")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         tracking=_tracking(args),
@@ -468,6 +517,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_ingest)
 
+    p = sub.add_parser("spec", help="dataset specs: draft one from your files, check it, its reference")
+    spec_sub = p.add_subparsers(dest="spec_command", required=True)
+    q = spec_sub.add_parser("init", help="draft a commented spec from raw files (inspected with polars)")
+    q.add_argument("files", nargs="+", help="the interaction log, and optionally link, KG and item-name files")
+    q.add_argument("--out", default="spec.yaml", help="where to write the draft (default: ./spec.yaml)")
+    q.add_argument("--name", help="dataset name (default: from the first file's name)")
+    q.add_argument("--rows", type=int, default=1000, help="rows sampled per file")
+    q.add_argument("--force", action="store_true", help="overwrite --out")
+    q.add_argument("--json", action="store_true")
+    q = spec_sub.add_parser("check", help="validate a spec and dry-run ingestion on the first rows")
+    q.add_argument("spec", help="bundled spec name or path to a spec YAML")
+    q.add_argument("--rows", type=int, default=10_000, help="rows read per file")
+    q.add_argument("--json", action="store_true")
+    spec_sub.add_parser("schema", help="the spec's JSON Schema (for editors)")
+    spec_sub.add_parser("docs", help="the spec reference in Markdown (docs/dataset-spec.md)")
+    p.set_defaults(func=_cmd_spec)
+
     p = sub.add_parser("serve", help="candidate-retrieval service for a registered model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -522,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValidationError, ValueError, FileNotFoundError, LookupError) as exc:
+    except (ValidationError, ValueError, FileNotFoundError, FileExistsError, LookupError) as exc:
         if args.verbose:
             logging.getLogger("kgrec").exception("kgrec %s failed", args.command)
         return _fail(args, exc, 2)
