@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from kgrec.features.ingest import ingest
 from kgrec.features.spec import SPECS_DIR, DatasetSpec, FileSpec, SpecError, load_spec
 
 #: Sections of the reference, in order: the top level, then each file kind.
@@ -407,8 +408,6 @@ def check_spec(spec_path: str | Path, rows: int = 10_000) -> dict[str, Any]:
     Returns the validated spec, the resolved files and the dry run's accounting. Raises
     :class:`SpecError` for an invalid spec and ``FileNotFoundError`` for a missing file.
     """
-    from kgrec.features.ingest import ingest  # ingestion is the heavy import; the docs need none of it
-
     spec = load_spec(spec_path)
     files = {
         kind: fs

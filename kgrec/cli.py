@@ -30,6 +30,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from pydantic import ValidationError
 
+from kgrec.features import spec_tools
 from kgrec.features.ingest import accounting_line, ingest
 from kgrec.features.spec import load_spec, parse_spec
 from kgrec.flows.config import PipelineConfig, TuneConfig
@@ -336,8 +337,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_spec(args: argparse.Namespace) -> int:
-    from kgrec.features import spec_tools
-
     if args.spec_command == "schema":
         print(json.dumps(spec_tools.json_schema(), indent=2))
     elif args.spec_command == "docs":
