@@ -4,8 +4,9 @@ The architecture fields build the model (each model file's ``build``), the loop 
 :class:`~kgrec.models.training.trainer.Trainer` (:class:`~kgrec.models.training.config.LoopConfig`),
 the rest the :class:`~kgrec.models.training.sequential.SequentialTask`. Defaults are the
 benchmark's (``benchmarks/multi_interest.py``: d = 64, K = 4, L = 20, Adam at 1e-3, exact softmax
-over the catalogue -- ``num_negatives = 0``; set it to a few hundred for catalogues beyond ~10^5
-items, where ``batch x K x items`` scores per step no longer fit). A model's preset (e.g.
+over catalogues up to ``exact_softmax_max_items`` = 5,000 items, where an epoch's
+``samples x K x items`` scores stay affordable; above it a log-Q-corrected sampled softmax with
+1,024 popularity-drawn negatives: ``benchmarks/sampled_softmax.py``). A model's preset (e.g.
 ``comirec_sa_max``: ``readout="max"``) is its spec's ``defaults``; its own constraints are the
 spec's ``check``.
 """
@@ -62,7 +63,22 @@ class SequentialModelConfig(LoopConfig):
     # training
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(256, ge=1)
-    num_negatives: int = Field(0, ge=0, description="uniform negatives per batch; 0 = exact softmax")
+    num_negatives: int | None = Field(
+        None, ge=0,
+        description="negatives per batch: 0 = the exact softmax over the catalogue, N = a sampled softmax "
+        "with N negatives shared by the batch; None = exact up to exact_softmax_max_items items, else "
+        "sampled_negatives (the choice is logged as the run's softmax / softmax_negatives params)",
+    )
+    exact_softmax_max_items: int = Field(
+        5000, ge=1, description="largest catalogue trained with the exact softmax when num_negatives is None"
+    )
+    sampled_negatives: int = Field(1024, ge=1, description="negatives of the sampled softmax chosen above that size")
+    negative_sampler: Literal["uniform", "popularity"] | None = Field(
+        None,
+        description="proposal of the sampled softmax: uniform, or popularity (train counts^0.75, log-Q "
+        "corrected); None = popularity when the catalogue size chose the sampled softmax, uniform when "
+        "num_negatives is set or with REMI's hard negatives (their weights assume uniform draws)",
+    )
     epochs: int = Field(30, ge=1, le=10_000)
     patience: int = Field(3, ge=1)
     min_history: int = Field(1, ge=1)
@@ -92,6 +108,26 @@ class SequentialModelConfig(LoopConfig):
         spec = get_spec(self.model, "sequential")
         if spec.check is not None:
             spec.check(self)
+        return self
+
+    def softmax(self, num_items: int) -> tuple[int, str]:
+        """(negatives per batch, sampler) for a catalogue of ``num_items``: 0 negatives is the exact
+        softmax (``"exact"``); else ``"uniform"`` or ``"popularity"``."""
+        negatives, auto = self.num_negatives, self.num_negatives is None
+        if auto:
+            negatives = 0 if num_items <= self.exact_softmax_max_items else self.sampled_negatives
+        if negatives == 0:
+            return 0, "exact"
+        if self.negative_sampler is not None:
+            return negatives, self.negative_sampler
+        # an explicit num_negatives keeps the uniform draws it always had
+        return negatives, "popularity" if auto and self.hard_negative_beta == 0 else "uniform"
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_loss(self) -> SequentialModelConfig:
+        if self.negative_sampler == "popularity" and self.hard_negative_beta > 0:
+            raise ValueError("negative_sampler 'popularity' with hard_negative_beta > 0: REMI's hard-negative "
+                             "weights assume uniform negatives")
         return self
 
     @classmethod

@@ -280,6 +280,14 @@ def pad_histories(
     return torch.from_numpy(out).to(device), torch.from_numpy(lengths).to(device)
 
 
+
+def _corrected(logits: Tensor, shift_pos: Tensor | None, shift_neg: Tensor | None) -> Tensor:
+    """``logits [B, ..., 1 + N]`` (the target's first) minus the log-Q shifts; unchanged when None."""
+    if shift_pos is None or shift_neg is None:
+        return logits
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    return torch.cat([logits[..., :1] - shift_pos.view(shape), logits[..., 1:] - shift_neg], dim=-1)
+
 class MultiInterestModel(torch.nn.Module, ABC):
     """Base class of a candidate generator mapping an item history to ``K`` interest vectors.
 
@@ -393,6 +401,7 @@ class MultiInterestModel(torch.nn.Module, ABC):
     def loss(
         self, histories: Tensor, lengths: Tensor, targets: Tensor, negatives: Tensor, decorrelation: float = 0.0,
         seen: Tensor | None = None, hard_negative_beta: float | None = None, routing_reg: float | None = None,
+        log_q: Tensor | None = None,
     ) -> Tensor:
         """Sampled-softmax loss (module docstring) of a batch; ``negatives [N]`` shared by the batch
         (every item for the exact softmax). ``decorrelation`` :math:`\lambda` adds
@@ -400,7 +409,10 @@ class MultiInterestModel(torch.nn.Module, ABC):
         interest pairs (averaged over users with two or more), which keeps the mixture readout's
         interests from collapsing onto one direction. ``seen [B, I]``: items left out of each row's
         negatives (module docstring). ``hard_negative_beta`` / ``routing_reg``: REMI's IHN hardness
-        and RR weight (module docstring; default: the model's attributes, 0 unless configured)."""
+        and RR weight (module docstring; default: the model's attributes, 0 unless configured).
+        ``log_q [I]``: log-probabilities of the proposal the negatives were drawn from; each logit
+        (target's and negatives') then has :math:`\log Q(j)` subtracted (the log-Q correction of a
+        non-uniform sampled softmax, Bengio & Senecal 2008; Yi et al., RecSys 2019)."""
         beta = self.hard_negative_beta if hard_negative_beta is None else float(hard_negative_beta)
         rr = self.routing_reg if routing_reg is None else float(routing_reg)
         if beta < 0 or rr < 0:
@@ -416,12 +428,18 @@ class MultiInterestModel(torch.nn.Module, ABC):
         is_target = negatives[None, :] == targets[:, None]  # [B, N]
         if seen is not None:  # items the user already had: never candidates, so never negatives
             is_target = is_target | seen[:, negatives]
+        if log_q is not None and beta > 0:
+            raise ValueError("REMI's hard-negative weights assume uniform negatives: no log_q with hard_negative_beta")
+        if log_q is not None:  # shifts of the target's logit [B] and of each negative's [N]
+            shift_pos, shift_neg = log_q[targets], log_q[negatives]
+        else:
+            shift_pos = shift_neg = None
         if beta > 0:
             loss = self._hard_negative_loss(v, mask, target_emb, items[negatives], ~is_target, beta)
         elif self.readout_kind == "mixture":
             pos = (v * target_emb[:, None, :]).sum(-1, keepdim=True)  # [B, K, 1]
             neg = torch.einsum("bkd,nd->bkn", v, items[negatives]).masked_fill(is_target[:, None, :], float("-inf"))
-            logits = torch.cat([pos, neg], 2) / self.temperature
+            logits = _corrected(torch.cat([pos, neg], 2) / self.temperature, shift_pos, shift_neg)
             log_p = (logits[..., 0] - torch.logsumexp(logits, dim=2)).masked_fill(~mask, float("-inf"))
             active = mask.sum(1).clamp(min=1).to(log_p.dtype)
             loss = -(torch.logsumexp(log_p, dim=1) - torch.log(active)).mean()
@@ -431,7 +449,7 @@ class MultiInterestModel(torch.nn.Module, ABC):
             pos = (v * target_emb[:, None, :]).sum(-1).masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
             neg = torch.einsum("bkd,nd->bkn", v, items[negatives]).masked_fill(~mask[:, :, None], float("-inf"))
             neg = neg.amax(1).masked_fill(is_target, float("-inf"))
-            logits = torch.cat([pos, neg], 1) / self.temperature
+            logits = _corrected(torch.cat([pos, neg], 1) / self.temperature, shift_pos, shift_neg)
             loss = torch.nn.functional.cross_entropy(
                 logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device)
             )
@@ -439,7 +457,7 @@ class MultiInterestModel(torch.nn.Module, ABC):
             user = self.readout(v, mask, target_emb)
             pos = (user * target_emb).sum(-1, keepdim=True)
             neg = (user @ items[negatives].t()).masked_fill(is_target, float("-inf"))
-            logits = torch.cat([pos, neg], 1) / self.temperature
+            logits = _corrected(torch.cat([pos, neg], 1) / self.temperature, shift_pos, shift_neg)
             loss = torch.nn.functional.cross_entropy(
                 logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device)
             )

@@ -7,10 +7,12 @@ Samples: for every training user's sequence :math:`s_1 \\dots s_n` and every pos
 (evaluation asks for the next 20% of a sequence, not the next item). With ``mask_seen`` the
 user's items before ``t`` (the whole prefix, not only the window) are left out of the negatives,
 as evaluation and serving never return them (:meth:`MultiInterestModel.loss`). Each epoch shuffles
-all samples into mini-batches; each batch draws ``num_negatives`` uniform negatives shared by the
-batch (sampled softmax, :meth:`MultiInterestModel.loss`), or with ``num_negatives = 0`` scores every
-item (exact softmax: affordable while ``batch x K x items`` fits in memory, e.g. ml-100k's 1,682
-items); Adam. After every epoch the model is
+all samples into mini-batches. The softmax is exact (every item scored) up to
+``exact_softmax_max_items`` items (default 5,000; e.g. ml-100k's 1,682) and sampled above it
+(``SequentialModelConfig.softmax``): each batch draws ``sampled_negatives`` negatives shared by the
+batch from the item popularity in the training sequences, :math:`Q(j) \propto (c_j + 1)^{0.75}`
+(word2vec's smoothing), and every logit has :math:`\log Q(j)` subtracted (log-Q correction), or
+uniformly (REMI's hard negatives, or ``negative_sampler: uniform``); Adam. After every epoch the model is
 evaluated on the validation users with :func:`evaluate_sequential` -- i.e. through
 :func:`kgrec.models.sequential.multi_interest.recommend` with the model's own merge rule, the exact path the
 service uses (train/serve-mismatch guard) -- and training stops after ``patience`` epochs without a
@@ -19,7 +21,8 @@ better validation ``selection_metric``; the best epoch's weights are restored.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,9 +30,15 @@ from kgrec.features.sequences import SequenceSplit
 from kgrec.models.sequential.multi_interest import MultiInterestModel
 from kgrec.models.sequential_evaluation import evaluate_sequential
 from kgrec.models.training.trainer import EpochCallback, FitResult, Trainer
+from torch import Tensor
 
 if TYPE_CHECKING:
     from kgrec.models.sequential.config import SequentialModelConfig
+
+LOG = logging.getLogger("kgrec.models")
+#: Smoothing exponent of the popularity proposal (word2vec's 3/4: popular items are drawn more
+#: often than uniform, less than in proportion).
+POPULARITY_EXPONENT = 0.75
 
 
 def training_samples(
@@ -108,6 +117,25 @@ class SequentialTask:
         self.num_samples = len(self.target_pos)
         if self.num_samples == 0:
             raise ValueError("no training samples")
+        self.num_negatives, self.sampler = config.softmax(split.num_items)
+        self.proposal: Tensor | None = None  # popularity sampler: Q(j) over the catalogue
+        self.log_q: Tensor | None = None
+        if self.sampler == "popularity":
+            counts = np.bincount(self.flat.numpy(), minlength=split.num_items).astype(np.float64)
+            proposal = (counts + 1.0) ** POPULARITY_EXPONENT
+            self.proposal = torch.from_numpy(proposal / proposal.sum()).float()
+            self.log_q = self.proposal.log()
+        LOG.info(
+            "%s: %s softmax over %d items (%s)", config.model,
+            "exact" if self.sampler == "exact" else f"{self.sampler}-sampled ({self.num_negatives} negatives per batch"
+            + (", log-Q corrected)" if self.log_q is not None else ")"),
+            split.num_items,
+            "num_negatives" if config.num_negatives is not None else f"exact_softmax_max_items={config.exact_softmax_max_items}",
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What the run logs beside its config: the softmax the catalogue size chose."""
+        return {"softmax": self.sampler, "softmax_negatives": self.num_negatives}
 
     def prepare(self, model: MultiInterestModel) -> None:
         if not model.trainable:
@@ -124,11 +152,12 @@ class SequentialTask:
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size]
             width = max(1, int(self.lengths[idx].max()))
-            negatives = (
-                torch.randint(model.num_items, (config.num_negatives,), generator=generator)
-                if config.num_negatives
-                else all_items
-            )
+            if self.proposal is not None:
+                negatives = torch.multinomial(self.proposal, self.num_negatives, replacement=True, generator=generator)
+            elif self.num_negatives:
+                negatives = torch.randint(model.num_items, (self.num_negatives,), generator=generator)
+            else:
+                negatives = all_items
             seen = (
                 seen_mask(self.flat, self.seq_start[idx], self.target_pos[idx], model.num_items).to(device)
                 if config.mask_seen
@@ -137,6 +166,7 @@ class SequentialTask:
             loss = model.loss(
                 self.hist[idx, :width].to(device), self.lengths[idx].to(device), targets[idx].to(device),
                 negatives.to(device), config.decorrelation, seen,
+                log_q=None if self.log_q is None else self.log_q.to(device),
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,7 +179,7 @@ class SequentialTask:
         return evaluate_sequential(model, split.valid_inputs, split.valid_targets, self.categories, ks=self.config.ks)
 
     def finish(self, model: MultiInterestModel, result: FitResult) -> None:
-        return None
+        result.settings = self.settings()
 
 
 def fit_sequential(

@@ -27,7 +27,7 @@ def test_rows_take_overrides_and_keep_the_presets_defaults(bench) -> None:
     assert bench.split_row("comirec_sa_remi/hard_negative_beta=2/routing_reg=0/readout=max") == (
         "comirec_sa_remi", {"hard_negative_beta": 2, "routing_reg": 0, "readout": "max"})
     preset = bench.row_config("comirec_sa_remi", RECIPE, 1.0)
-    assert preset.hard_negative_beta > 0 and preset.routing_reg > 0 and preset.num_negatives == 0
+    assert preset.hard_negative_beta > 0 and preset.routing_reg > 0 and preset.num_negatives is None
     changed = bench.row_config("comirec_sa_remi/hard_negative_beta=0.5/num_negatives=64", RECIPE, 1.0)
     assert (changed.hard_negative_beta, changed.routing_reg, changed.num_negatives) == (
         0.5, preset.routing_reg, 64)

@@ -376,3 +376,44 @@ def test_mixture_locality_interpolates_between_the_global_and_the_local_queries(
     assert not torch.allclose(queries[1.0][0, 0], queries[1.0][0, 1])
     with pytest.raises(ValueError, match="locality"):
         InterestMixture(40, 6, locality=1.5)
+
+
+@pytest.mark.parametrize("readout", ["hard", "max", "mixture"])
+def test_log_q_correction_shifts_every_logit(readout) -> None:
+    torch.manual_seed(0)
+    model = ComiRecSA(30, embedding_dim=8, num_interests=2, max_length=6, readout=readout)
+    h, n = pad_histories([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 6)
+    targets, negatives = torch.tensor([10, 11, 12]), torch.tensor([3, 10, 20, 21, 22, 25])
+    plain = model.loss(h, n, targets, negatives)
+    # a uniform proposal shifts every logit by the same constant: the softmax is unchanged
+    assert torch.allclose(model.loss(h, n, targets, negatives, log_q=torch.full((30,), -3.4)), plain, atol=1e-5)
+    # a popularity proposal: every logit s_j becomes s_j - log Q(j), so the loss moves
+    log_q = torch.log_softmax(torch.randn(30), 0)
+    corrected = model.loss(h, n, targets, negatives, log_q=log_q)
+    assert torch.isfinite(corrected) and not torch.allclose(corrected, plain, atol=1e-4)
+    # REMI's hard-negative weights assume uniform draws: no correction there
+    with pytest.raises(ValueError, match="uniform negatives"):
+        model.loss(h, n, targets, negatives, hard_negative_beta=1.0, log_q=log_q)
+
+
+def test_the_catalogue_size_chooses_the_softmax_and_the_run_says_so() -> None:
+    split, _ = _planted_split()
+    config = SequentialModelConfig(learning_rate=1e-2, epochs=6, patience=6, batch_size=128, ks=(5,),
+                                   selection_metric="recall@5", seed=1, exact_softmax_max_items=10,
+                                   sampled_negatives=8)
+    assert config.num_negatives is None and config.softmax(20) == (8, "popularity")
+    model = YouTubeDNN(20, embedding_dim=8, max_length=20)
+    with torch_threads(1):
+        result = fit_sequential(model, split, config)
+    assert result.settings == {"softmax": "popularity", "softmax_negatives": 8}
+    # with 8 of 20 items per batch it learns as well as the exact softmax on the same data
+    exact = config.model_copy(update={"exact_softmax_max_items": 20})
+    assert exact.softmax(20) == (0, "exact")
+    with torch_threads(1):
+        reference = fit_sequential(YouTubeDNN(20, embedding_dim=8, max_length=20), split, exact)
+    assert reference.settings == {"softmax": "exact", "softmax_negatives": 0}
+    assert result.best_valid["recall@5"] >= 0.9 * reference.best_valid["recall@5"] > 0
+    assert result.history[-1].loss < result.history[0].loss
+    assert SequentialModelConfig(num_negatives=8).softmax(20) == (8, "uniform")
+    with pytest.raises(ValueError, match="assume uniform negatives"):
+        SequentialModelConfig(model="comirec_sa_remi", hard_negative_beta=1.0, negative_sampler="popularity")

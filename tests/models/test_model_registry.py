@@ -80,7 +80,10 @@ def test_every_sequential_model_builds_from_its_config(name):
     assert isinstance(model, MultiInterestModel) and model.num_items == 20
     assert model.merge_rule == {"mixture": "weighted", "comirec_sa_mos": "mixture"}.get(name, "max")
     assert (config.seed, config.selection_metric, config.ks) == (3, "recall@50", (20, 50))
-    assert config.num_negatives == 0 and config.decorrelation == (1.0 if name == "comirec_sa_mos" else 0.0)
+    # the exact softmax up to 5,000 items, a popularity-sampled, log-Q-corrected one above
+    assert config.softmax(1682) == (0, "exact") and config.softmax(50_000) == (
+        1024, "uniform" if name == "comirec_sa_remi" else "popularity")
+    assert config.decorrelation == (1.0 if name == "comirec_sa_mos" else 0.0)
     assert all(isinstance(v, str | int | float | bool) for v in config.to_dict().values())
 
 
