@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import dgl
@@ -133,13 +134,23 @@ class DGLRGCN(CKGNodeReadout, Recommender):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-normal node embeddings; each layer as ``RelGraphConv.__init__`` sets it (its
-        relation weights re-drawn, Xavier self-loop weight, zero bias), from the global RNG."""
+        """Xavier-normal node embeddings, and each layer initialised as PyG's ``RGCNConv`` is
+        (Glorot-uniform over each relation's, basis' or block's ``in x out`` matrix, the
+        coefficients and the self-loop weight; zero bias), not as ``RelGraphConv.__init__`` is
+        (``1/sqrt(in)`` bounds, ReLU gain): with DGL's own scales the same model trained to a
+        lower recall on music (0.190 +- 0.015 against 0.225 +- 0.015, 3 seeds)."""
         torch.nn.init.xavier_normal_(self.node_embedding.weight)
         for conv in self.convs:
-            conv.linear_r.reset_parameters()
+            linear = conv.linear_r
+            if linear.regularizer == "bdd":  # [R, blocks * sub_in * sub_out]: glorot per block
+                bound = math.sqrt(6.0 / (linear.submat_in + linear.submat_out))
+                torch.nn.init.uniform_(linear.W, -bound, bound)
+            else:  # basis: W [B, in, out], coeff [R, B]
+                bound = math.sqrt(6.0 / (linear.W.size(-2) + linear.W.size(-1)))
+                torch.nn.init.uniform_(linear.W, -bound, bound)
+                torch.nn.init.xavier_uniform_(linear.coeff)
             if conv.self_loop:
-                torch.nn.init.xavier_uniform_(conv.loop_weight, gain=torch.nn.init.calculate_gain("relu"))
+                torch.nn.init.xavier_uniform_(conv.loop_weight)
             if conv.bias:
                 torch.nn.init.zeros_(conv.h_bias)
 
