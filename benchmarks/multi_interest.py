@@ -286,7 +286,7 @@ def _groups(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
     return out
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], peers: dict = PEERS) -> None:
     header = ["model", "recipe", "n"] + list(COLUMNS) + ["peer R@50", "peer NDCG@50", "peer cos"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -294,7 +294,7 @@ def print_table(rows: list[dict]) -> None:
         cells = [name, recipe, str(len(rs))]
         for col in COLUMNS:
             cells.append(fmt([r.get(col) for r in rs], 1 if col == "train_s" else 3))
-        peer = PEERS.get(name)
+        peer = peers.get(name)
         cells += [f"{peer[0]:.3f}", f"{peer[1]:.3f}", f"{peer[2]:.2f}" if peer[2] is not None else "—"] if peer else ["", "", ""]
         print("| " + " | ".join(cells) + " |")
 
@@ -436,6 +436,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k-seq", help="sequential spec: bundled name or YAML path")
+    parser.add_argument("--kg-dataset", default="ml-100k",
+                        help="KG spec of the same users and items for the _kginit rows ('' for none)")
+    parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--models", default=",".join(ALL_MODELS),
                         help="benchmark rows (any registered sequential model is a row too)")
@@ -456,9 +460,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "multi_interest.jsonl"
     if not args.table_only:
-        workdir = Path(tempfile.mkdtemp(prefix="kgrec-mi-"))
-        seq_snapshot = load_snapshot(ingest(load_spec("ml-100k-seq"), workdir).snapshot_dir)
-        kg_snapshot = load_snapshot(ingest(load_spec("ml-100k"), workdir).snapshot_dir)
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kgrec-mi-"))
+        seq_snapshot = load_snapshot(ingest(load_spec(args.dataset), workdir).snapshot_dir)
+        kg_snapshot = load_snapshot(ingest(load_spec(args.kg_dataset), workdir).snapshot_dir) if args.kg_dataset else None
+        if kg_snapshot is None and any("kginit" in m or m == "mixture_lightgcn" for m in args.models.split(",")):
+            parser.error("the _kginit and mixture_lightgcn rows need --kg-dataset")
         for seed in (int(s) for s in args.seeds.split(",")):
             run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
                      args.num_negatives, args.decorrelation, args.mask_seen, args.target_window, args.save_models)
@@ -467,9 +473,10 @@ def main() -> None:
     print_paired_same_merge(rows, part="valid")
     if args.valid_only:
         return
-    print(f"\nml-100k sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
+    print(f"\n{args.dataset} sequential protocol, test users, mean ± std over seeds {sorted({r['seed'] for r in rows})}"
           f" (torch threads={args.threads}; timings on a shared 2-core machine)")
-    print_table(rows)
+    # torch-rechub's figures were measured on ml-100k: printed beside that dataset only
+    print_table(rows, PEERS if args.dataset == "ml-100k-seq" else {})
     print_paired_same_merge(rows, part="test")
     print_paired(rows)
     print_controllable(rows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,8 @@ from kgrec.models.training.pairwise import fit
 from kgrec.models.training.trainer import EpochLog
 
 
-def load(name: str) -> InteractionData:
-    snap = load_snapshot(ingest(load_spec(name), Path("/tmp/kcan-snap")).snapshot_dir)
+def load(name: str, workdir: Path) -> InteractionData:
+    snap = load_snapshot(ingest(load_spec(name), workdir).snapshot_dir)
     return InteractionData.from_snapshot(snap, random_split(snap.interactions, seed=2020))
 
 
@@ -70,7 +71,7 @@ def history_entry(log: EpochLog) -> dict:
 
 def run(name: str, args) -> list[dict]:
     """One dataset: the retriever (and KGAT) trained once, KCAN once per ``--seeds`` seed."""
-    data = load(name)
+    data = load(name, args.workdir)
     t0 = time.perf_counter()
     config = TrainConfig.for_model("lightgcn", device="cpu")
     retriever = build_model(config, data)
@@ -119,7 +120,8 @@ def train_one(name, data, retriever, full, global_init, seed, args, retr_seconds
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--datasets", nargs="+", default=["music", "ml-100k"])
+    parser.add_argument("--datasets", nargs="+", default=["music", "ml-100k"], help="bundled names or spec paths")
+    parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--max-valid-users", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1)
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kgrec-rerank-"))
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.datasets:
