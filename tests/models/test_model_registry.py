@@ -152,7 +152,7 @@ def test_models_that_need_a_kg_refuse_a_dataset_without_one(tmp_path):
     (tmp_path / "spec.yaml").write_text("name: nokg\ninteractions: {path: log.csv, format: csv, user: user, item: item}\n")
     snapshot = load_snapshot(ingest(load_spec(tmp_path / "spec.yaml"), tmp_path / "snap").snapshot_dir)
     data = InteractionData.from_snapshot(snapshot, random_split(snapshot.interactions, seed=0))
-    assert {s.name for s in model_specs() if s.needs_kg} >= {"kgat", "kgin", "kgcl", "rgcn", "hgt", "kcan"}
+    assert {s.name for s in model_specs() if s.needs_kg} >= {"kgat", "kgin", "kgcl", "rgcn", "hgt", "rhgnn", "kcan"}
     family = family_of("kgat")
     config = family.config(get_spec("kgat"), epochs=1)
     with pytest.raises(ValueError, match=r"'kgat' needs a knowledge graph.*declares no 'item_links' and no 'kg'"):
