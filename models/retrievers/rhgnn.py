@@ -104,7 +104,7 @@ class RHGNN(CKGNodeReadout, Recommender):
         self.relation_embedding = torch.nn.Parameter(torch.empty(self.num_relations, embedding_dim))
         d = embedding_dim
         self.weight = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(d, d)) for _ in range(num_layers))
-        self.attention = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(d, 2 * d)) for _ in range(num_layers))
+        self.neighbour_attention = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(d, 2 * d)) for _ in range(num_layers))
         self.crossing = torch.nn.ParameterList(
             torch.nn.Parameter(torch.empty(self.num_relations, d)) for _ in range(num_layers)
         )
@@ -147,7 +147,7 @@ class RHGNN(CKGNodeReadout, Recommender):
     def reset_parameters(self) -> None:
         torch.nn.init.xavier_normal_(self.node_embedding.weight)
         torch.nn.init.xavier_uniform_(self.relation_embedding)
-        for group in (self.weight, self.attention, self.crossing, self.relation_weight):
+        for group in (self.weight, self.neighbour_attention, self.crossing, self.relation_weight):
             for p in group:
                 torch.nn.init.xavier_uniform_(p)
         torch.nn.init.xavier_uniform_(self.fusion)
@@ -157,15 +157,16 @@ class RHGNN(CKGNodeReadout, Recommender):
     def num_slots(self) -> int:
         return self.slot_node.numel()
 
-    def _layers(self, dropout: bool) -> tuple[Tensor, Tensor]:
-        """Slot representations ``[S, d]`` and relation representations ``[R, d]`` after the layers."""
+    def _layers(self, dropout: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Slot representations ``[S, d]``, relation representations ``[R, d]`` after the layers,
+        and the last layer's neighbour attention :math:`\alpha` ``[E]``."""
         h = self.node_embedding.weight[self.slot_node]
         rho = self.relation_embedding
         num_slots = self.num_slots
         for k in range(self.num_layers):
             w = self.weight[k]
             target, source = h[self.edge_slot] @ w, h[self.edge_source_slot] @ w  # [E, d]
-            a = (rho @ self.attention[k])[self.edge_relation]  # [E, 2d]: the relation's attention vector
+            a = (rho @ self.neighbour_attention[k])[self.edge_relation]  # [E, 2d]: the relation's attention vector
             d = self.embedding_dim
             score = F.leaky_relu((a[:, :d] * target).sum(-1) + (a[:, d:] * source).sum(-1), self.negative_slope)
             alpha = softmax(score, self.edge_slot, num_nodes=num_slots)
@@ -181,7 +182,7 @@ class RHGNN(CKGNodeReadout, Recommender):
                 h = F.elu(h)
             h = F.dropout(h, p=self.dropout, training=dropout)
             rho = rho @ self.relation_weight[k]
-        return h, rho
+        return h, rho, alpha
 
     def _fuse(self, h: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
         """(fused node representations ``[N, d]``, relation-level weights :math:`\\gamma` ``[S]``)."""
@@ -195,7 +196,7 @@ class RHGNN(CKGNodeReadout, Recommender):
     def propagate_all(self, dropout: bool = False) -> Tensor:
         """Mean of each node's embedding and its fused relation-aware representation ``[N, d]``."""
         x = self.node_embedding.weight
-        h, rho = self._layers(dropout)
+        h, rho, _ = self._layers(dropout)
         fused, _ = self._fuse(h, rho)
         has_slot = torch.zeros(self.num_nodes, dtype=torch.bool, device=x.device)
         has_slot[self.slot_node] = True
@@ -205,13 +206,36 @@ class RHGNN(CKGNodeReadout, Recommender):
     def relation_attention(self, nodes: Tensor) -> list[dict[int, float]]:
         """The semantic-fusion weights :math:`\\gamma_{tr}` of each of ``nodes`` (CKG node ids):
         relation id -> weight, summing to 1 per node with any slot (empty for none)."""
-        h, rho = self._layers(dropout=False)
+        h, rho, _ = self._layers(dropout=False)
         _, gamma = self._fuse(h, rho)
         out: list[dict[int, float]] = []
         for node in nodes.tolist():
             mine = (self.slot_node == node).nonzero().flatten()
             out.append({int(self.slot_relation[s]): float(gamma[s]) for s in mine})
         return out
+
+    @property
+    def edge_index(self) -> Tensor:
+        """``[2, E]`` (receiver, neighbour) of every edge, the orientation of KGAT's attention
+        (head :math:`h` aggregates from tail :math:`t`), for :mod:`kgrec.models.explain`."""
+        return torch.stack([self.slot_node[self.edge_slot], self.slot_node[self.edge_source_slot]])
+
+    @property
+    def edge_type(self) -> Tensor:
+        """The relation of each :attr:`edge_index` edge read from its head (receiver): the inverse
+        of the relation the message travels along (``interact`` for a user hearing from an item)."""
+        return self.edge_relation ^ 1
+
+    @torch.no_grad()
+    def attention(self) -> Tensor:
+        """Per edge of :attr:`edge_index`: the last layer's neighbour attention
+        :math:`\alpha^r_{ts}` times the relation-level fusion weight :math:`\gamma_{tr}` of the
+        receiver's slot, i.e. the share of the receiver's fused representation that flows from
+        that neighbour through that relation; a receiver's weights sum to one. With it the service
+        explains a candidate by its highest-weighted user -> item paths, as for KGAT."""
+        h, rho, alpha = self._layers(dropout=False)
+        _, gamma = self._fuse(h, rho)
+        return (alpha * gamma[self.edge_slot]).detach().clone()
 
     def extra_repr(self) -> str:
         return (

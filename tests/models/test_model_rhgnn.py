@@ -32,7 +32,7 @@ def reference_propagation(model: RHGNN) -> torch.Tensor:
         w = model.weight[k]
         c = {}
         for t, r in slots:
-            a = rho[r] @ model.attention[k]
+            a = rho[r] @ model.neighbour_attention[k]
             sources = [s for s, tt, rr in zip(src, dst, rel, strict=True) if tt == t and rr == r]
             scores = torch.stack([F.leaky_relu(a[:d] @ (h[(t, r)] @ w) + a[d:] @ (h[(s, r ^ 1)] @ w), slope)
                                   for s in sources])
@@ -136,3 +136,27 @@ def test_registered_with_the_relational_defaults(planted_data):
     assert isinstance(model, RHGNN) and model.num_relations == 2
     with pytest.raises(ValueError, match="num_layers"):
         RHGNN(planted_data.num_users, planted_data.num_items, interaction_ckg(planted_data), num_layers=0)
+
+
+def test_attention_explains_like_kgat(tiny_model, planted_data):
+    model = tiny_model
+    attention = model.attention()
+    heads = model.edge_index[0]
+    assert attention.shape == model.edge_type.shape == heads.shape
+    # every receiver's weights (over all its relations and neighbours) sum to one
+    totals = torch.zeros(model.num_nodes).index_add(0, heads, attention)
+    receivers = torch.unique(heads)
+    torch.testing.assert_close(totals[receivers], torch.ones(receivers.numel()))
+    # read from the receiver: a user hears from its items through "interact" (relation 0)
+    user_edges = heads < model.num_users
+    assert set(model.edge_type[user_edges].tolist()) == {0}
+    # and the explanation machinery finds user -> item paths through them
+    from kgrec.models.explain import AttentionGraph
+
+    graph = AttentionGraph(
+        heads=heads.numpy(), tails=model.edge_index[1].numpy(), edge_type=model.edge_type.numpy(),
+        attention=attention.numpy(), num_users=4, num_items=5, num_entities=3,
+        relation_names=list(model._ckg.relation_names), entity_ids=["e5", "e6", "e7"],
+    )
+    paths = graph.explain(0, 2, max_paths=3)  # user 0 liked items 0, 1; item 1 was liked by user 1 with item 2
+    assert paths and all(p.steps[0].relation == "interact" for p in paths)
