@@ -71,23 +71,25 @@ def load_base(dataset: str, workdir: Path) -> tuple[Snapshot, Split]:
 
 
 def run_key(row: dict) -> tuple:
-    return (row["dataset"], row["model"], row["variant"], int(row["seed"]), row["epochs_cap"])
+    return (row["dataset"], row["model"], row["variant"], int(row["seed"]), row["epochs_cap"], row.get("time_cap"))
 
 
 def run_one(
-    base: Snapshot, split: Split, dataset: str, name: str, variant: str, seed: int, epochs: int | None
+    base: Snapshot, split: Split, dataset: str, name: str, variant: str, seed: int, epochs: int | None,
+    time_cap: float | None = None,
 ) -> dict:
     """Train ``name`` on ``variant`` of ``base`` (shuffle seeded with ``seed``), as
     ``quality.run_one`` trains on the snapshot itself."""
     snapshot = kg_variant(base, variant, seed)
     data = InteractionData.from_snapshot(snapshot, split)
-    config = TrainConfig.for_model(name, epochs=epochs, seed=seed)
+    config = TrainConfig.for_model(name, epochs=epochs, seed=seed, time_budget_s=time_cap)
     return {
         "dataset": dataset,
         "model": name,
         "variant": variant,
         "seed": seed,
         "epochs_cap": epochs,
+        "time_cap": time_cap,
         "snapshot": snapshot.name,
         "snapshot_hash": snapshot.hash,
         "base_hash": base.hash,
@@ -141,18 +143,19 @@ def select(rows: list[dict], wanted: set[tuple]) -> list[dict]:
 
 def run(
     datasets: list[str], models: list[str], variants: list[str], seeds: list[int], epochs: int | None,
-    out: Path, workdir: Path,
+    out: Path, workdir: Path, time_cap: float | None = None,
 ) -> None:
     """Every missing run of the grid, appended to ``out``; the variants innermost (interleaved)."""
     done = {run_key(r) for r in read_rows(out)}
     for dataset in datasets:
         todo = [(m, s, v) for m in models for s in seeds for v in variants
-                if (dataset, m, v, s, epochs) not in done]
+                if (dataset, m, v, s, epochs, time_cap) not in done]
         if not todo:
             continue
         base, split = load_base(dataset, workdir)
-        for name, seed, variant in todo:
-            row = run_one(base, split, dataset, name, variant, seed, epochs)
+        for k, (name, seed, variant) in enumerate(todo, 1):
+            print(f"[{k}/{len(todo)}] {dataset} {name} {variant} seed {seed} ...", file=sys.stderr, flush=True)
+            row = run_one(base, split, dataset, name, variant, seed, epochs, time_cap)
             append_row(out, row)
             print(_row(row), file=sys.stderr, flush=True)
 
@@ -168,6 +171,7 @@ def _row(r: dict) -> str:
         f"{r['dataset']:<8} {r['model']:<9} {r['variant']:<12} {r['seed']:>5} {r['n_triples']:>8} "
         f"{r['valid_recall@20']:>10.4f} {r['recall@20']:>7.4f} {r['ndcg@20']:>7.4f} {r['best_epoch']:>7} "
         f"{r['epochs_run']:>6} {r['seconds_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f}"
+        + ("  capped" if r.get("capped") else "")
     )
 
 
@@ -274,6 +278,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="2020,2021,2022", help="model seeds (and shuffle seeds)")
     parser.add_argument("--epochs", type=int, help="cap on epochs (default: each model's own)")
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS",
+                        help="training seconds per run at most (the best validation epoch is tested; rows say 'capped')")
     parser.add_argument("--out", type=Path, help="JSONL of the runs, appended and resumed (default: a temp file)")
     parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
     parser.add_argument("--table-only", action="store_true", help="print the tables of --out and exit")
@@ -294,8 +300,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "kg_ablation.jsonl"
         if not args.table_only:
-            run(datasets, models, variants, seeds, args.epochs, out, args.workdir or Path(tmp) / "snapshots")
-        wanted = {(d, m, v, s, args.epochs) for d in datasets for m in models for v in variants for s in seeds}
+            run(datasets, models, variants, seeds, args.epochs, out, args.workdir or Path(tmp) / "snapshots",
+                args.time_cap)
+        wanted = {(d, m, v, s, args.epochs, args.time_cap)
+                  for d in datasets for m in models for v in variants for s in seeds}
         rows = select(read_rows(out), wanted)
     if not rows:
         raise SystemExit(f"no runs of the requested grid in {out}")

@@ -85,6 +85,7 @@ def train_and_test(data: InteractionData, config: TrainConfig) -> dict:
     result = fit(model, data, config)
     test = evaluate_split(model, data, part="test")
     return {
+        "capped": result.stop_reason == "time_budget",
         "batch_size": grown.batch_size,
         "learning_rate": grown.learning_rate,
         "valid_recall@20": result.best_valid.get("recall@20", float("nan")),
@@ -102,10 +103,11 @@ def train_and_test(data: InteractionData, config: TrainConfig) -> dict:
 
 def run_one(
     dataset: str, name: str, epochs: int | None, workdir: Path, seed: int = 2020,
-    max_batches: str = "default", lr_scaling: str | None = None,
+    max_batches: str = "default", lr_scaling: str | None = None, time_cap: float | None = None,
 ) -> dict:
     data = protocol_data(protocol_snapshot(dataset, workdir))
-    overrides: dict = {"epochs": epochs, "seed": seed, "lr_scaling": lr_scaling}
+    # time_budget_s: fitting stops after the epoch that reaches it; the best validation epoch is tested
+    overrides: dict = {"epochs": epochs, "seed": seed, "lr_scaling": lr_scaling, "time_budget_s": time_cap}
     if max_batches != "default":
         overrides["max_batches_per_epoch"] = None if max_batches == "none" else int(max_batches)
     config = TrainConfig.for_model(name, **overrides)
@@ -122,15 +124,18 @@ def run_one(
 def run(
     datasets: list[str], models: list[str], epochs: int | None, workdir: Path,
     seeds: list[int] = (2020,), variants: list[str] = ("default",), lr_scaling: str | None = None,
+    time_cap: float | None = None,
 ) -> list[dict]:
     """Each (dataset, model, seed, variant) in its own process, so that peak memory is that
     model's; the variants alternate within every seed, so that load drifts hit them alike."""
     rows = []
-    for dataset, name, seed, variant in (
-        (d, m, s, v) for d in datasets for m in models for s in seeds for v in variants
-    ):
-        command = [sys.executable, __file__, "--one", f"{dataset}:{name}:{seed}:{variant}",
+    runs = [(d, m, s, v) for d in datasets for m in models for s in seeds for v in variants]
+    for k, (dataset, name, seed, variant) in enumerate(runs, 1):
+        print(f"[{k}/{len(runs)}] {dataset} {name} seed {seed} {variant} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, __file__, "--one", f"{dataset}|{name}|{seed}|{variant}",
                    "--workdir", str(workdir)]
+        if time_cap:
+            command += ["--time-cap", str(time_cap)]
         if epochs:
             command += ["--epochs", str(epochs)]
         if lr_scaling:
@@ -155,7 +160,7 @@ def _row(r: dict) -> str:
         f"{r['learning_rate']:>7.4f} {r['recall@20']:>7.4f} {r['ndcg@20']:>7.4f} "
         f"{r['recbole_recall@20']:>7.3f}/{r['recbole_ndcg@20']:<7.3f} {r['best_epoch']:>7} "
         f"{r['epochs_run']:>6} {r['seconds_per_epoch']:>8.3f} {r['fit_seconds']:>7.1f} "
-        f"{r['peak_rss_mb']:>8.0f}"
+        f"{r['peak_rss_mb']:>8.0f}" + ("  capped" if r.get("capped") else "")
     )
 
 
@@ -183,7 +188,11 @@ def summary(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="music,ml-100k")
+    parser.add_argument("--datasets", default="music,ml-100k",
+                        help="bundled names, spec YAML paths or 'sparse' (generated), comma-separated")
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS",
+                        help="training seconds per run at most: fitting stops, the best validation epoch "
+                        "is tested and the row says 'capped'")
     parser.add_argument("--models", default="bprmf,lightgcn,kgat")
     parser.add_argument("--epochs", type=int, help="cap on epochs (default: each model's own)")
     parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
@@ -195,13 +204,15 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        dataset, name, seed, variant = args.one.split(":")
-        print(json.dumps(run_one(dataset, name, args.epochs, args.workdir, int(seed), variant, args.lr_scaling)))
+        dataset, name, seed, variant = args.one.split("|")
+        print(json.dumps(run_one(dataset, name, args.epochs, args.workdir, int(seed), variant, args.lr_scaling,
+                                 args.time_cap)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(
             args.datasets.split(","), args.models.split(","), args.epochs, args.workdir or Path(tmp),
             [int(s) for s in args.seeds.split(",")], args.max_batches.split(","), args.lr_scaling,
+            args.time_cap,
         )
     print(f"machine: {machine()}")
     print(HEADER)

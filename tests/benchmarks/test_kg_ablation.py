@@ -52,9 +52,12 @@ def test_paired_differences_match_seeds_and_count_wins():
 
 def test_select_keeps_the_requested_grid_and_the_first_of_a_repeated_run():
     rows = fake_rows({"kg": [0.35, 0.36], "no_kg": [0.30]}) + fake_rows({"kg": [0.99]})
-    wanted = {("music", "kgat", "kg", 2020, None), ("music", "kgat", "no_kg", 2020, None)}
+    wanted = {("music", "kgat", "kg", 2020, None, None), ("music", "kgat", "no_kg", 2020, None, None)}
     chosen = bench.select(rows, wanted)
     assert [(r["variant"], r["recall@20"]) for r in chosen] == [("kg", 0.35), ("no_kg", 0.30)]
+    # a run under a time cap is another run (rows without the key were uncapped)
+    capped = [{**rows[0], "time_cap": 60.0}]
+    assert bench.select(capped, wanted) == [] and bench.select(capped, {("music", "kgat", "kg", 2020, None, 60.0)})
 
 
 def test_a_line_cut_short_is_skipped_and_the_next_row_starts_a_line_of_its_own(tmp_path, capsys):
