@@ -95,7 +95,9 @@ def _reembedded(model, data, snapshot, split, ego: str, skip_cold: bool) -> dict
             "facts_per_cold_item": sum(map(len, facts)) / max(len(facts), 1), "select_seconds": select_s}
 
 
-def run_group(dataset: str, group: str, seed: int, epochs: int | None, workdir: Path, ego: str) -> list[dict]:
+def run_group(
+    dataset: str, group: str, seed: int, epochs: int | None, workdir: Path, ego: str, time_cap: float | None = None
+) -> list[dict]:
     from kgrec.features.cold_start import without_item_triples
     from kgrec.features.dataset import InteractionData
     from kgrec.models.cold_start import evaluate_cold, kg_item_knn_scores, popularity_scores, random_scores
@@ -126,14 +128,14 @@ def run_group(dataset: str, group: str, seed: int, epochs: int | None, workdir: 
     if group == "kgat-inductive":  # the cold items do not exist at training time: no triple of theirs
         reduced = without_item_triples(snapshot, split.cold_items)
         data = InteractionData.from_snapshot(reduced, split.retrieval)
-    config = TrainConfig.for_model(name, epochs=epochs, seed=seed)
+    config = TrainConfig.for_model(name, epochs=epochs, seed=seed, time_budget_s=time_cap)
     started = time.perf_counter()
     model = build_model(config, data)
     result = fit(model, data, config)
     fit_s = time.perf_counter() - started
     model.eval()
     common = {**base, "fit_seconds": fit_s, "best_epoch": result.best_epoch,
-              "epochs_run": len(result.history),
+              "epochs_run": len(result.history), "capped": result.stop_reason == "time_budget",
               "warm_recall@20": evaluate_split(model, data, "test", ks=(20,))["recall@20"]}
     if group == "kgat-inductive":
         figures = _reembedded(model, data, snapshot, split, ego, skip_cold=True)
@@ -148,7 +150,7 @@ def run_group(dataset: str, group: str, seed: int, epochs: int | None, workdir: 
     return rows
 
 
-def run(datasets, groups, seeds, epochs, workdir, threads, ego) -> list[dict]:
+def run(datasets, groups, seeds, epochs, workdir, threads, ego, time_cap=None) -> list[dict]:
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for dataset in datasets:
@@ -158,6 +160,9 @@ def run(datasets, groups, seeds, epochs, workdir, threads, ego) -> list[dict]:
                            "--workdir", str(workdir), "--threads", str(threads), "--ego", ego]
                 if epochs:
                     command += ["--epochs", str(epochs)]
+                if time_cap:
+                    command += ["--time-cap", str(time_cap)]
+                print(f"{dataset} seed {seed} {group} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run(command, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise SystemExit(f"{dataset}/{group}/{seed} failed:\n{proc.stderr[-3000:]}")
@@ -223,6 +228,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(GROUPS), help=f"groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--seeds", default="2020,2021,2022", help="model seeds (the split stays seed 2020)")
     parser.add_argument("--epochs", type=int, help="cap on epochs (default: each model's own)")
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS",
+                        help="training seconds per model at most (the best validation epoch is tested)")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per process")
     parser.add_argument("--ego", default="auto", help="ego estimate of the re-embedded rows: auto (chosen on "
                         "validation), transr, mean, regress or zero")
@@ -233,7 +240,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.one:
         dataset, group, seed = args.one.split(":")
-        print(json.dumps(run_group(dataset, group, int(seed), args.epochs, args.workdir, args.ego)))
+        print(json.dumps(run_group(dataset, group, int(seed), args.epochs, args.workdir, args.ego, args.time_cap)))
         return
     groups = args.models.split(",")
     unknown = set(groups) - set(GROUPS)
@@ -241,7 +248,7 @@ def main() -> None:
         raise SystemExit(f"unknown model groups {sorted(unknown)}; choose from {GROUPS}")
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.datasets.split(","), groups, [int(s) for s in args.seeds.split(",")], args.epochs,
-                   args.workdir or Path(tmp), args.threads, args.ego)
+                   args.workdir or Path(tmp), args.threads, args.ego, args.time_cap)
     print(f"machine: {machine()}")
     print(HEADER)
     for r in rows:

@@ -50,7 +50,10 @@ def run_key(row: dict) -> tuple:
     return row["dataset"], row["model"], row["candidate"], int(row["seed"])
 
 
-def run(datasets: list[str], models: list[str], candidates: list[str], seeds: list[int], out: Path, workdir: Path) -> None:
+def run(
+    datasets: list[str], models: list[str], candidates: list[str], seeds: list[int], out: Path, workdir: Path,
+    time_cap: float | None = None,
+) -> None:
     """Every missing run, appended to ``out``; the candidates innermost, so load drifts hit them alike."""
     done = {run_key(r) for r in read_rows(out)}
     for dataset in datasets:
@@ -59,12 +62,13 @@ def run(datasets: list[str], models: list[str], candidates: list[str], seeds: li
             continue
         data = protocol_data(protocol_snapshot(dataset, workdir))
         for model, seed, candidate in todo:
-            config = TrainConfig.for_model(model, seed=seed, **CANDIDATES[candidate])
+            config = TrainConfig.for_model(model, seed=seed, time_budget_s=time_cap, **CANDIDATES[candidate])
             row = {"dataset": dataset, "model": model, "candidate": candidate, "seed": seed,
                    **train_and_test(data, config), "threads": torch.get_num_threads()}
             append_row(out, row)
             print(f"{dataset:<8} {model:<9} {candidate:<16} {seed:>5} valid {row['valid_recall@20']:.4f} "
-                  f"test {row['recall@20']:.4f} best ep {row['best_epoch']:>4} fit {row['fit_seconds']:.1f} s",
+                  f"test {row['recall@20']:.4f} best ep {row['best_epoch']:>4} fit {row['fit_seconds']:.1f} s"
+                  + (" (capped)" if row["capped"] else ""),
                   file=sys.stderr, flush=True)
 
 
@@ -145,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned; reported)")
     parser.add_argument("--out", type=Path, help="JSONL of the runs (resumable; default: a temp file)")
     parser.add_argument("--workdir", type=Path, help="snapshot directory (default: a temp dir)")
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS",
+                        help="training seconds per run at most (the best validation epoch is tested)")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out, train nothing")
     args = parser.parse_args()
     candidates = args.candidates.split(",")
@@ -158,7 +164,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "defaults.jsonl"
         if not args.table_only:
-            run(datasets, models, candidates, seeds, out, args.workdir or Path(tmp) / "snapshots")
+            run(datasets, models, candidates, seeds, out, args.workdir or Path(tmp) / "snapshots", args.time_cap)
         wanted = {(d, m, c, s) for d in datasets for m in models for c in candidates for s in seeds}
         rows = [r for r in read_rows(out) if run_key(r) in wanted]
     print(f"machine: {machine()}; runs' threads: {sorted({r['threads'] for r in rows})}")

@@ -165,14 +165,14 @@ def row_config(name: str, recipe: dict, decorrelation: float) -> SequentialModel
 def run_seed(
     seed: int, models: list[str], seq_snapshot: Snapshot, kg_snapshot: Snapshot, epochs: int, out: Path,
     learning_rate: float, num_negatives: int, decorrelation: float, mask_seen: bool, target_window: int,
-    save_models: Path | None = None,
+    save_models: Path | None = None, time_cap: float | None = None,
 ) -> None:
     split = sequential_split(seq_snapshot, seed=seed)
     cats, _ = category_matrix(seq_snapshot.item_categories())
     # shared by every row; a row's own overrides (VARIANTS, e.g. K = 1) win over d = D, K = K
     recipe = dict(
         embedding_dim=D, num_interests=K, seed=seed, epochs=epochs, patience=3, learning_rate=learning_rate,
-        num_negatives=num_negatives, mask_seen=mask_seen, target_window=target_window,
+        num_negatives=num_negatives, mask_seen=mask_seen, target_window=target_window, time_budget_s=time_cap,
     )
     tag = recipe_name(mask_seen, target_window)
     n_items = split.num_items
@@ -191,7 +191,7 @@ def run_seed(
         row = split_row(name)[0]
         if row == "popularity":
             model = Popularity.from_sequences(split.train_sequences, n_items)
-            train_s, best_epoch = 0.0, 0
+            train_s, best_epoch, capped = 0.0, 0, False
         elif row == "mixture" or row == "mixture_lightgcn":
             if row == "mixture":
                 base = trained.get("youtube_dnn")
@@ -211,7 +211,7 @@ def run_seed(
             t0 = time.perf_counter()
             # the registered mixture (C = 8 clusters, K components, k-means seeded with the seed)
             model = build_model(row_config(name, recipe, decorrelation), n_items).fit(vectors)
-            train_s, best_epoch = time.perf_counter() - t0, 0
+            train_s, best_epoch, capped = time.perf_counter() - t0, 0, False
         else:
             config = row_config(name, recipe, decorrelation)
             torch.manual_seed(seed)
@@ -226,6 +226,7 @@ def run_seed(
                 reset = False
             result = fit_sequential(model, split, config, reset=reset)
             train_s, best_epoch = result.train_seconds, result.best_epoch
+            capped = result.stop_reason == "time_budget"
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
         valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, cats, ks=(50,))
@@ -250,12 +251,13 @@ def run_seed(
                           "valid_max_merge_diversity@50": mismatch["diversity@50"]})
         if save_models is not None:
             save_model(model, save_models / tag / str(seed) / name.replace("/", "+"))
-        row = {"seed": seed, "model": name, "recipe": tag, "train_s": train_s, "best_epoch": best_epoch,
+        row = {"seed": seed, "model": name, "recipe": tag, "train_s": train_s, "best_epoch": best_epoch, "capped": capped,
                "wall_s": time.perf_counter() - started, **metrics, **extra}
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"seed {seed} {name:22s} [{tag}] R@50={metrics['recall@50']:.4f} div@50={metrics['diversity@50']:.4f} "
-              f"sim={metrics['interest_similarity']:.3f} train={train_s:.1f}s epoch={best_epoch}", flush=True)
+              f"sim={metrics['interest_similarity']:.3f} train={train_s:.1f}s epoch={best_epoch}"
+              + (" (capped)" if capped else ""), flush=True)
 
 
 def recipe_name(mask_seen: bool, target_window: int) -> str:
@@ -446,6 +448,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSONL file of per-seed rows (appended)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS",
+                        help="training seconds per row at most (the best validation epoch is tested)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--num-negatives", type=int, default=None,
                         help="per batch; 0 = exact softmax (default: each row's own, 0 for every registered model)")
@@ -467,7 +471,8 @@ def main() -> None:
             parser.error("the _kginit and mixture_lightgcn rows need --kg-dataset")
         for seed in (int(s) for s in args.seeds.split(",")):
             run_seed(seed, args.models.split(","), seq_snapshot, kg_snapshot, args.epochs, out, args.lr,
-                     args.num_negatives, args.decorrelation, args.mask_seen, args.target_window, args.save_models)
+                     args.num_negatives, args.decorrelation, args.mask_seen, args.target_window, args.save_models,
+                     args.time_cap)
     rows = read_rows(out)
     print_valid_table(rows)
     print_paired_same_merge(rows, part="valid")
