@@ -1,6 +1,6 @@
 """Cost of registering one model, and what the MLflow-facing parts of it add.
 
-One bprmf model is trained once on music (3 epochs), then three ways of logging it run interleaved,
+One bprmf model is trained once on ``--dataset`` (default music, 3 epochs), then three ways of logging it run interleaved,
 in rotating order, ``--repeats`` times each, in the same process against the same embedded store:
 
 * ``log_model``: the models-from-code pyfunc with staged code and pinned requirements, no input
@@ -12,7 +12,7 @@ in rotating order, ``--repeats`` times each, in the same process against the sam
 
 Prints the median seconds of each and its ratio to the baseline measured in this run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/registration.py [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/registration.py [--repeats 5] [--dataset SPEC] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -42,16 +42,18 @@ from quality import machine  # noqa: E402  (sibling script)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dataset", default="music", help="bundled spec name or spec YAML path")
+    parser.add_argument("--workdir", type=Path, help="store, snapshots and bundles (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     where = machine()  # before anything can change the thread count
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     with tempfile.TemporaryDirectory(prefix="kgrec-bench-reg-") as tmp:
-        work = Path(tmp)
+        work = args.workdir or Path(tmp)
         tracking = TrackingSettings(workdir=work, tracking_uri=None)
         registry.configure_tracking(tracking)
-        report = ingest(load_spec("music"), tracking.snapshot_dir)
+        report = ingest(load_spec(args.dataset), tracking.snapshot_dir)
         spec = get_spec("bprmf")
         inputs = PipelineInputs(report.snapshot_dir, "random", 2020).for_family(spec.family)
         trained = train_and_log(spec, family_of(spec).config(spec, epochs=3, seed=2020), inputs)
