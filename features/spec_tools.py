@@ -164,18 +164,19 @@ class FileGuess:
         return column if self.has_header else self.columns.index(column)
 
 
-def _sniff_text(path: Path, sample_bytes: int = 1 << 16) -> tuple[str, bool, list[str]]:
-    """(separator, has_header, first lines) of a text file."""
+def _sniff_text(path: Path, sample_bytes: int = 1 << 16) -> tuple[str, bool]:
+    """(separator, has_header) of a text file, from its first lines."""
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as handle:
         text = handle.read(sample_bytes)
     lines = [line for line in text.splitlines()[:50] if line.strip()]
     if not lines:
         raise SpecError(f"{path}: the file is empty")
-    # The separator that splits every sampled line into the same number (> 1) of fields.
+    # The separator that splits every sampled line into the same number (> 1) of fields (the
+    # last line may be cut by the sample: left out).
     best, best_fields = None, 1
     for sep in _SEPARATORS:
         counts = {len(line.split(sep)) for line in lines[:-1] or lines}
-        if len(counts) == 1 and (n := counts.pop()) > best_fields and (sep != ":" or "::" not in text):
+        if len(counts) == 1 and (n := counts.pop()) > best_fields:
             best, best_fields = sep, n
     if best is None:
         try:
@@ -184,10 +185,10 @@ def _sniff_text(path: Path, sample_bytes: int = 1 << 16) -> tuple[str, bool, lis
             best = "\t"
     first = lines[0].split(best)
     rest = [line.split(best) for line in lines[1:20]]
-    # A header: the first row has a non-numeric field where the later rows are numeric, or its
-    # fields look like names (letters, no spaces) while the rows differ from it everywhere.
+    # A header: most of its fields are typed names (RecBole's "user_id:token") or name a role; or
+    # it has a non-numeric field where the later rows are numeric; or its fields look like names
+    # while the later rows differ from it and hold numbers.
     numeric = [all(_is_number(row[k]) for row in rest if k < len(row)) for k in range(len(first))]
-    # Or its fields are typed names (RecBole's "user_id:token") or name most of the roles.
     named = sum(bool(re.fullmatch(r"\w+:(token|float|token_seq|float_seq)", v)) or any(
         re.search(pattern, v.lower()) for pattern in _ROLE_PATTERNS.values()) for v in first)
     has_header = named * 2 > len(first) and not any(row[: len(first)] == first for row in rest)
@@ -196,7 +197,7 @@ def _sniff_text(path: Path, sample_bytes: int = 1 << 16) -> tuple[str, bool, lis
         and not any(row[: len(first)] == first for row in rest)
         and any(_is_number(v) for row in rest for v in row)
     )
-    return best, has_header, lines
+    return best, has_header
 
 
 def _is_number(value: str) -> bool:
@@ -219,7 +220,7 @@ def inspect_file(path: str | Path, rows: int = 1000) -> FileGuess:
     if fmt == "jsonl":
         frame = pl.read_ndjson(path, n_rows=rows, infer_schema_length=rows)
         return FileGuess(path, fmt, None, True, frame.columns, frame)
-    sep, has_header, _ = _sniff_text(path)
+    sep, has_header = _sniff_text(path)
     fmt = "csv" if sep == "," else "tsv"
     if len(sep) > 1:  # polars reads one-byte separators; split a multi-character one by hand
         with path.open(encoding="utf-8-sig", errors="replace") as handle:
