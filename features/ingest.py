@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,13 +165,14 @@ class IngestReport:
         return out
 
 
-def kg_summary(report: IngestReport) -> str:
-    """The KG part of an ingestion summary, entities counted without and with the items."""
-    if not report.has_kg:
+def kg_summary(counts: Mapping[str, Any]) -> str:
+    """The KG part of an ingestion summary (an :class:`IngestReport`'s fields or its ``to_dict()``),
+    entities counted without and with the items."""
+    if not counts["has_kg"]:
         return "no knowledge graph"
     return (
-        f"{report.n_entities} entities besides the items ({report.n_entities_with_items} with the "
-        f"{report.n_linked_items} linked items), {report.n_relations} relations, {report.n_triples} triples"
+        f"{counts['n_entities']} entities besides the items ({counts['n_entities_with_items']} with the "
+        f"{counts['n_linked_items']} linked items), {counts['n_relations']} relations, {counts['n_triples']} triples"
     )
 
 
@@ -1446,7 +1447,7 @@ def _log(report: IngestReport) -> None:
         report.n_interactions,
         report.n_users,
         report.n_items,
-        kg_summary(report),
+        kg_summary(vars(report)),
         report.seconds,
     )
     for kind, counts in report.accounting.items():

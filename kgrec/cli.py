@@ -1,4 +1,4 @@
-"""``kgrec`` command line: pipeline, train, ingest, serve, deploy.
+"""``kgrec`` command line: pipeline, tune, train, ingest, spec, serve, deploy.
 
 Every command that does work accepts ``--json`` and then prints one JSON object with its figures on
 its last stdout line; human-readable output and logs go to stderr.
@@ -31,7 +31,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 from pydantic import ValidationError
 
 from kgrec.features import spec_tools
-from kgrec.features.ingest import accounting_line, ingest
+from kgrec.features.ingest import accounting_line, ingest, kg_summary
 from kgrec.features.spec import load_spec, parse_spec
 from kgrec.flows.config import PipelineConfig, TuneConfig
 from kgrec.flows.pipeline import configured_flow, run_pipeline
@@ -359,7 +359,7 @@ def _cmd_spec(args: argparse.Namespace) -> int:
             [f"{args.spec}: valid; files: " + ", ".join(f"{k}={v}" for k, v in result["files"].items()),
              f"dry run on the first {args.rows} rows of each file:",
              f"  {dry['n_interactions']} interactions, {dry['n_users']} users, {dry['n_items']} items, "
-             + kg_summary_of(dry)]
+             + kg_summary(dry)]
             + [f"  {accounting_line(kind, counts)}" + (f" {dry['quarantined'][kind]}" if dry["quarantined"][kind] else "")
                for kind, counts in dry["accounting"].items()]
             + ([f"  excluded interactions: {dry['excluded']}"] if dry["excluded"] else [])
@@ -371,14 +371,6 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 def _spec_name(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "dataset"
     return name if name[0].isalnum() else f"d{name}"
-
-
-def kg_summary_of(report: dict[str, Any]) -> str:
-    if not report["has_kg"]:
-        return "no knowledge graph"
-    return (f"{report['n_entities']} entities besides the items ({report['n_entities_with_items']} with "
-            f"the {report['n_linked_items']} linked items), {report['n_relations']} relations, "
-            f"{report['n_triples']} triples")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
