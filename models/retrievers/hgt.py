@@ -14,6 +14,7 @@ from kgrec.models.retrievers.rgcn import (
     RELATIONAL_SEARCH_SPACE,
     LayerCombination,
     combine_layers,
+    combined_dim,
 )
 from kgrec.models.spec import ModelSpec, register
 from kgrec.models.training.losses import bpr_loss, l2_reg
@@ -175,9 +176,7 @@ class HGT(Recommender):
     @property
     def output_dim(self) -> int:
         """Dimension of the user/item representations."""
-        if self.layer_combination == "concat":
-            return self.embedding_dim * (self.num_layers + 1)
-        return self.embedding_dim
+        return combined_dim(self.embedding_dim, self.num_layers, self.layer_combination)
 
     def edge_index_dict(self) -> dict[EdgeType, Tensor]:
         return {et: getattr(self, f"_edge_index_{k}") for k, et in enumerate(self.edge_types)}

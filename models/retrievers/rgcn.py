@@ -35,6 +35,11 @@ _ACTIVATIONS = {
 }
 
 
+def combined_dim(embedding_dim: int, num_layers: int, how: LayerCombination) -> int:
+    """Width of :func:`combine_layers`'s output for ``num_layers`` layers of ``embedding_dim``."""
+    return embedding_dim * (num_layers + 1) if how == "concat" else embedding_dim
+
+
 def combine_layers(layers: list[Tensor], how: LayerCombination) -> Tensor:
     """Layer combination of ``[E^(0), ..., E^(L)]``: concatenation, mean, or the last layer only."""
     if how == "concat":
@@ -65,9 +70,7 @@ class CKGNodeReadout:
     @property
     def output_dim(self) -> int:
         """Dimension of the user/item representations."""
-        if self.layer_combination == "concat":
-            return self.embedding_dim * (self.num_layers + 1)
-        return self.embedding_dim
+        return combined_dim(self.embedding_dim, self.num_layers, self.layer_combination)
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         out = self.propagate_all()

@@ -137,9 +137,8 @@ class RHGNN(CKGNodeReadout, Recommender):
         # Slots: distinct (target node, relation), sorted by node then relation.
         keys, edge_slot = torch.unique(target * r_count + relation, return_inverse=True)
         source_keys = source * r_count + (relation ^ 1)
-        source_slot = torch.searchsorted(keys, source_keys)
-        found = source_slot < keys.numel()
-        if not bool(found.all()) or not bool((keys[source_slot.clamp(max=keys.numel() - 1)] == source_keys).all()):
+        source_slot = torch.searchsorted(keys, source_keys).clamp(max=keys.numel() - 1)
+        if not bool((keys[source_slot] == source_keys).all()):  # a key past the end lands on the last
             raise ValueError("an edge's source has no slot for the inverse relation: the CKG lacks an inverse edge")
         slot_node, slot_relation = keys // r_count, keys % r_count
         num_slots = keys.numel()
@@ -164,6 +163,7 @@ class RHGNN(CKGNodeReadout, Recommender):
             ("edge_source_slot", self.messages.pair_source[self.messages.edge_pair]),
             ("edge_relation", slot_relation[edge_slot]),
             ("slot_node", slot_node), ("slot_relation", slot_relation),
+            ("has_slot", per_node > 0),
             ("pair_query", self.cross.edge_target), ("pair_key", self.cross.pair_source[self.cross.edge_pair]),
         ):
             self.register_buffer(name, value, persistent=False)
@@ -225,9 +225,7 @@ class RHGNN(CKGNodeReadout, Recommender):
         x = self.node_embedding.weight
         h, rho, _ = self._layers(dropout)
         fused, _ = self._fuse(h, rho)
-        has_slot = torch.zeros(self.num_nodes, dtype=torch.bool, device=x.device)
-        has_slot[self.slot_node] = True
-        return torch.where(has_slot[:, None], (x + fused) / 2, x)
+        return torch.where(self.has_slot[:, None], (x + fused) / 2, x)
 
     @torch.no_grad()
     def relation_attention(self, nodes: Tensor) -> list[dict[int, float]]:

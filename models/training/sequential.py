@@ -148,6 +148,7 @@ class SequentialTask:
         perm = torch.randperm(n, generator=generator)
         targets = window_targets(self.flat, self.target_pos, self.reach, generator)
         all_items = torch.arange(model.num_items)
+        log_q = None if self.log_q is None else self.log_q.to(device)  # once per epoch, not per batch
         total = 0.0
         for start in range(0, n, config.batch_size):
             idx = perm[start : start + config.batch_size]
@@ -166,7 +167,7 @@ class SequentialTask:
             loss = model.loss(
                 self.hist[idx, :width].to(device), self.lengths[idx].to(device), targets[idx].to(device),
                 negatives.to(device), config.decorrelation, seen,
-                log_q=None if self.log_q is None else self.log_q.to(device),
+                log_q=log_q,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
