@@ -1,8 +1,9 @@
 """Two-stage request latency: GET /v1/users/{id}/ranked (retrieve N = 200, KCAN re-rank, k = 20).
 
 1. Unless ``--workdir`` already holds them, registers a retrieval champion and a ranking champion:
-   ``kgrec pipeline --dataset DATASET --models lightgcn --ranker kcan --registered-model NAME``
-   in a fresh working directory (NAME and NAME-ranker).
+   ``kgrec pipeline --dataset DATASET --models lightgcn --ranker kcan --registered-model NAME
+   [--epochs N] [--time-cap S]`` in a fresh working directory (NAME and NAME-ranker; DATASET a
+   bundled spec name or a spec YAML path).
 2. ``kgrec serve`` as a child process (serving/process.py) on loopback, one keep-alive client.
    Users: every known user of the snapshot, shuffled (seed 0), cycled to ``--requests``.
 3. After 200 warm-up requests per endpoint: ``--requests`` sequential two-stage requests, then the
@@ -10,7 +11,7 @@
    baseline), client-side p50/p90/p99; then the server's own per-stage figures (``/v1/latency``).
 
     .venv/bin/python benchmarks/two_stage_latency.py [--dataset music] [--requests 2000]
-        [--n 200] [--k 20] [--workdir DIR --model-name NAME] [--epochs N]
+        [--n 200] [--k 20] [--workdir DIR --model-name NAME] [--epochs N] [--time-cap SECONDS]
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import polars as pl
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def register_champions(workdir: Path, dataset: str, name: str, epochs: int | None) -> dict:
+def register_champions(workdir: Path, dataset: str, name: str, epochs: int | None, time_cap: float | None) -> dict:
     from kgrec.serving.process import run_pipeline_cli, workdir_env
 
     args = ["--dataset", dataset, "--models", "lightgcn", "--ranker", "kcan", "--registered-model", name]
-    result, seconds = run_pipeline_cli(args + (["--epochs", str(epochs)] if epochs else []), workdir_env(workdir))
+    result, seconds = run_pipeline_cli(args, workdir_env(workdir), epochs=epochs, time_cap=time_cap)
     result["pipeline_seconds"] = seconds
     return result
 
@@ -60,7 +61,7 @@ def timed(client: httpx.Client, paths: list[str], params: dict, expect: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="music")
+    parser.add_argument("--dataset", default="music", help="bundled spec name or spec YAML path")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--n", type=int, default=200, help="candidates retrieved and re-ranked")
     parser.add_argument("--k", type=int, default=20)
@@ -68,8 +69,13 @@ def main() -> None:
                         help="KGREC_HOME holding NAME and NAME-ranker (trained there when it has no store)")
     parser.add_argument("--model-name", help="default: kgrec-<dataset>-two-stage")
     parser.add_argument("--epochs", type=int, help="epoch cap of the pipeline run")
+    parser.add_argument("--time-cap", type=float, metavar="SECONDS", help="training seconds per model: the best "
+                        "validation epoch before it is registered, and the result says 'capped'")
     args = parser.parse_args()
-    name = args.model_name or f"kgrec-{args.dataset}-two-stage"
+    from kgrec.features.spec import load_spec
+
+    dataset_name = load_spec(args.dataset).name
+    name = args.model_name or f"kgrec-{dataset_name}-two-stage"
 
     from quality import machine  # noqa: E402  (sibling script)
 
@@ -77,12 +83,15 @@ def main() -> None:
         workdir = (args.workdir or Path(tmp) / "work").resolve()
         figures: dict = {"machine": machine(), "cpus": os.cpu_count(), "n": args.n, "k": args.k}
         if not (workdir / "mlflow.db").exists():
-            run = register_champions(workdir, args.dataset, name, args.epochs)
+            run = register_champions(workdir, args.dataset, name, args.epochs, args.time_cap)
             figures["pipeline_seconds"] = round(run["pipeline_seconds"], 1)
             figures["ranker"] = {k: run["ranker"][k] for k in ("retriever", "alpha", "best_epoch", "test")}
-            print(f"registered {name} and {name}-ranker in {run['pipeline_seconds']:.0f} s: "
+            figures["capped"] = [m["model"] for m in (*run["models"], run["ranker"])
+                                 if m.get("stop_reason") == "time_budget"]
+            print(f"registered {name} and {name}-ranker in {run['pipeline_seconds']:.0f} s"
+                  f"{' (capped: ' + ', '.join(figures['capped']) + ')' if figures['capped'] else ''}: "
                   f"{figures['ranker']}", flush=True)
-        snapshots = sorted((workdir / "snapshots").glob(f"{args.dataset}-*"))
+        snapshots = sorted((workdir / "snapshots").glob(f"{dataset_name}-*"))
         users = pl.read_parquet(snapshots[-1] / "users.parquet")["user_id"].to_list()
         order = np.random.default_rng(0).permutation(len(users))
         user_ids = [users[order[i % len(users)]] for i in range(args.requests)]

@@ -26,6 +26,9 @@ class PipelineConfig(BaseModel):
     dataset: str = "music"
     models: list[str] = Field(default_factory=lambda: ["bprmf", "lightgcn"], min_length=1)
     epochs: int | None = Field(default=None, ge=1, le=10_000)
+    # Training time per model (seconds): fitting stops after the epoch that passes it, and the best
+    # validation epoch so far is tested and registered as usual; the run says it was capped.
+    time_cap_s: float | None = Field(default=None, gt=0.0)
     # The split of the embedding retrievers (bprmf, lightgcn, kgat); sequential models always use
     # the sequential split (features.sequences) with ``seed``.
     split: Literal["random", "temporal"] = "random"

@@ -285,7 +285,9 @@ def pipeline_steps(
     ranker = None
     if config.ranker is not None:
         spec = get_spec(config.ranker)
-        ranker_config = family_of(spec).config(spec, epochs=config.epochs, seed=config.seed)
+        ranker_config = family_of(spec).config(
+            spec, epochs=config.epochs, seed=config.seed, time_budget_s=config.time_cap_s
+        )
         ranked = train_task(
             spec.name, ranker_config, ranker_inputs(inputs.for_family("retriever"), trained), False, cancel
         )
@@ -311,7 +313,8 @@ def model_config_of(spec: ModelSpec, config: PipelineConfig, inputs: PipelineInp
     # posted items merged in (overlay) leave the data the studies tuned on otherwise unchanged
     tuned_hash = (inputs.snapshot.manifest.get("overlay") or {}).get("base_hash") or inputs.snapshot.hash
     model_config, recommendation = tuning.configured(
-        spec, tuned_hash, config.tracking.experiment, config.tuned, epochs=config.epochs, seed=config.seed
+        spec, tuned_hash, config.tracking.experiment, config.tuned,
+        epochs=config.epochs, seed=config.seed, time_budget_s=config.time_cap_s,
     )
     if recommendation is not None:
         get_run_logger().info(

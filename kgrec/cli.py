@@ -142,6 +142,7 @@ def _pipeline_fields(args: argparse.Namespace) -> dict[str, Any]:
         dataset=args.dataset,
         models=args.models.split(","),
         epochs=args.epochs,
+        time_cap_s=args.time_cap,
         split=args.split,
         seed=args.seed,
         registered_model=args.registered_model,
@@ -247,6 +248,7 @@ def _format_pipeline(result: dict[str, Any]) -> str:
             f"{_fmt(m['test'].get('recall@20')):>10} {_fmt(m['test'].get('recall@50')):>10} "
             f"{_fmt(m['test'].get('ndcg@20')):>10} {_fmt(m['test'].get('diversity@50')):>7} "
             f"{reg['version']:>8}  {reg['alias']}"
+            + ("  (time cap: best epoch so far)" if m.get("stop_reason") == "time_budget" else "")
         )
     if ranker := result.get("ranker"):
         reg, test = ranker["registered"], ranker["test"]
@@ -297,13 +299,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     summary = train_one(
         args.dataset, args.model, _tracking(args), epochs=args.epochs, seed=args.seed, split=args.split,
-        device=args.device, track=not args.no_track,
+        device=args.device, track=not args.no_track, time_cap_s=args.time_cap,
     )
     if summary is not None:  # rank 0
         valid, test = summary["valid"], summary["test"]
         _emit(summary, args.json, (
             f"kgrec train: {summary['model']} on {args.dataset}, {summary['world_size']} process(es): "
-            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
+            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}"
+            f"{' (time cap)' if summary.get('stop_reason') == 'time_budget' else ''}, "
             f"{summary['seconds_per_epoch']:.2f} s/epoch, valid recall@20 {_fmt(valid.get('recall@20'))}, "
             f"test recall@20 {_fmt(test.get('recall@20'))} ndcg@20 {_fmt(test.get('ndcg@20'))}"
             + (f"; MLflow run {summary['run_id']}" if summary.get("run_id") else "")
@@ -443,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
         p.add_argument("--models", default=models, help=MODELS_HELP)
         p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
+        p.add_argument("--time-cap", type=float, metavar="SECONDS", help="training seconds per model: "
+                       "fitting stops after the epoch that passes it and the best validation epoch is "
+                       "tested and registered, marked as capped")
         p.add_argument("--split", choices=["random", "temporal"], default="random",
                        help="split of the embedding retrievers (sequential models: sequential split)")
         p.add_argument("--seed", type=int, default=2020)
@@ -488,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="music", help="bundled spec name or path to a spec YAML")
     p.add_argument("--model", default="lightgcn", choices=model_names("retriever") + model_names("sequential"))
     p.add_argument("--epochs", type=int, help="maximum training epochs (default: per model)")
+    p.add_argument("--time-cap", type=float, metavar="SECONDS",
+                   help="training seconds: fitting stops after the epoch that passes it; the best epoch is tested")
     p.add_argument("--split", choices=["random", "temporal"], default="random")
     p.add_argument("--seed", type=int, default=2020)
     p.add_argument("--device", help='"cpu", "cuda", "cuda:N" (default: the model\'s, cuda when present)')

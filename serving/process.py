@@ -30,15 +30,23 @@ def workdir_env(kgrec_home: Path, prefect_home: Path | None = None) -> dict[str,
     return env
 
 
-def run_pipeline_cli(args: Sequence[str], env: Mapping[str, str]) -> tuple[dict, float]:
-    """``kgrec pipeline ARGS --json``: its JSON result and wall seconds (SystemExit with the end of
-    its stderr when it fails)."""
+def run_pipeline_cli(
+    args: Sequence[str], env: Mapping[str, str], *, epochs: int | None = None, time_cap: float | None = None
+) -> tuple[dict, float]:
+    """``kgrec pipeline ARGS [--epochs N] [--time-cap S] --json``: its JSON result and wall seconds
+    (SystemExit with the end of its stderr when it fails). On a terminal its progress and log go
+    straight to this one's stderr."""
     kgrec = str(Path(sys.executable).with_name("kgrec"))
+    caps = [*(["--epochs", str(epochs)] if epochs else []), *(["--time-cap", str(time_cap)] if time_cap else [])]
+    on_terminal = sys.stderr.isatty()
     started = time.perf_counter()
-    proc = subprocess.run([kgrec, "pipeline", *args, "--json"], env=dict(env), capture_output=True, text=True)
+    proc = subprocess.run(
+        [kgrec, "pipeline", *args, *caps, "--json"], env=dict(env), text=True,
+        stdout=subprocess.PIPE, stderr=None if on_terminal else subprocess.PIPE,
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"kgrec pipeline failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit("kgrec pipeline failed" + ("" if on_terminal else f":\n{proc.stderr[-3000:]}"))
     return json.loads(proc.stdout.strip().splitlines()[-1]), seconds
 
 

@@ -67,3 +67,32 @@ def test_a_flow_run_shows_library_logs_and_leaves_summary_artifacts_in_prefect(t
     assert summary.key == "kgrec-summary-music"
     version = result["models"][0]["registered"]["version"]
     assert "| bprmf | 2 |" in summary.data and f"kgrec-music v{version} | champion" in summary.data
+
+
+def test_the_time_cap_reaches_every_model_s_config_and_is_reported(monkeypatch, shared_data, tmp_path, capsys):
+    """``--time-cap`` becomes each model's (and the ranker's) training budget; a capped run tests
+    its best epoch so far and the CLI says it was capped."""
+    from types import SimpleNamespace
+
+    from kgrec.flows.pipeline import model_config_of
+    from kgrec.models.spec import get_spec
+
+    from kgrec.cli import _pipeline_fields, build_parser, main
+
+    args = build_parser().parse_args(["pipeline", "--models", "lightgcn,comirec_sa", "--time-cap", "90"])
+    config = PipelineConfig(**_pipeline_fields(args))
+    assert config.time_cap_s == 90.0
+    inputs = SimpleNamespace(snapshot=SimpleNamespace(manifest={}, hash="0" * 64))
+    for name in ("lightgcn", "comirec_sa", "kgat"):
+        model_config, _ = model_config_of(get_spec(name), config, inputs)
+        assert model_config.time_budget_s == 90.0
+    uncapped, _ = model_config_of(get_spec("lightgcn"), PipelineConfig(), inputs)
+    assert uncapped.time_budget_s is None
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KGREC_TRACKING_URI", raising=False)
+    # bprmf on music runs well over a millisecond per epoch: one epoch, then the cap
+    rc = main(["train", "--dataset", "music", "--model", "bprmf", "--epochs", "50", "--time-cap", "0.001",
+               "--no-track", "--workdir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "best epoch 1 of 1 (time cap)" in out, out

@@ -83,6 +83,7 @@ class Trained:
             "run_id": self.run_id,
             "best_epoch": self.fit.best_epoch,
             "epochs_run": len(self.fit.history),
+            "stop_reason": self.fit.stop_reason,
             "seconds_per_epoch": round(self.fit.seconds_per_epoch, 4),
             "selection_metric": self.config.selection_metric,
             "valid": _rounded(self.fit.best_valid),
@@ -145,6 +146,8 @@ def train_and_log(
             raise RuntimeError(f"{spec.name}: no validation result (no validation users?)")
         if result.settings:
             mlflow.log_params(result.settings)
+        # "time_budget": the best epoch before a time cap, not a converged one
+        mlflow.set_tag("kgrec.stop_reason", result.stop_reason)
         mlflow.log_metrics(
             {
                 **prefixed_metrics("best_valid", result.best_valid),

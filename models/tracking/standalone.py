@@ -33,11 +33,12 @@ def train_one(
     split: str = "random",
     device: str | None = None,
     track: bool = True,
+    time_cap_s: float | None = None,
 ) -> dict[str, Any] | None:
     """Train and test ``model`` on ``dataset``; rank 0 returns the summary, other ranks ``None``."""
     spec = get_spec(model)
     family = family_of(spec)
-    config = family.config(spec, epochs=epochs, seed=seed, device=device)  # None: the default
+    config = family.config(spec, epochs=epochs, seed=seed, device=device, time_budget_s=time_cap_s)  # None: default
     with distributed.process_group(getattr(config, "device", "auto")):
         lead = distributed.rank() == 0
         world = distributed.world_size()
