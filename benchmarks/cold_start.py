@@ -135,7 +135,7 @@ def run_group(
     fit_s = time.perf_counter() - started
     model.eval()
     common = {**base, "fit_seconds": fit_s, "best_epoch": result.best_epoch,
-              "epochs_run": len(result.history), "capped": result.stop_reason == "time_budget",
+              "epochs_run": len(result.history), "capped": result.capped,
               "warm_recall@20": evaluate_split(model, data, "test", ks=(20,))["recall@20"]}
     if group == "kgat-inductive":
         figures = _reembedded(model, data, snapshot, split, ego, skip_cold=True)

@@ -136,7 +136,7 @@ def train_and_register(warm, workdir: Path, epochs: int | None, seed: int, time_
     return {"trained": trained, "data": data, "bundle_dir": bundle_dir, "version": str(version.version),
             "fit_seconds": round(fit_s, 1), "register_seconds": round(time.perf_counter() - started, 1),
             "epochs_run": len(trained.fit.history), "best_epoch": trained.fit.best_epoch,
-            "capped": trained.fit.stop_reason == "time_budget",
+            "capped": trained.fit.capped,
             "warm_test_recall@20": trained.test_metrics.get("recall@20"), "item_embedding": meta.get("item_embedding")}
 
 

@@ -226,7 +226,7 @@ def run_seed(
                 reset = False
             result = fit_sequential(model, split, config, reset=reset)
             train_s, best_epoch = result.train_seconds, result.best_epoch
-            capped = result.stop_reason == "time_budget"
+            capped = result.capped
             trained[name] = model
         metrics = evaluate_sequential(model, split.test_inputs, split.test_targets, cats, ks=(20, 50))
         valid = evaluate_sequential(model, split.valid_inputs, split.valid_targets, cats, ks=(50,))

@@ -85,7 +85,7 @@ def train_and_test(data: InteractionData, config: TrainConfig) -> dict:
     result = fit(model, data, config)
     test = evaluate_split(model, data, part="test")
     return {
-        "capped": result.stop_reason == "time_budget",
+        "capped": result.capped,
         "batch_size": grown.batch_size,
         "learning_rate": grown.learning_rate,
         "valid_recall@20": result.best_valid.get("recall@20", float("nan")),

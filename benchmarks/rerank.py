@@ -78,7 +78,7 @@ def run(name: str, args) -> list[dict]:
     t0 = time.perf_counter()
     config = TrainConfig.for_model("lightgcn", device="cpu", time_budget_s=args.time_cap)
     retriever = build_model(config, data)
-    capped = fit(retriever, data, config).stop_reason == "time_budget"
+    capped = fit(retriever, data, config).capped
     retr_seconds = time.perf_counter() - t0
     print(f"{name}: LightGCN trained in {retr_seconds:.0f} s{' (capped)' if capped else ''}", flush=True)
     full = evaluate_split(retriever, data, "test", ks=(20,))
@@ -87,10 +87,10 @@ def run(name: str, args) -> list[dict]:
         t0 = time.perf_counter()
         kgat_config = TrainConfig.for_model("kgat", device="cpu", time_budget_s=args.time_cap)
         global_init = build_model(kgat_config, data)
-        if fit(global_init, data, kgat_config).stop_reason == "time_budget":
-            capped = True
+        kgat_capped = fit(global_init, data, kgat_config).capped
+        capped = capped or kgat_capped
         kgat_seconds = time.perf_counter() - t0
-        print(f"{name}: KGAT trained in {kgat_seconds:.0f} s", flush=True)
+        print(f"{name}: KGAT trained in {kgat_seconds:.0f} s{' (capped)' if kgat_capped else ''}", flush=True)
     return [
         train_one(name, data, retriever, full, global_init, seed, args, retr_seconds, kgat_seconds, capped)
         for seed in args.seeds
@@ -119,7 +119,7 @@ def train_one(name, data, retriever, full, global_init, seed, args, retr_seconds
         "retriever_train_seconds": retr_seconds,
         "global_init": args.global_init,
         # some fit stopped at the time cap: its best validation epoch so far, not a converged one
-        "capped": capped or res.stop_reason == "time_budget",
+        "capped": capped or res.capped,
         "kgat_train_seconds": kgat_seconds,
         "latency_ms_median": med,
         "latency_ms_p99": p99,

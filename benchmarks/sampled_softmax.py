@@ -83,7 +83,7 @@ def run_one(model_name: str, arm: str, split: SequenceSplit, seed: int, epochs: 
     return {
         "model": model_name, "arm": arm, "seed": seed, "softmax": fit.settings.get("softmax"),
         "negatives": fit.settings.get("softmax_negatives"), "best_epoch": fit.best_epoch,
-        "epochs_run": len(fit.history), "capped": fit.stop_reason == "time_budget",
+        "epochs_run": len(fit.history), "capped": fit.capped,
         "s_per_epoch": round(fit.seconds_per_epoch, 2), "fit_s": round(time.perf_counter() - started, 1),
         "valid_recall@50": fit.best_valid.get("recall@50"),
         "recall@50": float(test["recall@50"]), "ndcg@50": float(test["ndcg@50"]),

@@ -122,6 +122,11 @@ class FitResult:
     stop_reason: str = "epochs"  # "epochs" | "patience" | "time_budget"
     settings: dict[str, Any] = field(default_factory=dict)  # resolved from the data by the family
 
+    @property
+    def capped(self) -> bool:
+        """Stopped by the time budget: the best epoch so far, not a converged one."""
+        return self.stop_reason == "time_budget"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -73,9 +73,21 @@ def test_early_stopping_restores_best_weights(planted_data, monkeypatch):
         on_epoch=lambda log: snapshots.__setitem__(log.epoch, model.user_embedding.weight.detach().clone()),
     )
     assert result.stopped_early and len(result.history) == 5
+    assert result.stop_reason == "patience" and not result.capped
     assert result.best_epoch == 2 and result.best_valid == {"recall@20": 0.5}
     assert torch.equal(model.user_embedding.weight, snapshots[2])
     assert not torch.equal(snapshots[2], snapshots[5])
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(planted_data):
+    """Every epoch takes longer than a nanosecond: one epoch, then the budget; it says so."""
+    capped = fit(build_model(_config(model="bprmf"), planted_data), planted_data,
+                 _config(model="bprmf", epochs=20, time_budget_s=1e-9))
+    assert len(capped.history) == 1 and capped.best_epoch == 1
+    assert capped.stop_reason == "time_budget" and capped.capped
+    full = fit(build_model(_config(model="bprmf"), planted_data), planted_data,
+               _config(model="bprmf", epochs=3))
+    assert len(full.history) == 3 and full.stop_reason == "epochs" and not full.capped
 
 
 def test_eval_every_and_extra_epoch_hook(planted_data):
